@@ -1,0 +1,121 @@
+"""Where tensors come from: a Hugging Face safetensors directory, or a seeded preset."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from moe_service.checkpoint.names import expected_shapes
+from moe_service.model.args import ModelArgs
+from moe_service.model.presets import PRESET_SEED, PRESETS, preset_args
+
+
+class TensorSource(Protocol):
+    args: ModelArgs
+    reads: list[str]  # names read so far, in order (tests check that a process reads only its share)
+
+    def names(self) -> set[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str) -> torch.Tensor: ...
+    def describe(self, name: str) -> str: ...
+
+
+class SafetensorsSource:
+    """A Hugging Face checkpoint directory: `config.json` plus `model.safetensors`, or shards with
+    `model.safetensors.index.json`. Tensors are read one at a time, only when asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint directory {str(self.path)!r} does not exist; expected a Hugging Face "
+                f"DeepSeek-V2 directory (config.json + *.safetensors) or a preset name {sorted(PRESETS)}"
+            )
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} is missing; a checkpoint directory needs config.json")
+        self.config = json.loads(config_file.read_text())
+        self.args = ModelArgs.from_hf_config(self.config, name=self.path.name)
+        self.file_of = self._index()
+        self._handles: dict[str, object] = {}
+        self.reads: list[str] = []
+
+    def _index(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object")
+            for file in set(weight_map.values()):
+                if not (self.path / file).is_file():
+                    raise FileNotFoundError(f"{index} names shard {file!r}, which is not in {self.path}")
+            return dict(weight_map)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path} has no *.safetensors file and no model.safetensors.index.json")
+        file_of = {}
+        for file in files:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    file_of[key] = file.name
+        return file_of
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.path / file, "pt")
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        return self._handle(self.file_of[name]).get_tensor(name)
+
+    def describe(self, name: str) -> str:
+        return f"{self.path / self.file_of[name]}" if name in self.file_of else str(self.path)
+
+
+class PresetSource:
+    """A preset's weights, each tensor drawn from its own seed so any subset is reproducible alone
+    (an expert worker makes only the experts it hosts)."""
+
+    def __init__(self, name: str, seed: int = PRESET_SEED) -> None:
+        self.args = preset_args(name)
+        self.seed = seed
+        self.shapes = expected_shapes(self.args)
+        self.reads: list[str] = []
+
+    def names(self) -> set[str]:
+        return set(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        shape = self.shapes[name]
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g).mul_(0.02)
+
+    def describe(self, name: str) -> str:
+        return f"preset {self.args.name!r}"
+
+
+def open_source(source: "str | Path | TensorSource") -> "TensorSource":
+    """A preset name, a checkpoint directory, or an already-open source."""
+    if not isinstance(source, (str, Path)):
+        return source
+    if isinstance(source, str) and source in PRESETS:
+        return PresetSource(source)
+    return SafetensorsSource(source)

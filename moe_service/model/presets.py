@@ -1,0 +1,34 @@
+"""Built-in model shapes: no download, weights made from a fixed seed."""
+
+from __future__ import annotations
+
+from moe_service.model.args import ModelArgs
+
+PRESETS: dict[str, ModelArgs] = {
+    # seconds to build; the tests' and the default run's model
+    "tiny": ModelArgs(
+        name="tiny", vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=32,
+        topk_method="greedy", first_k_dense_replace=1,
+    ),
+    # about 1.1B parameters, 64 experts top-6 + 2 shared: the benchmark's shape
+    "bench": ModelArgs(
+        name="bench", vocab_size=32000, hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=256, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=704,
+        topk_method="greedy", first_k_dense_replace=1,
+    ),
+}
+
+PRESET_SEED = 20240507  # DeepSeek-V2's release date; any fixed number would do
+
+
+def preset_args(name: str) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,122 @@
+"""The DeepSeek-V2 decoder stack, as one torch module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_service.model.args import ModelArgs
+from moe_service.model.attention import MLA, StepContext
+from moe_service.model.cache import LatentCache
+from moe_service.model.layers import MLP, RMSNorm
+from moe_service.model.moe import MoE, ExpertBackend
+from moe_service.model.rope import Rotary
+
+# B rows, T new tokens per row, L key positions, D hidden, V vocabulary
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, with_routed_experts: bool = True) -> None:
+        super().__init__()
+        self.layer = layer
+        self.self_attn = MLA(args, layer)
+        self.mlp: MoE | MLP = (
+            MoE(args, layer, with_routed_experts) if args.is_moe_layer(layer)
+            else MLP(args.hidden_size, args.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def attention_block(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), ctx)
+
+    def ffn_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The normalised tokens the FFN sees, padding dropped: [N, D]."""
+        h = self.post_attention_layernorm(x)
+        return h.reshape(-1, h.shape[-1]) if ctx.all_valid else h[ctx.valid]
+
+    @staticmethod
+    def add_ffn_output(x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.all_valid:
+            return x + y.view_as(x)
+        out = x.clone()
+        out[ctx.valid] += y
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, backend: ExpertBackend | None = None) -> torch.Tensor:
+        x = self.attention_block(x, ctx)
+        h = self.ffn_input(x, ctx)
+        y = self.mlp(h, backend) if self.is_moe else self.mlp(h)
+        return self.add_ffn_output(x, y, ctx)
+
+
+class Transformer(nn.Module):
+    """`model(input_ids [B, T])` returns logits `[B, T, V]`, as transformers' DeepseekV2ForCausalLM does."""
+
+    def __init__(self, args: ModelArgs, with_routed_experts: bool = True) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, with_routed_experts) for i in range(args.num_hidden_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = Rotary(args)
+
+    def context(
+        self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+        start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
+    ) -> StepContext:
+        """Positions, masks and cache coordinates of one step.
+
+        Row b holds `num_new[b]` new tokens (the rest of the row is padding) that follow `start[b]`
+        tokens already in the cache. Without a cache, every row starts at position 0.
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start.to(dev).long()
+        num_new = torch.full((B,), T, dtype=torch.long, device=dev) if num_new is None else num_new.to(dev).long()
+        if cache is not None and slots is None:
+            slots = torch.arange(B, device=dev)
+        t = torch.arange(T, device=dev)
+        positions = start[:, None] + t[None, :]  # [B, T]
+        valid = t[None, :] < num_new[:, None]
+        if cache is None:
+            if bool(start.any()):
+                raise ValueError("a step that starts after position 0 needs the KV cache")
+            L = T
+            keys = t[None, None, :]  # [1, 1, L]
+            mask = (keys <= t[None, :, None]) & (keys < num_new[:, None, None])
+        else:
+            L = int((start + num_new).max())
+            if L > cache.max_len:
+                raise ValueError(f"step reaches position {L}; the KV cache holds at most {cache.max_len} per sequence")
+            keys = torch.arange(L, device=dev)[None, None, :]
+            mask = keys <= positions[:, :, None]
+        return StepContext(
+            rot=self.rotary(positions), mask=mask, valid=valid, num_keys=L, cache=cache,
+            slots=slots, start=start, num_new=num_new, all_valid=bool(valid.all()),
+        )
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+        start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
+        last_only: bool = False, backend: ExpertBackend | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`."""
+        ctx = self.context(input_ids, cache, slots, start, num_new)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx, backend)
+        if last_only:
+            x = x[torch.arange(x.shape[0]), ctx.num_new - 1]
+        return self.logits(x)

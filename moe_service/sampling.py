@@ -1,0 +1,76 @@
+"""Sampling parameters and a sampler whose result for a row never depends on the other rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int, max_new_tokens_limit: int | None = None) -> None:
+        """Raises ValueError naming the field and what is allowed."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; this service allows at most {max_new_tokens_limit}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"stop_token_ids has {t}; token ids are in [0, {vocab_size})")
+
+
+@dataclass
+class SamplerState:
+    """One sequence's sampler: its parameters and its own random stream."""
+
+    params: SamplingParams
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.params.seed
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
+    """logits [B, V] -> one token per row; each row uses only its own logits and generator."""
+    out: list[int] = []
+    greedy = logits.argmax(dim=-1).tolist()
+    for b, st in enumerate(states):
+        p = st.params
+        if p.temperature == 0.0:
+            out.append(greedy[b])
+            continue
+        row = logits[b].float() / p.temperature
+        if p.top_k:
+            kth = row.topk(p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = row.softmax(dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        out.append(int(torch.multinomial(probs, 1, generator=st.generator).item()))
+    return out

@@ -1,0 +1,103 @@
+"""Text in and out: a checkpoint's own tokenizer.json, or a byte-level tokenizer for the presets."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def detokenizer(self) -> "Detokenizer": ...
+
+
+class Detokenizer(Protocol):
+    def push(self, token_id: int) -> str:
+        """The new text this token completes (may be empty mid-character)."""
+        ...
+
+
+class ByteTokenizer:
+    """ids 0/1/2 are pad/bos/eos; ids 3..258 are the bytes 0..255; larger ids (a random preset model
+    produces them) decode to a visible `<id>` marker."""
+
+    OFFSET = 3
+
+    def __init__(self, vocab_size: int, bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> None:
+        if vocab_size < 256 + self.OFFSET:
+            raise ValueError(f"a byte tokenizer needs a vocabulary of at least {256 + self.OFFSET}, got {vocab_size}")
+        self.vocab_size, self.bos_token_id, self.eos_token_id = vocab_size, bos_token_id, eos_token_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
+
+    def _bytes(self, i: int) -> bytes:
+        if self.OFFSET <= i < 256 + self.OFFSET:
+            return bytes([i - self.OFFSET])
+        if i in (0, self.bos_token_id, self.eos_token_id):
+            return b""
+        return f"<{i}>".encode()
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self._bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def detokenizer(self) -> "Detokenizer":
+        return _ByteDetokenizer(self)
+
+
+class _ByteDetokenizer:
+    def __init__(self, tok: ByteTokenizer) -> None:
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.tok._bytes(token_id))
+
+
+class HFTokenizer:
+    """A checkpoint's `tokenizer.json` through the `tokenizers` library (no network)."""
+
+    def __init__(self, path: str | Path, bos_token_id: int | None, eos_token_id: int | None) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(str(path))
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def detokenizer(self) -> "Detokenizer":
+        return _PrefixDetokenizer(self)
+
+
+class _PrefixDetokenizer:
+    """Decodes the whole sequence and emits what grew; holds back a trailing replacement char
+    (an incomplete multi-byte character)."""
+
+    def __init__(self, tok: HFTokenizer) -> None:
+        self.tok, self.ids, self.emitted = tok, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+
+def load_tokenizer(source: object, args) -> Tokenizer:
+    """The checkpoint directory's tokenizer.json when there is one, else the byte tokenizer."""
+    if isinstance(source, (str, Path)) and (Path(source) / "tokenizer.json").is_file():
+        return HFTokenizer(Path(source) / "tokenizer.json", args.bos_token_id, args.eos_token_id)
+    return ByteTokenizer(args.vocab_size, args.bos_token_id, args.eos_token_id)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with everything the service, the tests and the benchmark need.
+# Idempotent: a second run only checks. Usage: scripts/setup.sh [--no-apt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU build of torch first: the project's `torch>=2.4` is then satisfied and no CUDA build is pulled.
+# On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index) to choose another.
+python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[test,bench]"
+# Prometheus (server and promtool) for the observability tests; Debian/Ubuntu only, needs root.
+if [ "${1:-}" != "--no-apt" ] && ! command -v prometheus >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+        # the Debian package starts a system Prometheus on :9090; the tests run their own
+        (systemctl stop prometheus || service prometheus stop || pkill -x prometheus) >/dev/null 2>&1 || true
+    else
+        echo "note: 'prometheus' is not installed; the Prometheus integration tests will skip" >&2
+    fi
+fi
