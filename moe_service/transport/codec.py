@@ -1,0 +1,63 @@
+"""torch tensors <-> moe.v1.Tensor: dtype, shape, raw little-endian bytes."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from moe_service.transport.pb import moe_pb2
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 8
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("moe_service.transport.codec assumes a little-endian host")
+
+
+class CodecError(ValueError):
+    """A Tensor message that does not describe a valid tensor; the message names the field."""
+
+
+def encode(t: torch.Tensor, out: moe_pb2.Tensor | None = None) -> moe_pb2.Tensor:
+    if t.dtype not in NAMES:
+        raise CodecError(f"dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
+    msg = out if out is not None else moe_pb2.Tensor()
+    msg.dtype = NAMES[t.dtype]
+    msg.shape[:] = list(t.shape)
+    # one copy into the message's bytes; viewing as bytes first works for bf16, which numpy lacks
+    msg.data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return msg
+
+
+def decode(msg: moe_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
+    """A tensor over the message's bytes. Reading `msg.data` is protobuf's one copy out of its arena;
+    the tensor then views those bytes without another (read-only in spirit: clone before writing)."""
+    return decode_bytes(msg.dtype, list(msg.shape), msg.data, field)
+
+
+def decode_bytes(dtype_name: str, shape: list[int], data: bytes, field: str = "tensor") -> torch.Tensor:
+    if dtype_name not in DTYPES:
+        raise CodecError(f"{field}.dtype is {dtype_name!r}; supported: {sorted(DTYPES)}")
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise CodecError(f"{field}.shape {shape} is invalid: at most {MAX_DIMS} non-negative dims")
+    dtype = DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = math.prod(shape) * itemsize
+    if len(data) != need:
+        raise CodecError(f"{field} has {len(data)} bytes; {dtype_name} x {shape} needs {need}")
+    if need == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # torch warns that bytes are immutable; we never write through this view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype).view(shape)

@@ -1,0 +1,172 @@
+"""The gateway's async client for expert workers, and the remote-expert backend built on it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+import torch
+
+from moe_service.routing import LayerRoutes, NoReplicaError, WorkerDispatch, combine, plan_dispatch
+from moe_service.transport.codec import decode, encode
+from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
+from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class ExpertClient:
+    """One channel per worker address, reused; calls are plain unary RPCs with deadlines."""
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None) -> None:
+        self.max_message_bytes, self.tls = max_message_bytes, tls
+        self._stubs: dict[str, moe_pb2_grpc.ExpertStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> moe_pb2_grpc.ExpertStub:
+        if address not in self._stubs:
+            opts = grpc_options(self.max_message_bytes)
+            if self.tls:
+                ch = grpc.aio.secure_channel(address, self.tls.channel_credentials(), opts + self.tls.channel_options())
+            else:
+                ch = grpc.aio.insecure_channel(address, options=opts)
+            self._channels[address] = ch
+            self._stubs[address] = moe_pb2_grpc.ExpertStub(ch)
+        return self._stubs[address]
+
+    async def run(self, address: str, layer: int, hidden: torch.Tensor, experts: torch.Tensor,
+                  weights: torch.Tensor, timeout: float | None = None) -> tuple[torch.Tensor, float]:
+        req = moe_pb2.RunExpertsRequest(layer=layer)
+        encode(hidden, req.hidden)
+        encode(experts, req.experts)
+        encode(weights, req.weights)
+        resp = await self.stub(address).RunExperts(req, timeout=timeout)
+        return decode(resp.output, "output"), resp.compute_seconds
+
+    async def describe(self, address: str, timeout: float | None = 5.0) -> moe_pb2.DescribeResponse:
+        return await self.stub(address).Describe(moe_pb2.DescribeRequest(), timeout=timeout)
+
+    async def forget(self, address: str) -> None:
+        """Close the channel of a worker that went away."""
+        self._stubs.pop(address, None)
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            await ch.close()
+
+    async def close(self) -> None:
+        for address in list(self._channels):
+            await self.forget(address)
+
+
+@dataclass
+class CallStats:
+    """Per-call facts the gateway turns into metrics."""
+
+    worker: int
+    layer: int
+    rows: int
+    seconds: float
+    compute_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    ok: bool
+    retried: bool = False
+
+
+@dataclass
+class RoutingTable:
+    """A placement version as the gateway uses it: per-layer routes and each worker's address."""
+
+    version: int
+    routes: dict[int, LayerRoutes]  # layer -> routes
+    addresses: dict[int, str]  # worker id -> host:port
+
+
+@dataclass
+class RemoteExperts:
+    """Runs one layer's routed experts on the workers: plan, call all concurrently, combine.
+
+    A worker that answers UNAVAILABLE is excluded and its pairs go to other replicas; with none
+    left, `wait_for_table` (the controller restarting the worker) is awaited until the deadline.
+    """
+
+    client: ExpertClient
+    table: RoutingTable
+    call_timeout_s: float = 30.0
+    max_attempts: int = 5
+    on_call: Callable[[CallStats], None] | None = None
+    wait_for_table: Callable[[set[int]], Awaitable[RoutingTable]] | None = None
+    down: set[int] = field(default_factory=set)
+
+    async def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                  deadline: float | None = None) -> torch.Tensor:
+        """x [T, D], weights [T, K], experts [T, K] -> [T, D]"""
+        table = self.table
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending_rows = torch.arange(x.shape[0])
+        pending_e, pending_w = experts, weights
+        excluded: set[int] = set()
+        retried = False
+        for attempt in range(self.max_attempts):
+            routes = table.routes[layer].without(excluded | self.down)
+            try:
+                plan = plan_dispatch(pending_e, pending_w, routes)
+            except NoReplicaError:
+                table = await self._await_new_table(excluded | self.down, deadline)
+                excluded = set()
+                continue
+            results = await asyncio.gather(
+                *(self._call(table, layer, d, x[pending_rows[d.rows]], deadline, retried) for d in plan),
+                return_exceptions=True,
+            )
+            failed: list[WorkerDispatch] = []
+            for d, r in zip(plan, results):
+                if isinstance(r, grpc.aio.AioRpcError) and r.code() in RETRYABLE:
+                    excluded.add(d.worker)
+                    failed.append(d)
+                elif isinstance(r, BaseException):
+                    raise r
+                else:
+                    parts.append((pending_rows[d.rows], r))
+            if not failed:
+                return combine(x.shape[0], parts, x)
+            # re-dispatch only the failed workers' pairs
+            rows = torch.cat([d.rows for d in failed])
+            pending_e = torch.cat([d.experts.long() for d in failed])
+            pending_w = torch.cat([d.weights for d in failed])
+            pending_rows = pending_rows[rows]
+            retried = True
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   f"layer {layer}: experts unavailable after {self.max_attempts} attempts")
+
+    async def _await_new_table(self, excluded: set[int], deadline: float | None) -> RoutingTable:
+        if self.wait_for_table is None:
+            raise NoReplicaError(-1, -1)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.table = await asyncio.wait_for(self.wait_for_table(excluded), timeout)
+        except asyncio.TimeoutError:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), "deadline passed waiting for expert workers") from None
+        return self.table
+
+    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, rows_x: torch.Tensor,
+                    deadline: float | None, retried: bool) -> torch.Tensor:
+        timeout = self.call_timeout_s
+        if deadline is not None:
+            timeout = min(timeout, max(0.001, deadline - time.monotonic()))
+        t0 = time.perf_counter()
+        ok, compute, out = False, 0.0, None
+        try:
+            out, compute = await self.client.run(table.addresses[d.worker], layer, rows_x, d.experts, d.weights, timeout)
+            ok = True
+            return out
+        finally:
+            if self.on_call is not None:
+                sent = rows_x.numel() * rows_x.element_size() + d.experts.numel() * 8
+                self.on_call(CallStats(d.worker, layer, int(d.rows.numel()), time.perf_counter() - t0, compute,
+                                       sent, out.numel() * out.element_size() if out is not None else 0, ok, retried))
+

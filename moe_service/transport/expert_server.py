@@ -1,0 +1,172 @@
+"""The expert worker's gRPC server (grpc.aio): runs hosted experts batched, with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moe_service.model.experts import RoutedExperts
+from moe_service.transport.codec import CodecError, decode, encode
+from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
+from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXPERT_SERVICE = "moe.v1.Expert"
+
+
+@dataclass
+class HostedLayer:
+    """One layer's experts on this worker: the module and which expert each local slot holds."""
+
+    experts: RoutedExperts
+    expert_ids: list[int]
+    slot_of: torch.Tensor  # [E_layer + 1] local slot of each expert id (index -1 -> -1)
+
+    @classmethod
+    def build(cls, experts: RoutedExperts, expert_ids: list[int], num_experts: int) -> "HostedLayer":
+        slot_of = torch.full((num_experts + 1,), -1, dtype=torch.long)
+        slot_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
+        return cls(experts, list(expert_ids), slot_of)
+
+
+class BadRequest(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ExpertServicer(moe_pb2_grpc.ExpertServicer):
+    """`hosted` may be swapped whole (`set_hosted`) while serving: a call uses the dict it started with."""
+
+    def __init__(
+        self, hosted: dict[int, HostedLayer], *, worker_id: str, hidden_size: int, num_experts: int,
+        slots_per_layer: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_call: Callable[[int, int, int, float], None] | None = None,
+    ) -> None:
+        self.hosted = hosted
+        self.worker_id, self.hidden_size, self.num_experts = worker_id, hidden_size, num_experts
+        self.slots_per_layer, self.max_message_bytes = slots_per_layer, max_message_bytes
+        self.on_call = on_call  # (layer, rows, bytes in, compute seconds) for metrics
+        # one compute thread: experts are matmul-bound and torch already uses every core per op
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        first = next(iter(hosted.values()), None)
+        self.dtype = first.experts.gate_up_proj.dtype if first else torch.float32
+        self.device = first.experts.gate_up_proj.device if first else torch.device("cpu")
+
+    def set_hosted(self, hosted: dict[int, HostedLayer]) -> None:
+        self.hosted = hosted
+
+    def _parse(self, request: moe_pb2.RunExpertsRequest, hosted: dict[int, HostedLayer]):
+        inv = grpc.StatusCode.INVALID_ARGUMENT
+        if request.layer not in hosted:
+            raise BadRequest(inv, f"layer {request.layer} is not hosted by worker {self.worker_id}; "
+                                  f"hosted layers: {sorted(hosted)}")
+        layer = hosted[request.layer]
+        try:
+            x = decode(request.hidden, "hidden")
+            experts = decode(request.experts, "experts")
+            weights = decode(request.weights, "weights")
+        except CodecError as e:
+            raise BadRequest(inv, str(e)) from None
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise BadRequest(inv, f"hidden has shape {list(x.shape)}; expected [rows, {self.hidden_size}]")
+        if x.dtype not in FLOAT_DTYPES:
+            raise BadRequest(inv, f"hidden has dtype {request.hidden.dtype}; expected float32, bfloat16 or float16")
+        if x.shape[0] == 0:
+            raise BadRequest(inv, "hidden is empty: a dispatch needs at least one row")
+        if experts.dtype not in (torch.int32, torch.int64):
+            raise BadRequest(inv, f"experts has dtype {request.experts.dtype}; expected int32 or int64")
+        if weights.dtype != torch.float32:
+            raise BadRequest(inv, f"weights has dtype {request.weights.dtype}; expected float32")
+        if experts.dim() != 2 or experts.shape[0] != x.shape[0] or experts.shape[1] < 1:
+            raise BadRequest(inv, f"experts has shape {list(experts.shape)}; expected [{x.shape[0]}, K>=1]")
+        if weights.shape != experts.shape:
+            raise BadRequest(inv, f"weights has shape {list(weights.shape)}; expected {list(experts.shape)}")
+        e = experts.long()
+        out_of_range = (e < -1) | (e >= self.num_experts)
+        if bool(out_of_range.any()):
+            bad = int(e[out_of_range][0])
+            raise BadRequest(inv, f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
+        slots = layer.slot_of[e]  # -1 maps to the last entry, which is -1
+        missing = (slots < 0) & (e >= 0)
+        if bool(missing.any()):
+            bad = int(e[missing][0])
+            raise BadRequest(inv, f"experts has expert {bad} of layer {request.layer}, which worker "
+                                  f"{self.worker_id} does not host (hosted: {layer.expert_ids})")
+        if not bool(torch.isfinite(x).all()):
+            raise BadRequest(inv, "hidden contains NaN or Inf")
+        if not bool(torch.isfinite(weights).all()):
+            raise BadRequest(inv, "weights contains NaN or Inf")
+        return layer, x, slots, weights
+
+    def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
+        t0 = time.perf_counter()
+        y = layer.experts(x.to(self.device, self.dtype), weights.to(self.device), slots.to(self.device))
+        return y.to("cpu", x.dtype), time.perf_counter() - t0
+
+    async def RunExperts(self, request, context):
+        hosted = self.hosted
+        try:
+            layer, x, slots, weights = self._parse(request, hosted)
+        except BadRequest as e:
+            await context.abort(e.code, str(e))
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
+        y, seconds = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, layer, x, slots, weights)
+        if self.on_call is not None:
+            self.on_call(request.layer, x.shape[0], request.ByteSize(), seconds)
+        return moe_pb2.RunExpertsResponse(output=encode(y), compute_seconds=seconds)
+
+    async def Describe(self, request, context):
+        slots = [moe_pb2.ExpertSlot(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]
+        return moe_pb2.DescribeResponse(
+            worker_id=self.worker_id, slots=slots, slots_per_layer=self.slots_per_layer,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            max_message_bytes=self.max_message_bytes,
+        )
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", EXPERT_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+
+
+async def start_expert_server(
+    servicer: ExpertServicer, host: str = "127.0.0.1", port: int = 0, tls: TLSConfig | None = None,
+) -> RunningServer:
+    """Starts the server (port 0 picks a free port) and marks it SERVING."""
+    server = grpc.aio.server(options=grpc_options(servicer.max_message_bytes))
+    moe_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (moe_pb2.DESCRIPTOR.services_by_name["Expert"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
+    await server.start()
+    running = RunningServer(server, bound, health_servicer)
+    await running.set_serving(True)
+    return running

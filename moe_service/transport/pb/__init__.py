@@ -1,0 +1,1 @@
+"""Generated from protos/moe/v1/moe.proto by scripts/gen_protos.py; do not edit."""

@@ -1,0 +1,254 @@
+"""The wire: codec, generated code, the expert gRPC server on loopback, the async client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from moe_service import load_model
+from moe_service.checkpoint import load_experts
+from moe_service.routing import LayerRoutes
+from moe_service.transport.codec import CodecError, decode, decode_bytes, encode
+from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
+from tests.aio import LoopThread
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "tiny"
+
+
+# ---- codec --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])
+def test_codec_round_trip_is_exact(dtype):
+    t = (torch.randn(7, 5) * 1000).to(dtype)
+    msg = encode(t)
+    assert msg.dtype == str(dtype).removeprefix("torch.") and list(msg.shape) == [7, 5]
+    back = decode(msg)
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_decode_does_not_copy():
+    data = encode(torch.arange(1024, dtype=torch.float32)).data
+    t = decode_bytes("float32", [32, 32], data)
+    assert t.data_ptr() == np.frombuffer(data, dtype=np.uint8).ctypes.data  # a view of the bytes
+
+
+def test_codec_rejects_bad_messages():
+    with pytest.raises(CodecError, match=r"hidden has 12 bytes; float32 x \[2, 2\] needs 16"):
+        decode(moe_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 12), "hidden")
+    with pytest.raises(CodecError, match="x.dtype is 'float64'"):
+        decode(moe_pb2.Tensor(dtype="float64", shape=[1], data=b"\0" * 8), "x")
+    with pytest.raises(CodecError, match="shape"):
+        decode(moe_pb2.Tensor(dtype="float32", shape=[-1], data=b""), "x")
+    with pytest.raises(CodecError, match="cannot be sent"):
+        encode(torch.zeros(2, dtype=torch.float64))
+
+
+def test_generated_code_matches_protos():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- servers on loopback ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(PRESET)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def split_experts(model, num_workers: int, replicate: dict[int, list[int]] | None = None):
+    """Expert e of every MoE layer on worker e % W, plus extra replicas: {expert: [workers]}."""
+    args = model.args
+    hosts: dict[int, list[tuple[int, int]]] = {w: [] for w in range(num_workers)}
+    replicas: dict[int, list[list[int]]] = {}
+    for layer in args.moe_layers:
+        replicas[layer] = []
+        for e in range(args.n_routed_experts):
+            ws = [e % num_workers] + [w for w in (replicate or {}).get(e, []) if w != e % num_workers]
+            replicas[layer].append(ws)
+            for w in ws:
+                hosts[w].append((layer, e))
+    return hosts, replicas
+
+
+async def start_workers(hosts, max_message_bytes=64 << 20):
+    args = load_model(PRESET).args
+    servers = {}
+    for w, pairs in hosts.items():
+        hosted = {l: HostedLayer.build(m, ids, args.n_routed_experts) for l, (m, ids) in load_experts(PRESET, pairs).items()}
+        servicer = ExpertServicer(hosted, worker_id=f"w{w}", hidden_size=args.hidden_size,
+                                  num_experts=args.n_routed_experts, slots_per_layer=args.n_routed_experts,
+                                  max_message_bytes=max_message_bytes)
+        servers[w] = await start_expert_server(servicer)
+    return servers
+
+
+@pytest.fixture(scope="module")
+def one_worker(loop, model):
+    hosts, _ = split_experts(model, 1)
+    servers = loop.run(start_workers(hosts, max_message_bytes=256 << 10))
+    yield servers[0]
+    loop.run(servers[0].stop(0))
+
+
+def layer_inputs(model, T: int, seed: int = 0):
+    layer = model.args.moe_layers[0]
+    x = torch.randn(T, model.args.hidden_size, generator=torch.Generator().manual_seed(seed))
+    w, e = model.layers[layer].mlp.gate(x)
+    return layer, x, w, e
+
+
+@pytest.mark.parametrize("num_workers,replicate", [(1, None), (2, None), (3, {0: [1, 2], 5: [0]}), (4, {3: [0, 1, 2]})])
+def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate):
+    hosts, replicas = split_experts(model, num_workers, replicate)
+    servers = loop.run(start_workers(hosts))
+    client = ExpertClient()
+    try:
+        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                             {w: s.address for w, s in servers.items()})
+        remote = RemoteExperts(client, table)
+        for layer in model.args.moe_layers:
+            _, x, w, e = layer_inputs(model, 37, seed=layer)
+            want = model.layers[layer].mlp.experts(x, w, e)
+            got = loop.run(remote.run(layer, x, w, e))
+            assert (got - want).abs().max().item() <= 1e-5
+    finally:
+        loop.run(client.close())
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
+def test_retry_on_another_replica_when_a_worker_is_unavailable(loop, model):
+    # every expert on two workers; worker 1 then goes away
+    hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(model.args.n_routed_experts)})
+    servers = loop.run(start_workers(hosts))
+    client = ExpertClient()
+    calls = []
+    try:
+        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                             {w: s.address for w, s in servers.items()})
+        remote = RemoteExperts(client, table, on_call=calls.append)
+        layer, x, w, e = layer_inputs(model, 16)
+        loop.run(servers[1].stop(0))
+        got = loop.run(remote.run(layer, x, w, e))
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert any(not c.ok and c.worker == 1 for c in calls)
+        assert any(c.ok and c.retried and c.worker == 0 for c in calls)
+    finally:
+        loop.run(client.close())
+        loop.run(servers[0].stop(0))
+
+
+# ---- bad input: the right status, a message naming the field, and the server keeps serving ------
+
+def good_request(model, layer=None, T=4):
+    layer_, x, w, e = layer_inputs(model, T)
+    req = moe_pb2.RunExpertsRequest(layer=layer_ if layer is None else layer)
+    encode(x, req.hidden)
+    encode(e.to(torch.int32), req.experts)
+    encode(w, req.weights)
+    return req
+
+
+def bad_requests(model):
+    D = model.args.hidden_size
+
+    def edit(fn):
+        req = good_request(model)
+        fn(req)
+        return req
+
+    nan = torch.randn(4, D)
+    nan[1, 3] = float("nan")
+    inf_w = torch.rand(4, model.args.num_experts_per_tok)
+    inf_w[0, 0] = float("inf")
+    return {
+        "unknown layer": (edit(lambda r: setattr(r, "layer", 0)), "layer 0 is not hosted"),
+        "unknown expert": (edit(lambda r: encode(torch.full((4, 4), 99, dtype=torch.int32), r.experts)), "experts has id 99"),
+        "shape mismatch": (edit(lambda r: encode(torch.randn(4, D + 1), r.hidden)), "hidden has shape"),
+        "rows mismatch": (edit(lambda r: encode(torch.zeros(3, 4, dtype=torch.int32), r.experts)), "experts has shape"),
+        "weights shape": (edit(lambda r: encode(torch.zeros(4, 3), r.weights)), "weights has shape"),
+        "dtype": (edit(lambda r: encode(torch.zeros(4, D, dtype=torch.int64), r.hidden)), "hidden has dtype"),
+        "truncated bytes": (edit(lambda r: setattr(r.hidden, "data", r.hidden.data[:-3])), "hidden has"),
+        "unknown dtype": (edit(lambda r: setattr(r.weights, "dtype", "float64")), "weights.dtype"),
+        "nan": (edit(lambda r: encode(nan, r.hidden)), "hidden contains NaN or Inf"),
+        "inf weight": (edit(lambda r: encode(inf_w, r.weights)), "weights contains NaN or Inf"),
+        "empty batch": (edit(lambda r: (encode(torch.zeros(0, D), r.hidden), encode(torch.zeros(0, 4, dtype=torch.int32), r.experts),
+                                        encode(torch.zeros(0, 4), r.weights))), "hidden is empty"),
+    }
+
+
+def test_bad_requests_get_invalid_argument_and_server_keeps_serving(loop, model, one_worker):
+    async def go():
+        async with grpc.aio.insecure_channel(one_worker.address) as ch:
+            stub = moe_pb2_grpc.ExpertStub(ch)
+            for name, (req, words) in bad_requests(model).items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.RunExperts(req, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert words in err.value.details(), (name, err.value.details())
+                ok = await stub.RunExperts(good_request(model), timeout=10)
+                assert list(ok.output.shape) == [4, model.args.hidden_size], name
+    loop.run(go())
+
+
+def test_oversized_message_gets_resource_exhausted(loop, model, one_worker):
+    async def go():
+        async with grpc.aio.insecure_channel(one_worker.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            stub = moe_pb2_grpc.ExpertStub(ch)
+            big = good_request(model, T=2048)  # 2048 x 64 fp32 = 512 KiB > the server's 256 KiB
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.RunExperts(big, timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            ok = await stub.RunExperts(good_request(model), timeout=10)
+            assert ok.output.shape
+    loop.run(go())
+
+
+def test_client_honours_deadlines(loop, model, one_worker):
+    client = ExpertClient()
+    layer, x, w, e = layer_inputs(model, 4)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        loop.run(client.run(one_worker.address, layer, x, e.to(torch.int32), w, timeout=1e-6))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    loop.run(client.close())
+
+
+def test_health_describe_and_reflection(loop, model, one_worker):
+    async def go():
+        async with grpc.aio.insecure_channel(one_worker.address) as ch:
+            h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="moe.v1.Expert"))
+            assert h.status == health_pb2.HealthCheckResponse.SERVING
+            d = await moe_pb2_grpc.ExpertStub(ch).Describe(moe_pb2.DescribeRequest())
+            pairs = {(s.layer, s.expert) for s in d.slots}
+            assert pairs == {(l, e) for l in model.args.moe_layers for e in range(model.args.n_routed_experts)}
+            assert d.worker_id == "w0" and d.max_message_bytes == 256 << 10
+            stream = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            async for resp in stream:
+                names = {s.name for s in resp.list_services_response.service}
+                break
+            assert {"moe.v1.Expert", "grpc.health.v1.Health"} <= names
+            await one_worker.set_serving(False)
+            h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await one_worker.set_serving(True)
+    loop.run(go())
