@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -98,6 +99,70 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _service_config(ns: argparse.Namespace) -> dict:
+    gpus = ns.gpus_per_worker
+    if gpus is None:  # auto: a GPU per worker where there are GPUs, CPU workers elsewhere
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
+           "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
+           "gateway_num_cpus": ns.gateway_cpus,
+           # on a cluster workers advertise their node IP; a local run stays on loopback
+           "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
+    if ns.slots_per_worker:
+        cfg["slots_per_worker"] = ns.slots_per_worker
+    return cfg
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import ray
+
+    from moe_service.serving.local import start_service
+
+    config = _service_config(ns)
+    if ns.ray_address:
+        ray.init(address=ns.ray_address, namespace="moe_service")
+    else:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service",
+                 _metrics_export_port=ns.metrics_port or None)
+    print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
+    svc = start_service(config, grpc_port=ns.port, host=ns.host)
+    print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
+    if ns.metrics_port:
+        print(f"metrics: http://{ns.host}:{ns.metrics_port}/metrics", flush=True)
+    print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
+    if ns.demo:
+        _demo_generation(svc.address, ns.api_key)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if not ns.demo:
+        stop.wait()
+    print("shutting down ...", flush=True)
+    svc.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def _demo_generation(address: str, api_key: str | None) -> None:
+    from moe_service.client import Client
+
+    prompt = "The experts of a mixture"
+    with Client(address, api_key=api_key) as client:
+        info = client.model_info()
+        print(f"\nmodel {info.name}: {info.layers} layers, {info.routed_experts_per_layer} routed experts "
+              f"(top-{info.experts_per_token}) on {info.expert_workers} expert workers")
+        print(f"prompt: {prompt!r}\nstreamed over gRPC: ", end="", flush=True)
+        for tok in client.generate(prompt, max_new_tokens=24):
+            if tok.finish_reason:
+                print(f"\n[finish: {tok.finish_reason}, {tok.usage['generated_tokens']} tokens, "
+                      f"time to first token {tok.usage['time_to_first_token_s'] * 1e3:.0f} ms]", flush=True)
+            else:
+                print(tok.text, end="", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-service", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,22 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results")
     bench.set_defaults(fn=cmd_bench)
 
-    demo = sub.add_parser("demo", help="the README's first command: generate on the embedded default model")
-    _add_model_args(demo)
-    demo.add_argument("prompt", nargs="?", default="The experts of a mixture")
-    demo.set_defaults(fn=cmd_demo)
+    for name, help_text, demo in (
+        ("serve", "start Ray (or join --ray-address), deploy gateway + expert workers, serve until Ctrl-C", False),
+        ("demo", "the README's first command: serve the embedded default, stream one generation, stop", True),
+    ):
+        sp = sub.add_parser(name, help=help_text)
+        _add_model_args(sp)
+        sp.add_argument("--workers", type=int, default=2, help="expert worker actors")
+        sp.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
+        sp.add_argument("--slots-per-worker", type=int, default=None, help="expert replicas per layer per worker")
+        sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
+        sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--metrics-port", type=int, default=0 if demo else 8080)
+        sp.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+        sp.add_argument("--api-key", default=None, help="require 'authorization: Bearer KEY' from clients")
+        sp.add_argument("--gateway-cpus", type=float, default=0.0 if demo else 1.0)
+        sp.add_argument("--expert-host", default=None, help="address expert workers bind; default: loopback, "
+                        "or the node IP with --ray-address")
+        sp.set_defaults(fn=cmd_serve, demo=demo)
     return p
-
-
-def cmd_demo(ns: argparse.Namespace) -> int:
-    from moe_service.checkpoint import open_source
-    from moe_service.model.summary import format_summary, summarize
-
-    print(format_summary(summarize(open_source(_model_source(ns)).args, DTYPES[ns.dtype])))
-    print(f"\nprompt: {ns.prompt!r}\ncompletion (greedy, 32 tokens): ", end="")
-    ns.token_ids, ns.ids, ns.address = None, False, None
-    ns.max_new_tokens, ns.temperature, ns.top_p, ns.top_k, ns.seed, ns.stop = 32, 0.0, 1.0, 0, None, []
-    return cmd_generate(ns)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,13 @@ class ByteTokenizer:
     OFFSET = 3
 
     def __init__(self, vocab_size: int, bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> None:
-        if vocab_size < 256 + self.OFFSET:
-            raise ValueError(f"a byte tokenizer needs a vocabulary of at least {256 + self.OFFSET}, got {vocab_size}")
         self.vocab_size, self.bos_token_id, self.eos_token_id = vocab_size, bos_token_id, eos_token_id
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        if ids and max(ids) >= self.vocab_size:
+            raise ValueError(f"this model's vocabulary ({self.vocab_size}) is too small for byte-level text "
+                             f"(needs {256 + self.OFFSET}) and it has no tokenizer.json; send token ids instead")
         return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 
     def _bytes(self, i: int) -> bytes:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Generate moe_service/transport/pb/ from protos/ (run after editing a .proto file).
 
-protoc writes `import moe_pb2` in the gRPC module; it is rewritten to a relative import so the
-generated package can live inside moe_service. `--check` regenerates into a temp dir and compares.
+protoc sees protos/moe/v1/moe.proto under the virtual path moe_service/transport/pb/moe.proto, so the
+generated modules carry their real import path (messages pickle, e.g. through Ray Serve, and the gRPC
+module imports its messages by package). `--check` regenerates into a temp dir and compares.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ OUT = ROOT / "moe_service" / "transport" / "pb"
 FILES = ("moe_pb2.py", "moe_pb2.pyi", "moe_pb2_grpc.py")
 
 
+VIRTUAL = "moe_service/transport/pb"
+
+
 def generate(out: Path) -> None:
+    """Writes the generated files into `out` (a folder standing for moe_service/transport/pb)."""
+    import shutil
+    import tempfile
+
     from grpc_tools import protoc
 
-    out.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
-            str(PROTO_DIR / "moe.proto")]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
-    grpc_file = out / "moe_pb2_grpc.py"
-    grpc_file.write_text(grpc_file.read_text().replace("import moe_pb2 as", "from . import moe_pb2 as"))
+    with tempfile.TemporaryDirectory() as root:
+        args = ["protoc", f"-I{VIRTUAL}={PROTO_DIR}", f"--python_out={root}", f"--pyi_out={root}",
+                f"--grpc_python_out={root}", f"{VIRTUAL}/moe.proto"]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in FILES:
+            shutil.copy(Path(root) / VIRTUAL / f, out / f)
     (out / "__init__.py").write_text('"""Generated from protos/moe/v1/moe.proto by scripts/gen_protos.py; do not edit."""\n')
 
 

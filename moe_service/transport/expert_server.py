@@ -37,6 +37,12 @@ class HostedLayer:
         return cls(experts, list(expert_ids), slot_of)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # A sum is non-finite whenever an element is, and is ~10x cheaper than isfinite() on a big
+    # tensor; only when it is (NaN/Inf, or an overflow of huge finite values) decide element-wise.
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 class BadRequest(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -101,9 +107,9 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             bad = int(e[missing][0])
             raise BadRequest(inv, f"experts has expert {bad} of layer {request.layer}, which worker "
                                   f"{self.worker_id} does not host (hosted: {layer.expert_ids})")
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise BadRequest(inv, "hidden contains NaN or Inf")
-        if not bool(torch.isfinite(weights).all()):
+        if not _all_finite(weights):
             raise BadRequest(inv, "weights contains NaN or Inf")
         return layer, x, slots, weights
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import moe_pb2 as moe__pb2
+from moe_service.transport.pb import moe_pb2 as moe__service_dot_transport_dot_pb_dot_moe__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in moe_pb2_grpc.py depends on'
+        + ' but the generated code in moe_service/transport/pb/moe_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,18 +39,18 @@ class InferenceStub:
         """
         self.Generate = channel.unary_stream(
                 '/moe.v1.Inference/Generate',
-                request_serializer=moe__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=moe__pb2.GenerateResponse.FromString,
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/moe.v1.Inference/Forward',
-                request_serializer=moe__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=moe__pb2.ForwardResponse.FromString,
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/moe.v1.Inference/ModelInfo',
-                request_serializer=moe__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=moe__pb2.ModelInfoResponse.FromString,
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -86,18 +86,18 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=moe__pb2.GenerateRequest.FromString,
-                    response_serializer=moe__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=moe__pb2.ForwardRequest.FromString,
-                    response_serializer=moe__pb2.ForwardResponse.SerializeToString,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=moe__pb2.ModelInfoRequest.FromString,
-                    response_serializer=moe__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -128,8 +128,8 @@ class Inference:
             request,
             target,
             '/moe.v1.Inference/Generate',
-            moe__pb2.GenerateRequest.SerializeToString,
-            moe__pb2.GenerateResponse.FromString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -155,8 +155,8 @@ class Inference:
             request,
             target,
             '/moe.v1.Inference/Forward',
-            moe__pb2.ForwardRequest.SerializeToString,
-            moe__pb2.ForwardResponse.FromString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -182,8 +182,8 @@ class Inference:
             request,
             target,
             '/moe.v1.Inference/ModelInfo',
-            moe__pb2.ModelInfoRequest.SerializeToString,
-            moe__pb2.ModelInfoResponse.FromString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,13 +209,13 @@ class ExpertStub:
         """
         self.RunExperts = channel.unary_unary(
                 '/moe.v1.Expert/RunExperts',
-                request_serializer=moe__pb2.RunExpertsRequest.SerializeToString,
-                response_deserializer=moe__pb2.RunExpertsResponse.FromString,
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/moe.v1.Expert/Describe',
-                request_serializer=moe__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=moe__pb2.DescribeResponse.FromString,
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeResponse.FromString,
                 _registered_method=True)
 
 
@@ -245,13 +245,13 @@ def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RunExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RunExperts,
-                    request_deserializer=moe__pb2.RunExpertsRequest.FromString,
-                    response_serializer=moe__pb2.RunExpertsResponse.SerializeToString,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=moe__pb2.DescribeRequest.FromString,
-                    response_serializer=moe__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,8 +282,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/RunExperts',
-            moe__pb2.RunExpertsRequest.SerializeToString,
-            moe__pb2.RunExpertsResponse.FromString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,8 +309,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/Describe',
-            moe__pb2.DescribeRequest.SerializeToString,
-            moe__pb2.DescribeResponse.FromString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

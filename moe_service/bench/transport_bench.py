@@ -1,0 +1,115 @@
+"""Transport: RunExperts on loopback against a raw gRPC echo of the same bytes, in one run.
+
+The echo server returns its request bytes unchanged (no protobuf, no tensors): the floor any
+gRPC-based transport pays. RunExperts is timed end to end and with the experts' compute (which the
+server reports) subtracted, so what is compared is the transport's own cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import grpc
+import torch
+
+from moe_service.bench.common import log
+from moe_service.model.experts import RoutedExperts
+from moe_service.transport.expert_client import ExpertClient
+from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.transport.options import grpc_options
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+async def _start_echo(max_bytes: int) -> tuple[grpc.aio.Server, int]:
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    server = grpc.aio.server(options=grpc_options(max_bytes))
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def _time(fn, n: int) -> list[float]:
+    await fn()  # warm-up
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torch.dtype, small_n: int,
+               big_n: int) -> dict:
+    max_bytes = 512 << 20
+    inter = 64  # small experts: this measures the wire, not the matmuls
+    module = RoutedExperts(experts, hidden, inter).to(dtype)
+    torch.nn.init.normal_(module.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(module.down_proj, std=0.02)
+    servicer = ExpertServicer({1: HostedLayer.build(module, list(range(experts)), experts)}, worker_id="bench",
+                              hidden_size=hidden, num_experts=experts, slots_per_layer=experts,
+                              max_message_bytes=max_bytes)
+    expert_server = await start_expert_server(servicer)
+    echo_server, echo_port = await _start_echo(max_bytes)
+    client = ExpertClient(max_message_bytes=max_bytes)
+    echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=grpc_options(max_bytes))
+    echo = echo_ch.unary_unary(ECHO_METHOD)
+    results = {}
+    try:
+        for label, rows, n in (("one_token", 1, small_n), ("large", big_rows, big_n)):
+            x = torch.randn(rows, hidden).to(dtype)
+            e = torch.randint(0, experts, (rows, top_k), dtype=torch.int32)
+            w = torch.rand(rows, top_k)
+            payload = x.numel() * x.element_size()
+            blob = bytes(payload + e.numel() * 4 + w.numel() * 4)
+            computes: list[float] = []
+
+            async def run_experts():
+                _, c = await client.run(expert_server.address, 1, x, e, w, timeout=60)
+                computes.append(c)
+
+            log(f"[transport bench] {label}: {rows} rows x {hidden} {str(dtype)[6:]}, {n} calls each")
+            t_rpc = await _time(run_experts, n)
+            t_echo = await _time(lambda: echo(blob, timeout=60), n)
+            rpc = statistics.median(t_rpc)
+            comp = statistics.median(computes[1:])
+            echo_s = statistics.median(t_echo)
+            results[label] = {
+                "rows": rows, "payload_bytes": payload,
+                "run_experts_s": rpc, "compute_s": comp, "transport_s": rpc - comp, "echo_s": echo_s,
+                "overhead_vs_echo": (rpc - comp) / echo_s,
+                "throughput_GBps": 2 * payload / (rpc - comp) / 1e9,
+                "echo_throughput_GBps": 2 * len(blob) / echo_s / 1e9,
+            }
+    finally:
+        await echo_ch.close()
+        await client.close()
+        await echo_server.stop(0)
+        await expert_server.stop(0)
+    return results
+
+
+def run(hidden: int = 1024, experts: int = 8, top_k: int = 6, big_rows: int = 4096, dtype: str = "bfloat16",
+        small_n: int = 300, big_n: int = 10) -> dict:
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    r = asyncio.run(_run(hidden, experts, top_k, big_rows, dt, small_n, big_n))
+    return {"hidden": hidden, "dtype": dtype, **r}
+
+
+def format_results(r: dict) -> str:
+    s, b = r["one_token"], r["large"]
+    return "\n".join([
+        f"transport, hidden {r['hidden']} {r['dtype']}, loopback",
+        f"one-token dispatch:   RunExperts {s['run_experts_s']*1e3:.3f} ms (compute {s['compute_s']*1e3:.3f} ms), "
+        f"transport {s['transport_s']*1e3:.3f} ms vs echo {s['echo_s']*1e3:.3f} ms -> {s['overhead_vs_echo']:.2f}x the floor",
+        f"{b['rows']}-row dispatch:   RunExperts {b['run_experts_s']*1e3:.1f} ms (compute {b['compute_s']*1e3:.1f} ms), "
+        f"transport {b['throughput_GBps']:.2f} GB/s vs echo {b['echo_throughput_GBps']:.2f} GB/s "
+        f"-> {b['throughput_GBps']/b['echo_throughput_GBps']:.0%} of the floor",
+    ])

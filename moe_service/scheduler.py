@@ -1,0 +1,339 @@
+"""Iteration-level (continuous) batching over the compressed KV cache. Plain Python and torch.
+
+Every step decodes all running sequences together, prefills waiting prompts in chunks within a
+token budget (so running streams keep flowing), and admits waiting requests whose KV reservation
+fits. Requests leave when finished, cancelled, or past their deadline, freeing slot and tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moe_service.engine import Sequence
+from moe_service.model.cache import LatentCache
+from moe_service.model.moe import ExpertBackend
+from moe_service.model.transformer import Transformer
+from moe_service.sampling import SamplingParams, sample
+from moe_service.tokenizer import Tokenizer
+
+
+class Rejected(Exception):
+    """A request refused at the door. `kind` maps to a gRPC status:
+    'invalid' -> INVALID_ARGUMENT, 'exhausted' -> RESOURCE_EXHAUSTED."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class SchedulerConfig:
+    max_running: int = 32  # sequences in flight at once (KV cache slots)
+    max_seq_len: int = 2048  # prompt + generated tokens of one sequence
+    kv_capacity_tokens: int | None = None  # tokens reservable in the cache; default slots x max_seq_len
+    max_queue: int = 256  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
+    max_prompt_tokens: int | None = None  # default max_seq_len - 1
+    max_new_tokens: int = 1024
+    prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    step_token_budget: int = 512  # prefill tokens per step across sequences (decodes always run)
+    micro_batches: int = 2  # split a step's decode batch so attention overlaps expert calls
+
+    @property
+    def capacity(self) -> int:
+        return self.kv_capacity_tokens or self.max_running * self.max_seq_len
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_tokens or self.max_seq_len - 1
+
+
+Event = tuple[str, object]  # ("token", (id, piece)) | ("finish", (reason, usage)) | ("error", (kind, message))
+
+
+@dataclass
+class Request(Sequence):
+    """A Sequence with a slot in the cache, a KV reservation, and a way to tell its client."""
+
+    id: int = 0
+    emit: Callable[[Event], None] = lambda e: None
+    deadline: float | None = None  # time.monotonic() value
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    reserved: int = 0
+    cancelled: bool = False
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+    def usage(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {
+            "prompt_tokens": len(self.prompt), "generated_tokens": len(self.output),
+            "time_to_first_token_s": (self.t_first - self.t_start) if self.t_first else 0.0,
+            "total_time_s": now - self.t_start,
+        }
+
+
+@dataclass
+class StepStats:
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Scheduler:
+    """Owns the KV cache and the running set. `step()` is called by one thread (EngineLoop);
+    `submit`/`cancel` may be called from any thread."""
+
+    def __init__(self, model: Transformer, config: SchedulerConfig, tokenizer: Tokenizer | None = None,
+                 backend: ExpertBackend | None = None) -> None:
+        self.model, self.config, self.tokenizer, self.backend = model, config, tokenizer, backend
+        self.args = model.args
+        if config.max_seq_len > self.args.max_position_embeddings:
+            config.max_seq_len = self.args.max_position_embeddings
+        w = model.embed_tokens.weight
+        self.cache = LatentCache(self.args, config.max_running, config.max_seq_len, dtype=w.dtype, device=w.device)
+        self.lock = threading.Lock()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(config.max_running))[::-1]
+        self.reserved_tokens = 0
+        self.ids = itertools.count(1)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, config.micro_batches), thread_name_prefix="microbatch")
+        self.last_step = StepStats()
+
+    # ---- admission (any thread) -------------------------------------------------------------
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        c, V = self.config, self.args.vocab_size
+        if not prompt:
+            raise Rejected("invalid", "prompt is empty; give text or at least one token id")
+        if len(prompt) > c.prompt_limit:
+            raise Rejected("invalid", f"prompt has {len(prompt)} tokens; this service accepts at most {c.prompt_limit}")
+        bad = next((t for t in prompt if not 0 <= t < V), None)
+        if bad is not None:
+            raise Rejected("invalid", f"prompt has token id {bad}; token ids are in [0, {V})")
+        try:
+            params.validate(V, c.max_new_tokens)
+        except ValueError as e:
+            raise Rejected("invalid", str(e)) from None
+        need = len(prompt) + params.max_new_tokens
+        if need > c.max_seq_len:
+            raise Rejected("invalid", f"prompt ({len(prompt)}) plus max_new_tokens ({params.max_new_tokens}) is {need} "
+                                      f"tokens; a sequence may hold at most {c.max_seq_len}")
+        if need > c.capacity:
+            raise Rejected("exhausted", f"request needs {need} KV cache tokens; the cache holds {c.capacity}")
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
+               timeout_s: float | None = None) -> Request:
+        self.validate(prompt, params)
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        req = Request(prompt, params, self.args.eos_token_id, detok, id=next(self.ids), emit=emit,
+                      deadline=time.monotonic() + timeout_s if timeout_s else None)
+        with self.lock:
+            if len(self.waiting) >= self.config.max_queue:
+                raise Rejected("exhausted", f"the waiting queue is full ({self.config.max_queue} requests); retry later")
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True  # acted on at the next step
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "kv_reserved_tokens": self.reserved_tokens, "kv_capacity_tokens": self.config.capacity,
+                    "kv_used_tokens": sum(r.prefilled + max(0, len(r.output) - 1) for r in self.running)}
+
+    # ---- one iteration (the engine thread) ----------------------------------------------------
+
+    def _release(self, req: Request) -> None:
+        if req.slot >= 0:
+            self.free_slots.append(req.slot)
+            req.slot = -1
+        self.reserved_tokens -= req.reserved
+        req.reserved = 0
+
+    def _finish(self, req: Request, reason: str, event: Event | None = None) -> None:
+        req.finish_reason = reason
+        self._release(req)
+        req.emit(event or ("finish", (reason, req.usage())))
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for req in list(self.waiting):
+                if req.cancelled or (req.deadline is not None and now > req.deadline):
+                    self.waiting.remove(req)
+                    kind = "cancelled" if req.cancelled else "deadline"
+                    self._finish(req, kind, ("error", (kind, "request cancelled" if req.cancelled
+                                                       else "deadline passed while the request was waiting")))
+            while self.waiting and self.free_slots:
+                req = self.waiting[0]
+                need = len(req.prompt) + req.params.max_new_tokens
+                if self.reserved_tokens + need > self.config.capacity:
+                    break  # FIFO: the head waits for room, nobody overtakes it
+                self.waiting.popleft()
+                req.slot, req.reserved = self.free_slots.pop(), need
+                self.reserved_tokens += need
+                self.running.append(req)
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for req in list(self.running):
+            if req.cancelled or (req.deadline is not None and now > req.deadline):
+                self.running.remove(req)
+                kind = "cancelled" if req.cancelled else "deadline"
+                self._finish(req, kind, ("error", (kind, "request cancelled" if req.cancelled
+                                                   else f"deadline passed after {len(req.output)} tokens")))
+
+    def step(self) -> StepStats:
+        t0 = time.perf_counter()
+        self._drop_dead()
+        self._admit()
+        decode = [r for r in self.running if not r.in_prefill]
+        budget, prefill = self.config.step_token_budget, []
+        for r in self.running:
+            if r.in_prefill and budget > 0:
+                n = min(self.config.prefill_chunk, len(r.prompt) - r.prefilled, budget)
+                prefill.append((r, n))
+                budget -= n
+        groups: list[Callable[[], None]] = []
+        k = max(1, min(self.config.micro_batches, len(decode)))
+        for i in range(k):
+            part = decode[i::k]
+            if part:
+                groups.append(lambda part=part: self._decode(part))
+        if prefill:
+            groups.append(lambda: self._prefill(prefill))
+        if len(groups) > 1 and self.backend is not None:
+            # micro-batches in flight together: one's attention runs while another waits on experts
+            for f in [self.pool.submit(g) for g in groups]:
+                f.result()
+        else:
+            for g in groups:
+                g()
+        for r in list(self.running):
+            if r.finished:
+                self.running.remove(r)
+                self._finish(r, r.finish_reason)
+        self.last_step = StepStats(len(decode), sum(n for _, n in prefill), time.perf_counter() - t0)
+        return self.last_step
+
+    def _emit_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        for r, tok in zip(reqs, sample(logits, [r.sampler for r in reqs])):
+            piece = r.append(tok)
+            r.emit(("token", (tok, piece)))
+
+    def _decode(self, reqs: list[Request]) -> None:
+        ids = torch.tensor([[r.output[-1]] for r in reqs])
+        slots = torch.tensor([r.slot for r in reqs])
+        start = torch.tensor([r.length - 1 for r in reqs])
+        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True, backend=self.backend)
+        self._emit_tokens(reqs, logits)
+
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        T = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), T, dtype=torch.long)
+        for b, (r, n) in enumerate(chunks):
+            ids[b, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
+        slots = torch.tensor([r.slot for r, _ in chunks])
+        start = torch.tensor([r.prefilled for r, _ in chunks])
+        num_new = torch.tensor([n for _, n in chunks])
+        logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
+                            backend=self.backend)
+        done = []
+        for b, (r, n) in enumerate(chunks):
+            r.prefilled += n
+            if not r.in_prefill:
+                done.append(b)
+        if done:
+            self._emit_tokens([chunks[b][0] for b in done], logits[done])
+
+
+class EngineLoop:
+    """Runs `scheduler.step()` on its own thread while there is work; sleeps on a condition otherwise.
+    Other jobs (Forward requests, table switches) run on the same thread between steps."""
+
+    def __init__(self, scheduler: Scheduler, before_step: Callable[[], None] | None = None,
+                 after_step: Callable[[StepStats], None] | None = None) -> None:
+        self.scheduler, self.before_step, self.after_step = scheduler, before_step, after_step
+        self.cv = threading.Condition()
+        self.jobs: deque[tuple[Callable[[], object], Future]] = deque()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
+               timeout_s: float | None = None) -> Request:
+        req = self.scheduler.submit(prompt, params, emit, timeout_s)
+        self.wake()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        self.scheduler.cancel(req)
+        self.wake()
+
+    def run_job(self, fn: Callable[[], object]) -> Future:
+        fut: Future = Future()
+        with self.cv:
+            self.jobs.append((fn, fut))
+            self.cv.notify()
+        return fut
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        while True:
+            with self.cv:
+                while not self.stopping and not self.jobs and not sched.has_work:
+                    self.cv.wait()
+                if self.stopping:
+                    return
+                jobs = list(self.jobs)
+                self.jobs.clear()
+            for fn, fut in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the caller
+                        fut.set_exception(e)
+            if sched.has_work:
+                if self.before_step is not None:
+                    self.before_step()
+                try:
+                    stats = sched.step()
+                except Exception as e:  # a step failed (e.g. experts unreachable): fail its requests, keep serving
+                    self._fail_running(e)
+                    continue
+                if self.after_step is not None:
+                    self.after_step(stats)
+
+    def _fail_running(self, error: Exception) -> None:
+        sched = self.scheduler
+        for r in list(sched.running):
+            sched.running.remove(r)
+            sched._finish(r, "error", ("error", ("unavailable", f"step failed: {error}")))

@@ -1,0 +1,117 @@
+"""The Serve application: the gateway deployment, and the builder `serve run`/`serve deploy` import.
+
+Serve config: `import_path: moe_service.serving.app:build_app` with the ServiceConfig fields as `args`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import ray
+from ray import serve
+
+from moe_service.serving.config import ServiceConfig
+from moe_service.serving.controller import get_or_create_controller
+from moe_service.serving.gateway import ControllerLink, Gateway, GatewayError
+
+GATEWAY_NAME = "MoEGateway"
+APP_NAME = "moe"
+SERVICER_FUNCTIONS = [
+    "moe_service.transport.pb.moe_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def controller_link(handle) -> ControllerLink:
+    async def table():
+        return await handle.table.remote()
+
+    async def wait_for_table(version: int, timeout_s: float):
+        return await handle.wait_for_table.remote(version, timeout_s)
+
+    async def report_unavailable(worker: int):
+        await handle.report_unavailable.remote(worker)
+
+    return ControllerLink(table, wait_for_table, report_unavailable)
+
+
+def _fail(grpc_context, e: GatewayError):
+    if grpc_context is not None:
+        grpc_context.set_code(e.code)
+        grpc_context.set_details(e.message)
+    raise e
+
+
+class GatewayDeployment:
+    """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        controller = get_or_create_controller(config)
+        self.gateway = Gateway(config, controller_link(controller))
+
+    def _auth(self, grpc_context) -> None:
+        if grpc_context is not None:
+            self.gateway.check_auth(list(grpc_context.invocation_metadata()))
+
+    async def Generate(self, request, grpc_context=None):
+        try:
+            self._auth(grpc_context)
+            timeout = None
+            if grpc_context is not None and getattr(grpc_context, "time_remaining", None):
+                timeout = grpc_context.time_remaining()
+            async for resp in self.gateway.generate(request, timeout):
+                yield resp
+        except GatewayError as e:
+            _fail(grpc_context, e)
+
+    async def Forward(self, request, grpc_context=None):
+        try:
+            self._auth(grpc_context)
+            return await self.gateway.forward(request)
+        except GatewayError as e:
+            _fail(grpc_context, e)
+
+    async def ModelInfo(self, request, grpc_context=None):
+        try:
+            self._auth(grpc_context)
+            return self.gateway.model_info()
+        except GatewayError as e:
+            _fail(grpc_context, e)
+
+    # grpc.health.v1.Health: what Kubernetes gRPC probes and load balancers call (no auth)
+    async def Check(self, request, grpc_context=None):
+        return self.gateway.health()
+
+    async def Watch(self, request, grpc_context=None):
+        async for resp in self.gateway.watch():
+            yield resp
+
+    def debug_reads(self) -> list[str]:
+        """The checkpoint tensors this replica read (it must never read a routed expert)."""
+        return self.gateway.source_reads
+
+    def check_health(self) -> None:
+        # Serve's own replica health check: a dead engine thread restarts the replica
+        if not self.gateway.engine.thread.is_alive():
+            raise RuntimeError("the engine thread died")
+
+    def __del__(self) -> None:
+        gw = getattr(self, "gateway", None)
+        if gw is not None:
+            gw.close()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder: `args` are ServiceConfig fields."""
+    cfg = ServiceConfig.from_dict(args)
+    options: dict[str, Any] = {
+        "name": GATEWAY_NAME,
+        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus},
+        "max_ongoing_requests": cfg.scheduler_config().max_running + cfg.scheduler_config().max_queue,
+    }
+    if cfg.gateway_autoscaling:
+        options["autoscaling_config"] = cfg.gateway_autoscaling
+    else:
+        options["num_replicas"] = cfg.gateway_replicas
+    return serve.deployment(**options)(GatewayDeployment).bind(cfg.to_dict())

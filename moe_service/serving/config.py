@@ -1,0 +1,65 @@
+"""Settings of one deployment of the service (what `moe-service serve` and the Serve config set)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_service.scheduler import SchedulerConfig
+
+CONTROLLER_NAME = "moe_controller"
+NAMESPACE = "moe_service"
+
+
+@dataclass
+class ServiceConfig:
+    # model
+    model: str = "tiny"  # a preset name or a local Hugging Face directory
+    dtype: str = "float32"
+    # expert workers
+    workers: int = 2
+    gpus_per_worker: float = 1.0  # fractional allowed; 0 runs workers on CPU-only nodes
+    cpus_per_worker: float = 0.0
+    worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"expert_worker": 1}
+    slots_per_worker: int | None = None  # replicas per layer per worker; default: all experts once + 25%
+    redundant_experts: int = 0  # per layer, replicate this many experts on a second worker at start
+    spread_workers: bool = True  # place workers on different nodes when possible
+    expert_bind_host: str | None = None  # None: the node's IP (clusters); tests use 127.0.0.1
+    worker_start_timeout_s: float = 300.0
+    health_interval_s: float = 0.5
+    # gateway
+    gateway_replicas: int = 1
+    gateway_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; overrides gateway_replicas
+    gateway_num_cpus: float = 1.0
+    expert_call_timeout_s: float = 30.0
+    request_timeout_s: float = 300.0
+    scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
+    # security (client-facing API key; TLS for the internal expert channels)
+    api_key: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ServiceConfig":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown service settings {unknown}; known: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.scheduler_config()  # validate early
+        if cfg.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        unknown = sorted(set(self.scheduler) - known)
+        if unknown:
+            raise ValueError(f"unknown scheduler settings {unknown}; known: {sorted(known)}")
+        return SchedulerConfig(**self.scheduler)

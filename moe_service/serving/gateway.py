@@ -1,0 +1,290 @@
+"""The gateway: embeddings, MLA attention with the KV cache, gates, shared experts, LM head and the
+continuous-batching scheduler; routed experts are called on the workers. A plain class: the Serve
+deployment in app.py wraps it, and tests can build it directly."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2
+
+from moe_service.checkpoint import load_model, open_source
+from moe_service.model.summary import summarize
+from moe_service.routing import LayerRoutes
+from moe_service.sampling import SamplingParams
+from moe_service.scheduler import EngineLoop, Rejected, Scheduler
+from moe_service.serving.config import ServiceConfig
+from moe_service.tokenizer import load_tokenizer
+from moe_service.transport.codec import encode
+from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.options import TLSConfig
+from moe_service.transport.pb import moe_pb2
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATUS_OF = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+             "deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "unavailable": grpc.StatusCode.UNAVAILABLE,
+             "cancelled": grpc.StatusCode.CANCELLED, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
+MAX_FORWARD_TOKENS = 8192
+
+
+class GatewayError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def routing_table(t: dict) -> RoutingTable:
+    """The controller's table as the gateway routes with it; workers without an address are left out."""
+    addresses = {int(w): a for w, a in t["addresses"].items()}
+    routes = {}
+    for layer, r in t["routes"].items():
+        workers = {w for reps in r["replicas"] for w in reps}
+        routes[int(layer)] = LayerRoutes(int(layer), r["replicas"], r["shares"]).without(workers - set(addresses))
+    return RoutingTable(t["version"], routes, addresses)
+
+
+class IOLoop:
+    """An asyncio loop on its own thread: expert RPCs and controller polling live here, apart from
+    both the Serve replica's loop and the engine thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-io", daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class ControllerLink:
+    """What the gateway needs from the controller, as plain async callables (tests may fake them)."""
+
+    table: Callable[[], "asyncio.Future"]
+    wait_for_table: Callable[[int, float], "asyncio.Future"]
+    report_unavailable: Callable[[int], "asyncio.Future"]
+
+
+class Gateway:
+    def __init__(self, config: dict, controller: ControllerLink) -> None:
+        cfg = self.cfg = ServiceConfig.from_dict(config)
+        source = open_source(cfg.model)
+        self.model = load_model(source, dtype=DTYPES[cfg.dtype], with_routed_experts=False)
+        self.source_reads = list(source.reads)  # tests check that no routed expert was read
+        self.args = self.model.args
+        self.tokenizer = load_tokenizer(cfg.model, self.args)
+        self.controller = controller
+        self.io = IOLoop()
+        tls = TLSConfig(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_ca_file else None
+        self.client = ExpertClient(tls=tls)
+        first = self.io.call(self._fetch_ready_table(), timeout=cfg.worker_start_timeout_s)
+        self.table_info = first
+        self.remote = RemoteExperts(self.client, routing_table(first), call_timeout_s=cfg.expert_call_timeout_s,
+                                    wait_for_table=self._wait_for_new_table)
+        self.pending: RoutingTable | None = None
+        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts)
+        self.engine = EngineLoop(self.scheduler, before_step=self._switch_table)
+        self.closed = False
+        self.io.spawn(self._poll_table())
+
+    # ---- the expert backend (engine thread -> IO loop) ---------------------------------------
+
+    def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        deadline = time.monotonic() + self.cfg.expert_call_timeout_s
+        return self.io.call(self.remote.run(layer, x, weights, experts, deadline))
+
+    async def _fetch_ready_table(self) -> dict:
+        t = await self.controller.table()
+        while not t["ready"]:
+            t = await self.controller.wait_for_table(t["version"], 5.0)
+        return t
+
+    async def _wait_for_new_table(self, excluded: set[int]) -> RoutingTable:
+        for w in excluded:
+            await self.controller.report_unavailable(w)
+        version = self.remote.table.version
+        while True:
+            t = await self.controller.wait_for_table(version, 5.0)
+            if t["version"] > version and t["ready"]:
+                self.table_info = t
+                return routing_table(t)
+            version = t["version"]
+
+    async def _poll_table(self) -> None:
+        version = self.table_info["version"]
+        while not self.closed:
+            try:
+                t = await self.controller.wait_for_table(version, 10.0)
+            except Exception:  # the controller restarting: keep the table we have, try again
+                await asyncio.sleep(1.0)
+                continue
+            if t["version"] > version:
+                version = t["version"]
+                self.table_info = t
+                self.pending = routing_table(t)
+
+    def _switch_table(self) -> None:
+        # between steps only: a step never mixes two placement versions
+        if self.pending is not None and self.pending.version > self.remote.table.version:
+            self.remote.table = self.pending
+        self.pending = None
+
+    # ---- health ------------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        t = self.table_info
+        return (not self.closed and t["ready"] and not t["draining"] and self.engine.thread.is_alive())
+
+    def health(self) -> health_pb2.HealthCheckResponse:
+        s = health_pb2.HealthCheckResponse.SERVING if self.serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=s)
+
+    async def watch(self) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:
+            now = self.health()
+            if now.status != last:
+                last = now.status
+                yield now
+            await asyncio.sleep(0.5)  # a polling period for a long-lived stream
+
+    # ---- client RPCs -------------------------------------------------------------------------
+
+    def check_auth(self, metadata: list[tuple[str, str]]) -> None:
+        if not self.cfg.api_key:
+            return
+        for k, v in metadata:
+            if k.lower() == "authorization" and v == f"Bearer {self.cfg.api_key}":
+                return
+        raise GatewayError(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+
+    def _prompt(self, request: moe_pb2.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        if which == "text":
+            try:
+                return self.tokenizer.encode(request.text)
+            except ValueError as e:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
+
+    def _params(self, p: moe_pb2.SamplingParams) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=p.max_new_tokens or 32, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+            seed=p.seed if p.HasField("seed") else None, stop_token_ids=tuple(p.stop_token_ids),
+            stop_strings=tuple(p.stop_strings), ignore_eos=p.ignore_eos)
+
+    async def generate(self, request: moe_pb2.GenerateRequest,
+                       timeout_s: float | None = None) -> AsyncIterator[moe_pb2.GenerateResponse]:
+        if not self.serving():
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the service is not ready (experts starting or draining)")
+        prompt, params = self._prompt(request), self._params(request.params)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        try:
+            req = self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s)
+        except Rejected as e:
+            raise GatewayError(STATUS_OF[e.kind], str(e)) from None
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "token":
+                    tok, piece = payload
+                    yield moe_pb2.GenerateResponse(token_id=tok, text=piece)
+                elif kind == "finish":
+                    reason, usage = payload
+                    yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage))
+                    return
+                else:
+                    err_kind, message = payload
+                    raise GatewayError(STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL), message)
+        finally:
+            if not req.finished:
+                self.engine.cancel(req)  # the client went away: free its slot at the next step
+
+    async def forward(self, request: moe_pb2.ForwardRequest) -> moe_pb2.ForwardResponse:
+        seqs = [list(s.ids) for s in request.sequences]
+        V = self.args.vocab_size
+        if not seqs or any(not s for s in seqs):
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "sequences must hold at least one non-empty sequence")
+        total = sum(map(len, seqs))
+        if total > MAX_FORWARD_TOKENS:
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"sequences hold {total} tokens; Forward accepts at most {MAX_FORWARD_TOKENS}")
+        for i, s in enumerate(seqs):
+            bad = next((t for t in s if not 0 <= t < V), None)
+            if bad is not None:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"sequences[{i}] has token id {bad}; token ids are in [0, {V})")
+            if len(s) > self.args.max_position_embeddings:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"sequences[{i}] has {len(s)} tokens; at most {self.args.max_position_embeddings}")
+        targets = [list(t.ids) for t in request.targets]
+        if targets and (len(targets) != len(seqs) or any(len(t) != len(s) for t, s in zip(targets, seqs))):
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "targets must match sequences one to one, same lengths")
+        if targets and any(not 0 <= t < V for ts in targets for t in ts):
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"targets hold a token id outside [0, {V})")
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+        lengths = torch.tensor([len(s) for s in seqs])
+
+        def run() -> torch.Tensor:
+            return self.model(ids, num_new=lengths, backend=self._experts).float()
+
+        try:
+            logits = await asyncio.wrap_future(self.engine.run_job(run))
+        except grpc.aio.AioRpcError as e:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"expert workers unavailable: {e.details()}") from None
+        resp = moe_pb2.ForwardResponse(lengths=[len(s) for s in seqs])
+        if targets:
+            tgt = torch.zeros(len(seqs), T, dtype=torch.long)
+            for b, t in enumerate(targets):
+                tgt[b, : len(t)] = torch.tensor(t)
+            lp = logits.log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
+            encode(lp, resp.target_logprobs)
+        else:
+            encode(logits, resp.logits)
+        return resp
+
+    def model_info(self) -> moe_pb2.ModelInfoResponse:
+        s = summarize(self.args, DTYPES[self.cfg.dtype])
+        c = self.scheduler.config
+        keys = ("layers", "moe_layers", "hidden_size", "vocab_size", "attention_heads", "routed_experts_per_layer",
+                "shared_experts_per_layer", "experts_per_token", "topk_method", "params_total",
+                "params_active_per_token", "kv_cache_bytes_per_token", "dtype", "max_position_embeddings")
+        return moe_pb2.ModelInfoResponse(
+            name=str(s["name"]), expert_workers=len(self.table_info["addresses"]), **{k: s[k] for k in keys},
+            limits=moe_pb2.ServiceLimits(
+                max_prompt_tokens=c.prompt_limit, max_new_tokens=c.max_new_tokens,
+                max_concurrent_requests=c.max_running, max_queued_requests=c.max_queue,
+                request_timeout_s=self.cfg.request_timeout_s, kv_cache_capacity_tokens=c.capacity,
+                max_forward_tokens=MAX_FORWARD_TOKENS))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.stop()
+        self.io.call(self.client.close(), timeout=5)
+        self.io.stop()

@@ -1,0 +1,86 @@
+"""Bring the whole service up on a Ray instance (local or `--ray-address`) and take it down again."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from moe_service.serving.app import APP_NAME, SERVICER_FUNCTIONS, build_app
+from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalService:
+    grpc_port: int
+    http_port: int
+    config: dict[str, Any]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def controller(self):
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+
+    def wait_serving(self, timeout_s: float = 120.0) -> None:
+        """Until the client-facing port answers SERVING to a standard health check."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the service at {self.address} did not report SERVING in {timeout_s:.0f}s")
+                time.sleep(0.2)  # polling a server that is starting
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.controller().drain.remote(), timeout=10)
+        except Exception:
+            pass
+        serve.delete(APP_NAME)
+        try:
+            ctl = self.controller()
+            ray.get(ctl.shutdown.remote(), timeout=30)
+            ray.kill(ctl)
+        except ValueError:
+            pass
+        serve.shutdown()
+
+
+def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
+                  request_timeout_s: float | None = None, wait: bool = True,
+                  proxy_location: str = "HeadOnly") -> LocalService:
+    """Deploys the app on the connected Ray instance (call ray.init first); port 0 picks a free one."""
+    grpc_port = grpc_port or free_port()
+    http_port = http_port or free_port()
+    serve.start(
+        proxy_location=proxy_location,
+        http_options=HTTPOptions(host=host, port=http_port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                                 request_timeout_s=request_timeout_s),
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    svc = LocalService(grpc_port, http_port, config)
+    if wait:
+        svc.wait_serving()
+    return svc

@@ -1,0 +1,26 @@
+"""Shared fixtures. Ray is started once per test module that needs it (see `ray_local`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Ray on a 2-core machine: no dashboard, no usage reporting, quiet logs
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance declaring logical GPUs, shut down (with Serve) when the module ends."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
