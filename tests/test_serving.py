@@ -171,3 +171,25 @@ def test_model_info_and_health_drain(ray_local, service):
                 break
             threading.Event().wait(0.1)  # the gateway notices the drain within its poll period
         assert deadline_ok
+
+
+def test_worker_that_cannot_load_fails_loudly(ray_local, tmp_path):
+    """A missing expert tensor: the controller's start fails naming it, and nothing reports healthy."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_service.serving.controller import ControllerActor
+
+    write_checkpoint(tmp_path, ORACLE_CONFIG)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    ctl = ControllerActor.options(name="broken_controller", namespace="moe_service").remote(
+        service_config(tmp_path, workers=2))
+    try:
+        with pytest.raises(Exception, match=r"(?s)expert worker \d failed to start.*experts.3.up_proj.weight"):
+            ray_local.get(ctl.start.remote(), timeout=120)
+        table = ray_local.get(ctl.table.remote())
+        assert not table["ready"]
+    finally:
+        ray_local.get(ctl.shutdown.remote())
+        ray_local.kill(ctl)

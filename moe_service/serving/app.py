@@ -107,7 +107,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = ServiceConfig.from_dict(args)
     options: dict[str, Any] = {
         "name": GATEWAY_NAME,
-        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus},
+        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "resources": dict(cfg.gateway_resources)},
         "max_ongoing_requests": cfg.scheduler_config().max_running + cfg.scheduler_config().max_queue,
     }
     if cfg.gateway_autoscaling:

@@ -207,8 +207,10 @@ ControllerActor = ray.remote(num_cpus=0, max_concurrency=64)(Controller)
 
 def get_or_create_controller(config: dict, start_timeout_s: float | None = None):
     """The named detached controller for this config (created if absent) after `start()` succeeded."""
+    # pinned to the head node (as Serve pins its own controller): it must outlive any worker node
     handle = ControllerActor.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(config)
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        resources={"node:__internal_head__": 0.001}).remote(config)
     ray.get(handle.start.remote(), timeout=start_timeout_s)
     return handle
 

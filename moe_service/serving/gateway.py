@@ -34,9 +34,14 @@ MAX_FORWARD_TOKENS = 8192
 
 
 class GatewayError(Exception):
+    """An error for the client: a gRPC status and a message that says what is allowed."""
+
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+    def __reduce__(self):  # Serve ships exceptions between processes
+        return (GatewayError, (self.code, self.message))
 
 
 def routing_table(t: dict) -> RoutingTable:
@@ -191,8 +196,10 @@ class Gateway:
 
     async def generate(self, request: moe_pb2.GenerateRequest,
                        timeout_s: float | None = None) -> AsyncIterator[moe_pb2.GenerateResponse]:
-        if not self.serving():
-            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the service is not ready (experts starting or draining)")
+        if self.closed or self.table_info["draining"]:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the service is draining; send requests elsewhere")
+        # while experts are being replaced requests are still taken: steps wait (within the expert
+        # call timeout and each request's deadline) for the controller to bring them back
         prompt, params = self._prompt(request), self._params(request.params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

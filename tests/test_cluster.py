@@ -1,0 +1,82 @@
+"""The service on a simulated multi-node cluster (ray.cluster_utils.Cluster): a head without GPUs and
+two nodes declaring logical GPUs; workers spread across the nodes; losing a whole node."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from moe_service.client import Client
+from moe_service.serving.local import start_service
+from tests.oracle import CONFIGS, write_checkpoint
+from tests.test_serving import ORACLE_CONFIG, check_equal_to_transformers, hf_greedy, service_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    nodes = [c.add_node(num_cpus=0, num_gpus=3, resources={"expert_worker": 3}) for _ in range(2)]
+    ray.init(address=c.address, namespace="moe_service", log_to_driver=False)
+    c.wait_for_nodes()
+    yield c, nodes
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cluster")
+    return path, write_checkpoint(path, ORACLE_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 257, (n,), generator=g).tolist() for n in (13, 5, 21)]
+
+
+def test_multi_node_service_equals_transformers_and_survives_a_node_loss(cluster, checkpoint, batch):
+    c, nodes = cluster
+    path, hf = checkpoint
+    cfg = service_config(path, workers=3, worker_resources={"expert_worker": 1}, redundant_experts=2,
+                         gateway_resources={"node:__internal_head__": 0.001})
+    svc = start_service(cfg)
+    try:
+        infos = ray.get(svc.controller().worker_info.remote())
+        pings = [ray.get(ray.get_actor(w["actor_name"], namespace="moe_service").ping.remote()) for w in infos]
+        node_of = {p["worker_id"]: p["node_id"] for p in pings}
+        worker_nodes = {n.node_id for n in nodes}
+        assert set(node_of.values()) <= worker_nodes and len(set(node_of.values())) == 2, "workers not spread"
+        with Client(svc.address) as client:
+            check_equal_to_transformers(client, hf, batch)
+
+            # lose the node that hosts the most workers
+            victim_id = max(worker_nodes, key=lambda n: list(node_of.values()).count(n))
+            victim = next(n for n in nodes if n.node_id == victim_id)
+            c.remove_node(victim)
+            # a request with a short deadline either completes or fails with DEADLINE_EXCEEDED: never hangs
+            try:
+                client.generate_ids(batch[1], max_new_tokens=4, timeout_s=2.0)
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), e
+            # once replacements are placed on the surviving node, the service is exact again
+            got = client.generate_ids(batch[0], max_new_tokens=32, ignore_eos=True, timeout_s=120)
+            assert got == hf_greedy(hf, batch[0])
+            logits = client.forward(batch[:1])
+            with torch.no_grad():
+                want = hf(torch.tensor(batch[:1])).logits.numpy()
+            assert np.abs(logits - want).max() <= 1e-4
+        infos = ray.get(svc.controller().worker_info.remote())
+        assert all(w["healthy"] for w in infos)
+        assert sum(w["restarts"] for w in infos) >= 1
+    finally:
+        svc.shutdown()
