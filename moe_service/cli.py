@@ -105,7 +105,7 @@ def _service_config(ns: argparse.Namespace) -> dict:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
-           "gateway_num_cpus": ns.gateway_cpus,
+           "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
            # on a cluster workers advertise their node IP; a local run stays on loopback
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
     if ns.slots_per_worker:
@@ -125,13 +125,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.ray_address:
         ray.init(address=ns.ray_address, namespace="moe_service")
     else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service",
-                 _metrics_export_port=ns.metrics_port or None)
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service")
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
     svc = start_service(config, grpc_port=ns.port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
-    if ns.metrics_port:
-        print(f"metrics: http://{ns.host}:{ns.metrics_port}/metrics", flush=True)
+    sd = ray.get(svc.controller().http_address.remote())
+    print(f"metrics: every process serves /metrics; Prometheus http_sd_configs url: http://{sd}/targets", flush=True)
+    print(f"operators: moe-service stats --controller {sd}   (also: placement, rebalance --dry-run)", flush=True)
     print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
     if ns.demo:
         _demo_generation(svc.address, ns.api_key)
@@ -163,6 +163,29 @@ def _demo_generation(address: str, api_key: str | None) -> None:
                 print(tok.text, end="", flush=True)
 
 
+def cmd_placement(ns: argparse.Namespace) -> int:
+    from moe_service.ops import fetch, format_hottest, format_placement
+
+    s = fetch(ns.controller, "/stats", timeout=10)
+    print(json.dumps(s, indent=2) if ns.json else f"{format_placement(s)}\n\n{format_hottest(s)}")
+    return 0
+
+
+def cmd_rebalance(ns: argparse.Namespace) -> int:
+    from moe_service.ops import fetch, format_rebalance
+
+    r = fetch(ns.controller, "/rebalance" + ("?dry_run=1" if ns.dry_run else ""), method="POST")
+    print(json.dumps(r, indent=2) if ns.json else format_rebalance(r))
+    return 0
+
+
+def cmd_stats(ns: argparse.Namespace) -> int:
+    from moe_service.ops import stats_screen
+
+    stats_screen(ns.controller, ns.interval, ns.iterations)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-service", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -190,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results")
     bench.set_defaults(fn=cmd_bench)
 
+    for name, fn, help_text in (
+        ("placement", cmd_placement, "the current placement, per-worker load and the hottest experts"),
+        ("rebalance", cmd_rebalance, "re-plan the placement from the load window and apply it (or --dry-run)"),
+        ("stats", cmd_stats, "a live terminal view of per-worker load and the hottest experts"),
+    ):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--controller", "--address", dest="controller", default="127.0.0.1:9095",
+                        help="the controller's HTTP address (printed by `moe-service serve`)")
+        sp.add_argument("--json", action="store_true")
+        if name == "rebalance":
+            sp.add_argument("--dry-run", action="store_true", help="print the plan and its balancedness only")
+        if name == "stats":
+            sp.add_argument("--interval", type=float, default=2.0)
+            sp.add_argument("--iterations", type=int, default=None, help="frames to draw (default: until Ctrl-C)")
+        sp.set_defaults(fn=fn)
+
     for name, help_text, demo in (
         ("serve", "start Ray (or join --ray-address), deploy gateway + expert workers, serve until Ctrl-C", False),
         ("demo", "the README's first command: serve the embedded default, stream one generation, stop", True),
@@ -202,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
         sp.add_argument("--host", default="127.0.0.1")
-        sp.add_argument("--metrics-port", type=int, default=0 if demo else 8080)
+        sp.add_argument("--sd-port", type=int, default=0 if demo else 9095,
+                        help="controller HTTP: Prometheus http_sd /targets, /stats, /rebalance")
         sp.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
         sp.add_argument("--api-key", default=None, help="require 'authorization: Bearer KEY' from clients")
         sp.add_argument("--gateway-cpus", type=float, default=0.0 if demo else 1.0)

@@ -86,6 +86,7 @@ class Request(Sequence):
 @dataclass
 class StepStats:
     decode_rows: int = 0
+    prefill_rows: int = 0
     prefill_tokens: int = 0
     seconds: float = 0.0
 
@@ -95,8 +96,9 @@ class Scheduler:
     `submit`/`cancel` may be called from any thread."""
 
     def __init__(self, model: Transformer, config: SchedulerConfig, tokenizer: Tokenizer | None = None,
-                 backend: ExpertBackend | None = None) -> None:
+                 backend: ExpertBackend | None = None, hook: Callable[[str, float], None] | None = None) -> None:
         self.model, self.config, self.tokenizer, self.backend = model, config, tokenizer, backend
+        self.hook = hook  # (stage, seconds) timings for metrics
         self.args = model.args
         if config.max_seq_len > self.args.max_position_embeddings:
             config.max_seq_len = self.args.max_position_embeddings
@@ -230,11 +232,15 @@ class Scheduler:
             if r.finished:
                 self.running.remove(r)
                 self._finish(r, r.finish_reason)
-        self.last_step = StepStats(len(decode), sum(n for _, n in prefill), time.perf_counter() - t0)
+        self.last_step = StepStats(len(decode), len(prefill), sum(n for _, n in prefill), time.perf_counter() - t0)
         return self.last_step
 
     def _emit_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        for r, tok in zip(reqs, sample(logits, [r.sampler for r in reqs])):
+        t0 = time.perf_counter()
+        tokens = sample(logits, [r.sampler for r in reqs])
+        if self.hook is not None:
+            self.hook("sampling", time.perf_counter() - t0)
+        for r, tok in zip(reqs, tokens):
             piece = r.append(tok)
             r.emit(("token", (tok, piece)))
 
@@ -242,7 +248,8 @@ class Scheduler:
         ids = torch.tensor([[r.output[-1]] for r in reqs])
         slots = torch.tensor([r.slot for r in reqs])
         start = torch.tensor([r.length - 1 for r in reqs])
-        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True, backend=self.backend)
+        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True, backend=self.backend,
+                            hook=self.hook)
         self._emit_tokens(reqs, logits)
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
@@ -254,7 +261,7 @@ class Scheduler:
         start = torch.tensor([r.prefilled for r, _ in chunks])
         num_new = torch.tensor([n for _, n in chunks])
         logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
-                            backend=self.backend)
+                            backend=self.backend, hook=self.hook)
         done = []
         for b, (r, n) in enumerate(chunks):
             r.prefilled += n

@@ -65,12 +65,12 @@ def load_model(
         bar.advance(p.numel() * p.element_size())
     for layer in args.moe_layers if with_routed_experts else []:
         experts = model.layers[layer].mlp.experts
-        _fill_experts(src, experts, [(layer, e) for e in range(args.n_routed_experts)], dtype, bar)
+        fill_experts(src, experts, [(layer, e) for e in range(args.n_routed_experts)], dtype, bar)
     bar.close()
     return model.eval()
 
 
-def _fill_experts(src: TensorSource, experts: RoutedExperts, pairs: list[tuple[int, int]], dtype: torch.dtype,
+def fill_experts(src: TensorSource, experts: RoutedExperts, pairs: list[tuple[int, int]], dtype: torch.dtype,
                   bar: Progress | None = None) -> None:
     for slot, (layer, expert) in enumerate(pairs):
         for param_name, names in expert_hf_names(layer, expert).items():
@@ -101,7 +101,7 @@ def load_experts(
     out = {}
     for layer, experts in by_layer.items():
         module = RoutedExperts(len(experts), args.hidden_size, args.moe_intermediate_size).to(device=device, dtype=dtype)
-        _fill_experts(src, module, [(layer, e) for e in experts], dtype, bar)
+        fill_experts(src, module, [(layer, e) for e in experts], dtype, bar)
         out[layer] = (module.eval(), experts)
     bar.close()
     return out

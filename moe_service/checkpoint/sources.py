@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from moe_service.checkpoint.names import expected_shapes
 from moe_service.model.args import ModelArgs
-from moe_service.model.presets import PRESET_SEED, PRESETS, preset_args
+from moe_service.model.presets import GATE_SKEW, PRESET_SEED, PRESETS, preset_args
 
 
 class TensorSource(Protocol):
@@ -106,7 +106,11 @@ class PresetSource:
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             return torch.ones(shape)
         g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(name.encode()))
-        return torch.randn(shape, generator=g).mul_(0.02)
+        t = torch.randn(shape, generator=g).mul_(0.02)
+        if name.endswith(".mlp.gate.weight") and self.args.name in GATE_SKEW:
+            hot, scale = GATE_SKEW[self.args.name]
+            t[torch.randperm(shape[0], generator=g)[:hot]] *= scale  # a different hot set per layer
+        return t
 
     def describe(self, name: str) -> str:
         return f"preset {self.args.name!r}"

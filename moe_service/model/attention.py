@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ class StepContext:
     start: torch.Tensor | None = None  # [B] tokens already cached per row
     num_new: torch.Tensor | None = None  # [B]
     all_valid: bool = True
+    hook: "Callable[[str, float], None] | None" = None  # (stage, seconds): optional timing for metrics
 
 
 class MLA(nn.Module):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -38,9 +39,13 @@ class MoE(nn.Module):
             if args.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, backend: ExpertBackend | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: ExpertBackend | None = None,
+                hook: Callable[[str, float], None] | None = None) -> torch.Tensor:
         """x [N, D] -> [N, D]"""
+        t0 = time.perf_counter()
         weights, experts = self.gate(x)
+        if hook is not None:
+            hook("gating", time.perf_counter() - t0)
         if backend is not None:
             out = backend(self.layer, x, weights, experts)
         elif self.experts is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from moe_service.model.args import ModelArgs
 
 PRESETS: dict[str, ModelArgs] = {
@@ -24,6 +26,12 @@ PRESETS: dict[str, ModelArgs] = {
         topk_method="greedy", first_k_dense_replace=1,
     ),
 }
+
+# "-skewed" variants: same shapes, but in every MoE layer a few experts' gate rows are scaled up so
+# routing concentrates on them, as real traffic does (hot experts) -- the rebalancing workload
+PRESETS["tiny-skewed"] = dataclasses.replace(PRESETS["tiny"], name="tiny-skewed")
+PRESETS["bench-skewed"] = dataclasses.replace(PRESETS["bench"], name="bench-skewed")
+GATE_SKEW: dict[str, tuple[int, float]] = {"tiny-skewed": (2, 6.0), "bench-skewed": (4, 6.0)}  # (hot experts, scale)
 
 PRESET_SEED = 20240507  # DeepSeek-V2's release date; any fixed number would do
 

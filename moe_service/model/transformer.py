@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -48,9 +51,14 @@ class DecoderLayer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, ctx: StepContext, backend: ExpertBackend | None = None) -> torch.Tensor:
-        x = self.attention_block(x, ctx)
+        if ctx.hook is not None:
+            t0 = time.perf_counter()
+            x = self.attention_block(x, ctx)
+            ctx.hook("attention", time.perf_counter() - t0)
+        else:
+            x = self.attention_block(x, ctx)
         h = self.ffn_input(x, ctx)
-        y = self.mlp(h, backend) if self.is_moe else self.mlp(h)
+        y = self.mlp(h, backend, ctx.hook) if self.is_moe else self.mlp(h)
         return self.add_ffn_output(x, y, ctx)
 
 
@@ -111,9 +119,12 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
         start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
         last_only: bool = False, backend: ExpertBackend | None = None,
+        hook: Callable[[str, float], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`."""
+        """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`.
+        `hook(stage, seconds)`, when given, receives the attention and gating times (for metrics)."""
         ctx = self.context(input_ids, cache, slots, start, num_new)
+        ctx.hook = hook
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, ctx, backend)

@@ -33,7 +33,10 @@ def controller_link(handle) -> ControllerLink:
     async def report_unavailable(worker: int):
         await handle.report_unavailable.remote(worker)
 
-    return ControllerLink(table, wait_for_table, report_unavailable)
+    async def report_load(gateway: str, counts: list, version: int, metrics_address: str | None):
+        await handle.report_load.remote(gateway, counts, version, metrics_address)
+
+    return ControllerLink(table, wait_for_table, report_unavailable, report_load)
 
 
 def _fail(grpc_context, e: GatewayError):
@@ -54,9 +57,16 @@ class GatewayDeployment:
         if grpc_context is not None:
             self.gateway.check_auth(list(grpc_context.invocation_metadata()))
 
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self.gateway.metrics.requests.labels(method, code.name).inc()
+
     async def Generate(self, request, grpc_context=None):
         try:
-            self._auth(grpc_context)
+            try:
+                self._auth(grpc_context)
+            except GatewayError as e:
+                self._count("Generate", e.code)
+                raise
             timeout = None
             if grpc_context is not None and getattr(grpc_context, "time_remaining", None):
                 timeout = grpc_context.time_remaining()
@@ -68,15 +78,20 @@ class GatewayDeployment:
     async def Forward(self, request, grpc_context=None):
         try:
             self._auth(grpc_context)
-            return await self.gateway.forward(request)
+            resp = await self.gateway.forward(request)
+            self._count("Forward", grpc.StatusCode.OK)
+            return resp
         except GatewayError as e:
+            self._count("Forward", e.code)
             _fail(grpc_context, e)
 
     async def ModelInfo(self, request, grpc_context=None):
         try:
             self._auth(grpc_context)
+            self._count("ModelInfo", grpc.StatusCode.OK)
             return self.gateway.model_info()
         except GatewayError as e:
+            self._count("ModelInfo", e.code)
             _fail(grpc_context, e)
 
     # grpc.health.v1.Health: what Kubernetes gRPC probes and load balancers call (no auth)

@@ -36,6 +36,15 @@ class ServiceConfig:
     expert_call_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
+    # metrics (each process serves its own /metrics; the controller serves http_sd at sd_port)
+    expert_metrics: str = "expert"  # per-(layer, expert) series: "expert", "layer" (coarsened) or "off"
+    sd_port: int = 9095  # controller's HTTP: /targets (Prometheus http_sd), /metrics, /stats, /placement; 0 = free
+    # load tracking, rebalancing and worker autoscaling
+    load_window_s: float = 60.0  # routed-token counts older than this are forgotten
+    load_report_interval_s: float = 1.0  # gateways send their counts this often
+    rebalance_interval_s: float = 60.0  # 0: rebalance only on demand
+    rebalance_min_gain: float = 0.05  # apply a new placement only if balancedness improves this much
+    autoscaling: dict[str, Any] | None = None  # AutoscaleSettings fields (min_workers, max_workers, ...)
     # security (client-facing API key; TLS for the internal expert channels)
     api_key: str | None = None
     tls_cert_file: str | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -15,6 +16,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from moe_service.checkpoint import load_model, open_source
+from moe_service.metrics import GatewayMetrics, serve_metrics
 from moe_service.model.summary import summarize
 from moe_service.routing import LayerRoutes
 from moe_service.sampling import SamplingParams
@@ -22,7 +24,7 @@ from moe_service.scheduler import EngineLoop, Rejected, Scheduler
 from moe_service.serving.config import ServiceConfig
 from moe_service.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
-from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.expert_client import CallStats, ExpertClient, RemoteExperts, RoutingTable
 from moe_service.transport.options import TLSConfig
 from moe_service.transport.pb import moe_pb2
 
@@ -42,6 +44,12 @@ class GatewayError(Exception):
 
     def __reduce__(self):  # Serve ships exceptions between processes
         return (GatewayError, (self.code, self.message))
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def routing_table(t: dict) -> RoutingTable:
@@ -81,6 +89,7 @@ class ControllerLink:
     table: Callable[[], "asyncio.Future"]
     wait_for_table: Callable[[int, float], "asyncio.Future"]
     report_unavailable: Callable[[int], "asyncio.Future"]
+    report_load: Callable[[str, list, int, str | None], "asyncio.Future"]
 
 
 class Gateway:
@@ -92,24 +101,83 @@ class Gateway:
         self.args = self.model.args
         self.tokenizer = load_tokenizer(cfg.model, self.args)
         self.controller = controller
+        self.replica_id = uuid.uuid4().hex[:8]
+        self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics)
+        host = cfg.expert_bind_host or _node_ip()
+        self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
+        # routed (token, expert) pairs per MoE layer since the last report to the controller
+        self.layer_index = {layer: i for i, layer in enumerate(self.args.moe_layers)}
+        self.counts = torch.zeros(len(self.args.moe_layers), self.args.n_routed_experts, dtype=torch.long)
+        self.counts_lock = threading.Lock()
         self.io = IOLoop()
         tls = TLSConfig(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_ca_file else None
         self.client = ExpertClient(tls=tls)
         first = self.io.call(self._fetch_ready_table(), timeout=cfg.worker_start_timeout_s)
         self.table_info = first
         self.remote = RemoteExperts(self.client, routing_table(first), call_timeout_s=cfg.expert_call_timeout_s,
-                                    wait_for_table=self._wait_for_new_table)
+                                    wait_for_table=self._wait_for_new_table, on_call=self._on_call,
+                                    on_stage=self._on_stage)
         self.pending: RoutingTable | None = None
-        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts)
-        self.engine = EngineLoop(self.scheduler, before_step=self._switch_table)
+        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts,
+                                   hook=self._on_stage)
+        m, c = self.metrics, self.scheduler.config
+        m.queue_capacity.set(c.max_queue)
+        m.kv_capacity.set(c.capacity)
+        self.engine = EngineLoop(self.scheduler, before_step=self._switch_table, after_step=self._after_step)
         self.closed = False
         self.io.spawn(self._poll_table())
+        self.io.spawn(self._report_load())
 
     # ---- the expert backend (engine thread -> IO loop) ---------------------------------------
 
     def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
+        with self.counts_lock:
+            self.counts[self.layer_index[layer]] += counts
+        self.metrics.observe_routing(layer, counts.tolist())
+        self.metrics.tokens_processed.labels(str(layer)).inc(experts.shape[0])
         deadline = time.monotonic() + self.cfg.expert_call_timeout_s
         return self.io.call(self.remote.run(layer, x, weights, experts, deadline))
+
+    # ---- metrics ------------------------------------------------------------------------------
+
+    def _on_stage(self, stage: str, seconds: float) -> None:
+        self.metrics.stage.labels(stage).observe(seconds)
+
+    def _on_call(self, c: CallStats) -> None:
+        m, w = self.metrics, str(c.worker)
+        m.rpc.labels(w).observe(c.seconds)
+        if c.ok:
+            m.rpc_compute.labels(w).observe(c.compute_seconds)
+            m.rows.labels(w).inc(c.rows)
+            m.bytes_sent.labels(w).inc(c.bytes_sent)
+            m.bytes_received.labels(w).inc(c.bytes_received)
+            if c.retried:
+                m.retries.labels(w).inc()
+        else:
+            m.failures.labels(w).inc()
+
+    def _after_step(self, stats) -> None:
+        m = self.metrics
+        m.step.observe(stats.seconds)
+        m.step_rows.observe(stats.decode_rows + stats.prefill_rows)
+        m.step_tokens.observe(stats.decode_rows + stats.prefill_tokens)
+        s = self.scheduler.stats()
+        m.running.set(s["running"])
+        m.waiting.set(s["waiting"])
+        m.kv_used.set(s["kv_used_tokens"])
+        m.kv_reserved.set(s["kv_reserved_tokens"])
+
+    async def _report_load(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.cfg.load_report_interval_s)  # the reporting period
+            with self.counts_lock:
+                counts, self.counts = self.counts, torch.zeros_like(self.counts)
+            try:
+                await self.controller.report_load(self.replica_id, counts.tolist(), self.remote.table.version,
+                                                  self.metrics_address)
+            except Exception:  # the controller restarting: these counts are lost, the next ones arrive
+                pass
 
     async def _fetch_ready_table(self) -> dict:
         t = await self.controller.table()
@@ -207,24 +275,37 @@ class Gateway:
         def emit(ev) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
+        m = self.metrics
         try:
             req = self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s)
         except Rejected as e:
+            m.requests.labels("Generate", STATUS_OF[e.kind].name).inc()
             raise GatewayError(STATUS_OF[e.kind], str(e)) from None
+        m.prompt_tokens.inc(len(prompt))
+        t_start = last = time.monotonic()
+        code = grpc.StatusCode.CANCELLED
         try:
             while True:
                 kind, payload = await events.get()
+                now = time.monotonic()
                 if kind == "token":
                     tok, piece = payload
+                    (m.itl.observe(now - last) if last != t_start else m.ttft.observe(now - t_start))
+                    last = now
+                    m.generated_tokens.inc()
                     yield moe_pb2.GenerateResponse(token_id=tok, text=piece)
                 elif kind == "finish":
                     reason, usage = payload
+                    code = grpc.StatusCode.OK
+                    m.duration.observe(now - t_start)
                     yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage))
                     return
                 else:
                     err_kind, message = payload
-                    raise GatewayError(STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL), message)
+                    code = STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL)
+                    raise GatewayError(code, message)
         finally:
+            m.requests.labels("Generate", code.name).inc()
             if not req.finished:
                 self.engine.cancel(req)  # the client went away: free its slot at the next step
 

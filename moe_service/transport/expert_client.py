@@ -98,6 +98,7 @@ class RemoteExperts:
     call_timeout_s: float = 30.0
     max_attempts: int = 5
     on_call: Callable[[CallStats], None] | None = None
+    on_stage: Callable[[str, float], None] | None = None  # ("dispatch" | "experts" | "combine", seconds)
     wait_for_table: Callable[[set[int]], Awaitable[RoutingTable]] | None = None
     down: set[int] = field(default_factory=set)
 
@@ -112,16 +113,20 @@ class RemoteExperts:
         retried = False
         for attempt in range(self.max_attempts):
             routes = table.routes[layer].without(excluded | self.down)
+            t0 = time.perf_counter()
             try:
                 plan = plan_dispatch(pending_e, pending_w, routes)
             except NoReplicaError:
                 table = await self._await_new_table(excluded | self.down, deadline)
                 excluded = set()
                 continue
-            results = await asyncio.gather(
-                *(self._call(table, layer, d, x[pending_rows[d.rows]], deadline, retried) for d in plan),
-                return_exceptions=True,
-            )
+            calls = [self._call(table, layer, d, x[pending_rows[d.rows]], deadline, retried) for d in plan]
+            t1 = time.perf_counter()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            t2 = time.perf_counter()
+            if self.on_stage is not None:
+                self.on_stage("dispatch", t1 - t0)
+                self.on_stage("experts", t2 - t1)
             failed: list[WorkerDispatch] = []
             for d, r in zip(plan, results):
                 if isinstance(r, grpc.aio.AioRpcError) and r.code() in RETRYABLE:
@@ -132,7 +137,10 @@ class RemoteExperts:
                 else:
                     parts.append((pending_rows[d.rows], r))
             if not failed:
-                return combine(x.shape[0], parts, x)
+                out = combine(x.shape[0], parts, x)
+                if self.on_stage is not None:
+                    self.on_stage("combine", time.perf_counter() - t2)
+                return out
             # re-dispatch only the failed workers' pairs
             rows = torch.cat([d.rows for d in failed])
             pending_e = torch.cat([d.experts.long() for d in failed])
