@@ -29,7 +29,8 @@ def checkpoint(tmp_path_factory):
 
 def service_config(path, **kw) -> dict:
     base = dict(model=str(path), workers=2, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
-                scheduler={"max_running": 8, "max_seq_len": 256}, expert_call_timeout_s=20.0)
+                scheduler={"max_running": 8, "max_seq_len": 256}, expert_call_timeout_s=20.0, sd_port=0,
+                rebalance_interval_s=0)
     base.update(kw)
     return base
 
