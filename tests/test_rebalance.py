@@ -1,0 +1,135 @@
+"""Hot experts under continuous load: live rebalancing and worker autoscaling change no output and
+fail no request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moe_service import load_model
+from moe_service.client import Client
+from moe_service.engine import Engine
+from moe_service.ops import fetch
+from moe_service.sampling import SamplingParams
+from moe_service.serving.local import start_service
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-skewed"
+
+
+def config(**kw) -> dict:
+    base = dict(model=PRESET, workers=2, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
+                scheduler={"max_running": 8, "max_seq_len": 256}, sd_port=0, rebalance_interval_s=0,
+                load_report_interval_s=0.2, rebalance_min_gain=0.0)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference():
+    g = torch.Generator().manual_seed(11)
+    prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
+    engine = Engine(load_model(PRESET))
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    return prompts, [engine.generate([p], params)[0].output for p in prompts]
+
+
+class Load:
+    """Client threads sending the prompts round and round until stopped; every result is checked."""
+
+    def __init__(self, address: str, prompts, reference, clients: int = 3) -> None:
+        self.address, self.prompts, self.reference = address, prompts, reference
+        self.stop = threading.Event()
+        self.done = 0
+        self.mismatches: list = []
+        self.errors: list = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        with Client(self.address) as c:
+            k = i
+            while not self.stop.is_set():
+                j = k % len(self.prompts)
+                try:
+                    got = c.generate_ids(self.prompts[j], max_new_tokens=24, ignore_eos=True)
+                except Exception as e:  # every failure is a test failure, reported below
+                    self.errors.append(repr(e))
+                    continue
+                if got != self.reference[j]:
+                    self.mismatches.append((j, got))
+                self.done += 1
+                k += 1
+
+    def wait_for(self, n: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        target = self.done + n
+        while self.done < target and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.05)  # waiting on client threads' progress
+        assert self.done >= target, f"only {self.done} requests done"
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
+def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    svc = start_service(config())
+    try:
+        http = ray_local.get(svc.controller().http_address.remote())
+        load = Load(svc.address, prompts, reference)
+        try:
+            load.wait_for(6)
+            before = fetch(http, "/stats")
+            dry = fetch(http, "/rebalance?dry_run=1", method="POST")
+            assert dry["applied"] is False
+            assert sum(dry["balancedness_after"]) > sum(dry["balancedness_before"])
+            assert fetch(http, "/stats")["version"] == before["version"], "a dry run changed the table"
+            applied = fetch(http, "/rebalance", method="POST")
+            assert applied["applied"] and applied["version"] > before["version"]
+            load.wait_for(6)  # traffic continues on the new placement
+        finally:
+            load.finish()
+        assert not load.errors, load.errors[:3]
+        assert not load.mismatches, load.mismatches[:3]
+        after = fetch(http, "/stats")
+        replicas = sum(len(v) for v in after["placement"].values())
+        assert replicas > 2 * 16, "no hot expert got an extra replica"
+        assert sum(after["balancedness"].values()) > sum(before["balancedness"].values())
+    finally:
+        svc.shutdown()
+
+
+def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    # a tiny target: any traffic is overload for one worker; no traffic is underload for two
+    auto = dict(min_workers=1, max_workers=2, target_load_per_worker=1.0, upscale_delay_s=0.5,
+                downscale_delay_s=1.0, look_back_period_s=0.5)
+    svc = start_service(config(workers=1, autoscaling=auto, slots_per_worker=16))
+    ctl = svc.controller()
+    try:
+        load = Load(svc.address, prompts, reference, clients=2)
+        try:
+            deadline = time.monotonic() + 90
+            while len(ray_local.get(ctl.worker_info.remote())) < 2 and time.monotonic() < deadline:
+                load.wait_for(1)
+            assert len(ray_local.get(ctl.worker_info.remote())) == 2, "no worker was added under load"
+            load.wait_for(4)  # served by two workers now
+        finally:
+            load.finish()
+        deadline = time.monotonic() + 90
+        while len(ray_local.get(ctl.worker_info.remote())) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)  # waiting for the downscale delay to pass
+        assert len(ray_local.get(ctl.worker_info.remote())) == 1, "the idle worker was not removed"
+        assert not load.errors, load.errors[:3]
+        assert not load.mismatches, load.mismatches[:3]
+        with Client(svc.address) as c:  # and the service still answers exactly
+            assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
+    finally:
+        svc.shutdown()
