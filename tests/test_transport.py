@@ -252,3 +252,45 @@ def test_health_describe_and_reflection(loop, model, one_worker):
             assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
             await one_worker.set_serving(True)
     loop.run(go())
+
+
+# ---- TLS on the internal channel -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost (openssl CLI)."""
+    d = tmp_path_factory.mktemp("tls")
+    run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+        "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+    return d
+
+
+def test_tls_on_the_expert_channel(loop, model, certs):
+    from moe_service.transport.options import TLSConfig
+
+    hosts, replicas = split_experts(model, 1)
+    args = model.args
+    hosted = {l: HostedLayer.build(m, ids, args.n_routed_experts) for l, (m, ids) in load_experts(PRESET, hosts[0]).items()}
+    servicer = ExpertServicer(hosted, worker_id="tls", hidden_size=args.hidden_size,
+                              num_experts=args.n_routed_experts, slots_per_layer=args.n_routed_experts)
+    server_tls = TLSConfig(cert_file=str(certs / "server.crt"), key_file=str(certs / "server.key"))
+    server = loop.run(start_expert_server(servicer, tls=server_tls))
+    layer, x, w, e = layer_inputs(model, 8)
+    try:
+        secure = ExpertClient(tls=TLSConfig(ca_file=str(certs / "ca.crt")))
+        out, _ = loop.run(secure.run(server.address, layer, x, e.to(torch.int32), w, timeout=10))
+        assert (out - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        loop.run(secure.close())
+        plain = ExpertClient()  # a client without TLS cannot talk to it
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            loop.run(plain.run(server.address, layer, x, e.to(torch.int32), w, timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        loop.run(plain.close())
+    finally:
+        loop.run(server.stop(0))

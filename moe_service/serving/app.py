@@ -106,6 +106,17 @@ class GatewayDeployment:
         """The checkpoint tensors this replica read (it must never read a routed expert)."""
         return self.gateway.source_reads
 
+    def debug_state(self) -> dict:
+        """Scheduler occupancy and this process's resident memory (the load test checks both return to idle)."""
+        import os
+
+        rss = 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        return {**self.gateway.scheduler.stats(), "pid": os.getpid(), "rss_bytes": rss}
+
     def check_health(self) -> None:
         # Serve's own replica health check: a dead engine thread restarts the replica
         if not self.gateway.engine.thread.is_alive():
