@@ -89,12 +89,23 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from moe_service.bench.common import save_results
 
     if ns.what == "model":
-        from moe_service.bench import model_bench
+        from moe_service.bench import model_bench as b
 
-        r = model_bench.run(ns.preset, threads=ns.threads, repeats=ns.repeats)
-        print(model_bench.format_results(r))
-    else:
-        raise SystemExit(f"unknown benchmark {ns.what!r}")
+        r = b.run(ns.preset, threads=ns.threads, repeats=ns.repeats)
+    elif ns.what == "transport":
+        from moe_service.bench import transport_bench as b
+
+        r = b.run()
+    elif ns.what == "served":
+        from moe_service.bench import served_bench as b
+
+        r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats)
+    elif ns.what == "skewed":
+        from moe_service.bench import skewed_bench as b
+
+        r = b.run(ns.preset if ns.preset.endswith("-skewed") else ns.preset + "-skewed", workers=ns.workers,
+                  out_dir=ns.out)
+    print(b.format_results(r))
     print(f"results: {save_results(ns.what, r, ns.out)}")
     return 0
 
@@ -206,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
-    bench.add_argument("what", choices=["model"], help="model: this model vs transformers")
+    bench.add_argument("what", choices=["model", "transport", "served", "skewed"],
+                       help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
+                            "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing")
+    bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--repeats", type=int, default=3)

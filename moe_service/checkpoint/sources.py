@@ -109,7 +109,9 @@ class PresetSource:
         t = torch.randn(shape, generator=g).mul_(0.02)
         if name.endswith(".mlp.gate.weight") and self.args.name in GATE_SKEW:
             hot, scale = GATE_SKEW[self.args.name]
-            t[torch.randperm(shape[0], generator=g)[:hot]] *= scale  # a different hot set per layer
+            # the hot experts have even ids: with experts placed round robin they all land on the same
+            # worker(s), the case rebalancing exists for
+            t[0 : 2 * hot : 2] *= scale
         return t
 
     def describe(self, name: str) -> str:

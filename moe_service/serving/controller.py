@@ -472,6 +472,12 @@ def get_or_create_controller(config: dict, start_timeout_s: float | None = None)
     handle = ControllerActor.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         resources={"node:__internal_head__": 0.001}).remote(config)
+    running = ServiceConfig.from_dict(ray.get(handle.config.remote())).to_dict()
+    if running != ServiceConfig.from_dict(config).to_dict():
+        changed = sorted(k for k, v in ServiceConfig.from_dict(config).to_dict().items() if running.get(k) != v)
+        raise RuntimeError(
+            f"a controller with other settings ({changed}) is already running in namespace {NAMESPACE!r}; "
+            f"to change them, drain and shut it down first (docs/deploy.md, 'Rolling out a new model')")
     ray.get(handle.start.remote(), timeout=start_timeout_s)
     return handle
 

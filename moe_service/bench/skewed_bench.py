@@ -1,0 +1,102 @@
+"""Hot experts: per-worker load and throughput before and after a rebalance, on a skewed preset
+(routing concentrated on a few experts per layer), printed and drawn as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moe_service.bench.common import log
+from moe_service.bench.served_bench import _prompts, concurrent
+
+
+def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, tokens: int = 16, rounds: int = 2,
+        out_dir: str | Path = "bench-results") -> dict:
+    import ray
+
+    from moe_service.checkpoint import open_source
+    from moe_service.client import Client
+    from moe_service.ops import fetch
+    from moe_service.serving.local import start_service
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
+    args = open_source(preset).args
+    cfg = dict(model=preset, workers=workers, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
+               sd_port=0, rebalance_interval_s=0, load_report_interval_s=0.5, load_window_s=600,
+               scheduler={"max_running": clients, "max_seq_len": 128})
+    log(f"[skewed bench] starting the service: {workers} workers, preset {preset!r}")
+    svc = start_service(cfg)
+    try:
+        http = ray.get(svc.controller().http_address.remote())
+        prompts = _prompts(clients, 32, args.vocab_size, seed=7)
+        with Client(svc.address) as c:
+            c.generate_ids(prompts[0], max_new_tokens=2)  # warm-up
+
+        def measure(label: str) -> float:
+            rates = []
+            for i in range(rounds):
+                log(f"[skewed bench] {label}: round {i + 1}/{rounds}, {clients} clients x {tokens} tokens")
+                rates.append(concurrent(svc.address, prompts, tokens)["tokens_per_s"])
+            return float(np.median(rates))
+
+        before_tps = measure("before rebalancing")
+        before = fetch(http, "/stats")
+        log("[skewed bench] rebalancing")
+        reb = fetch(http, "/rebalance", method="POST")
+        after_tps = measure("after rebalancing")
+        after = fetch(http, "/stats")
+        load = np.array(ray.get(svc.controller().window_load.remote()))
+    finally:
+        svc.shutdown()
+    result = {
+        "preset": preset, "workers": workers, "clients": clients,
+        "tokens_per_s_before": before_tps, "tokens_per_s_after": after_tps, "speedup": after_tps / before_tps,
+        "worker_load_before": before["worker_load"], "worker_load_after": after["worker_load"],
+        "balancedness_before": reb["balancedness_before"], "balancedness_after": reb["balancedness_after"],
+        "moves": reb["moves"], "rebalance_seconds": reb.get("seconds"),
+    }
+    result["plot"] = str(plot(result, load, Path(out_dir) / "skewed.png"))
+    return result
+
+
+def plot(r: dict, load: np.ndarray, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    W = len(r["worker_load_before"])
+    x = np.arange(W)
+    tot_b, tot_a = sum(r["worker_load_before"]) or 1, sum(r["worker_load_after"]) or 1
+    a.bar(x - 0.2, np.array(r["worker_load_before"]) / tot_b, 0.4, label=f"before ({r['tokens_per_s_before']:.1f} tok/s)")
+    a.bar(x + 0.2, np.array(r["worker_load_after"]) / tot_a, 0.4, label=f"after ({r['tokens_per_s_after']:.1f} tok/s)")
+    a.axhline(1 / W, color="gray", ls="--", lw=1, label="even share")
+    a.set_xticks(x, [f"worker {w}" for w in range(W)])
+    a.set_ylabel("share of routed tokens")
+    a.set_title(f"per-worker load, {r['speedup']:.2f}x throughput after rebalancing")
+    a.legend(fontsize=8)
+    im = b.imshow(load, aspect="auto", cmap="viridis")
+    b.set_xlabel("expert")
+    b.set_ylabel("MoE layer")
+    b.set_title("routed tokens per (layer, expert)")
+    fig.colorbar(im, ax=b)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_results(r: dict) -> str:
+    fmt = lambda xs: " ".join(f"{v / (sum(xs) or 1):.2f}" for v in xs)  # noqa: E731
+    return "\n".join([
+        f"preset {r['preset']}, {r['workers']} workers, {r['clients']} clients",
+        f"per-worker share of load  before: {fmt(r['worker_load_before'])}   after: {fmt(r['worker_load_after'])}",
+        f"balancedness (mean over layers) {np.mean(r['balancedness_before']):.3f} -> "
+        f"{np.mean(r['balancedness_after']):.3f}, {r['moves']} replica moves",
+        f"tokens/s before {r['tokens_per_s_before']:.1f}, after {r['tokens_per_s_after']:.1f}: {r['speedup']:.2f}x",
+        f"plot: {r['plot']}",
+    ])
