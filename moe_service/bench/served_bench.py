@@ -65,7 +65,7 @@ def _stream(client, prompt: list[int], n: int) -> tuple[float, list[float]]:
 def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
     from moe_service.client import Client
 
-    ttfts, gaps, errors = [], [], []
+    ttfts, gaps, errors, firsts = [], [], [], []
     barrier = threading.Barrier(len(prompts) + 1)
 
     def run(p):
@@ -74,6 +74,7 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
                 barrier.wait(60)
                 ttft, g = _stream(c, p, new_tokens)
                 ttfts.append(ttft)
+                firsts.append(time.perf_counter() - sum(g))
                 gaps.extend(g)
         except Exception as e:  # counted below
             errors.append(repr(e))
@@ -87,8 +88,32 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
         th.join()
     wall = time.perf_counter() - t0
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)  # noqa
+    # decode-only rate: tokens after each stream's first, over the time after the last first token
+    decode_window = max(1e-9, time.perf_counter() - max(firsts, default=t0))
     return {"clients": len(prompts), "tokens_per_s": len(prompts) * new_tokens / wall, "errors": len(errors),
+            "decode_tokens_per_s": len(gaps) / decode_window if len(prompts) > 1 else 1 / statistics.mean(gaps),
             "ttft_p50_s": q(ttfts, 50), "ttft_p99_s": q(ttfts, 99), "itl_p50_s": q(gaps, 50), "itl_p99_s": q(gaps, 99)}
+
+
+def _gateway_metrics(svc) -> dict[str, float]:
+    """Stage sums and worker compute from the gateway's own /metrics (found through the controller)."""
+    import json
+    import re
+    import urllib.request
+
+    import ray
+
+    http = ray.get(svc.controller().http_address.remote())
+    targets = json.load(urllib.request.urlopen(f"http://{http}/targets"))
+    gw = next(t["targets"][0] for t in targets if t["labels"].get("component") == "gateway")
+    text = urllib.request.urlopen(f"http://{gw}/metrics").read().decode()
+    out = {m.group(1): float(m.group(2)) for m in
+           re.finditer(r'moe_step_stage_seconds_sum\{stage="(\w+)"\} ([\d.e+-]+)', text)}
+    compute = [float(m.group(1)) for m in re.finditer(r'moe_expert_compute_seconds_sum\{worker="\d+"\} ([\d.e+-]+)', text)]
+    out["compute_max"] = max(compute, default=0.0)
+    calls = [float(m.group(1)) for m in re.finditer(r'moe_moe_layer_tokens_total\{layer="\d+"\} ([\d.e+-]+)', text)]
+    out["moe_moe_layer_calls"] = sum(calls)  # at batch 1, one token per layer call
+    return out
 
 
 def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, decode_tokens: int, repeats: int,
@@ -118,13 +143,22 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
             log("[served bench] prefill")
             prefill = statistics.median([_stream(c, long, 1)[0] for _ in range(repeats)])
             log("[served bench] batch-1 decode")
+            before = _gateway_metrics(svc)
             gaps = []
             for _ in range(repeats):
                 gaps.extend(_stream(c, short[0], decode_tokens)[1])
+            after = _gateway_metrics(svc)
         log(f"[served bench] decode, batch {decode_batch}")
         dec = concurrent(svc.address, short, decode_tokens)
-        out = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": dec["tokens_per_s"],
-               "batch1_step_s": statistics.median(gaps), "concurrency": []}
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        layer_calls = d.get("moe_moe_layer_calls", 0.0) or 1.0
+        # the wire's own cost per MoE layer: planning, the RPC round trip beyond the workers' compute
+        # (the slower of the concurrent calls), and combining
+        overhead = (d.get("dispatch", 0) + d.get("combine", 0) + d.get("experts", 0) - d.get("compute_max", 0)) / layer_calls
+        out = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": dec["decode_tokens_per_s"],
+               "batch1_step_s": statistics.median(gaps), "dispatch_overhead_per_layer_s": overhead,
+               "batch1_stage_s_per_layer": {k: d.get(k, 0) / layer_calls for k in ("dispatch", "experts", "combine")},
+               "batch1_worker_compute_s_per_layer": d.get("compute_max", 0) / layer_calls, "concurrency": []}
         for n in client_counts:
             log(f"[served bench] {n} concurrent clients")
             prompts = _prompts(n, 32, V, seed=100 + n)
@@ -146,7 +180,8 @@ def run(preset: str = "bench", workers: int = 2, prompt_tokens: int = 256, decod
         "preset": preset, "workers": workers, "threads": torch.get_num_threads(), "in_process": ref, "served": srv,
         "ratios": {"prefill": srv["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"],
                    "decode": srv["decode_tokens_per_s"] / ref["decode_tokens_per_s"]},
-        "dispatch_overhead_per_moe_layer_s": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L,
+        "step_difference_per_moe_layer_s": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L,
+        "dispatch_overhead_per_moe_layer_s": srv["dispatch_overhead_per_layer_s"],
     }
 
 
@@ -157,11 +192,14 @@ def format_results(r: dict) -> str:
         f"{'':26}{'in-process':>12}{'served':>12}{'ratio':>8}",
         f"{'prefill tokens/s':26}{ref['prefill_tokens_per_s']:12.1f}{srv['prefill_tokens_per_s']:12.1f}"
         f"{r['ratios']['prefill']:7.2f}x",
-        f"{'decode tokens/s (batch 8)':26}{ref['decode_tokens_per_s']:12.1f}{srv['decode_tokens_per_s']:12.1f}"
+        f"{'decode tokens/s (8 seqs)':26}{ref['decode_tokens_per_s']:12.1f}{srv['decode_tokens_per_s']:12.1f}"
         f"{r['ratios']['decode']:7.2f}x",
         f"{'batch-1 step (ms)':26}{ref['batch1_step_s'] * 1e3:12.2f}{srv['batch1_step_s'] * 1e3:12.2f}",
         f"dispatch overhead per MoE layer at batch 1: {r['dispatch_overhead_per_moe_layer_s'] * 1e3:.2f} ms "
-        f"({ref['moe_layers']} MoE layers)",
+        f"(plan + RPC beyond the workers' compute + combine; workers computed "
+        f"{srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f} ms per layer)",
+        f"batch-1 step difference per MoE layer (served - in-process): "
+        f"{r['step_difference_per_moe_layer_s'] * 1e3:.2f} ms over {ref['moe_layers']} MoE layers",
         "",
         f"{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}{'errors':>8}",
     ]

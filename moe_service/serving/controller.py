@@ -103,7 +103,7 @@ class Controller:
         if cfg.spread_workers:
             opts["scheduling_strategy"] = "SPREAD"
         handle = ExpertWorkerActor.options(**opts).remote(
-            slot.worker_id, cfg.model, cfg.dtype, self.slots, cfg.expert_bind_host, self.tls)
+            slot.worker_id, cfg.model, cfg.dtype, self.slots, cfg.expert_bind_host, self.tls, cfg.torch_threads)
         slot.handle, slot.pairs = handle, list(pairs)
         try:
             addrs = await asyncio.wait_for(handle.start.remote(slot.pairs), cfg.worker_start_timeout_s)

@@ -24,7 +24,9 @@ class ExpertWorker:
     which also runs the grpc.aio server; weight loading runs on a separate thread."""
 
     def __init__(self, worker_id: int, model: str, dtype: str, slots_per_layer: int,
-                 bind_host: str | None = None, tls: TLSConfig | None = None) -> None:
+                 bind_host: str | None = None, tls: TLSConfig | None = None, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.worker_id, self.model, self.slots_per_layer = worker_id, model, slots_per_layer
         self.dtype = DTYPES[dtype]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
