@@ -294,3 +294,28 @@ def test_tls_on_the_expert_channel(loop, model, certs):
         loop.run(plain.close())
     finally:
         loop.run(server.stop(0))
+
+
+# ---- fastwire: protobuf bytes without protobuf's copies --------------------------------------------
+
+def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads():
+    from moe_service.transport import fastwire
+
+    h = torch.randn(5, 8).bfloat16()
+    e = torch.randint(-1, 4, (5, 3), dtype=torch.int32)
+    w = torch.rand(5, 3)
+    ref = moe_pb2.RunExpertsRequest(layer=3)
+    encode(h, ref.hidden)
+    encode(e, ref.experts)
+    encode(w, ref.weights)
+    assert fastwire.encode_request(3, h, e, w) == ref.SerializeToString()
+    got = fastwire.decode_request(ref.SerializeToString())
+    assert got.error is None and got.layer == 3
+    assert torch.equal(got.hidden, h) and torch.equal(got.experts, e) and torch.equal(got.weights, w)
+    resp = moe_pb2.RunExpertsResponse.FromString(fastwire.encode_response(h, 0.5))
+    assert resp.compute_seconds == 0.5 and torch.equal(decode(resp.output), h)
+    # unpacked repeated shape is valid protobuf too
+    unpacked = (b"\x12\x0f" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
+    r = fastwire.decode_request(unpacked)
+    assert r.error == "experts is missing" and r.hidden.tolist() == [[1.0]]
+    assert "claims" in fastwire.decode_request(b"\x12\x05abc").error
