@@ -315,7 +315,7 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads():
     resp = moe_pb2.RunExpertsResponse.FromString(fastwire.encode_response(h, 0.5))
     assert resp.compute_seconds == 0.5 and torch.equal(decode(resp.output), h)
     # unpacked repeated shape is valid protobuf too
-    unpacked = (b"\x12\x0f" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
+    unpacked = (b"\x12\x13" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
     r = fastwire.decode_request(unpacked)
     assert r.error == "experts is missing" and r.hidden.tolist() == [[1.0]]
     assert "claims" in fastwire.decode_request(b"\x12\x05abc").error
