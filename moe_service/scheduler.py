@@ -43,7 +43,7 @@ class SchedulerConfig:
     max_prompt_tokens: int | None = None  # default max_seq_len - 1
     max_new_tokens: int = 1024
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
-    step_token_budget: int = 512  # prefill tokens per step across sequences (decodes always run)
+    step_token_budget: int = 512  # prefill tokens per step while others decode (decodes always run)
     micro_batches: int = 2  # split a step's decode batch so attention overlaps expert calls
 
     @property
@@ -207,7 +207,9 @@ class Scheduler:
         self._drop_dead()
         self._admit()
         decode = [r for r in self.running if not r.in_prefill]
-        budget, prefill = self.config.step_token_budget, []
+        # the budget protects running streams; with none decoding, prefill goes a whole chunk at a time
+        budget = self.config.step_token_budget if decode else max(self.config.step_token_budget, self.config.prefill_chunk)
+        prefill = []
         for r in self.running:
             if r.in_prefill and budget > 0:
                 n = min(self.config.prefill_chunk, len(r.prompt) - r.prefilled, budget)
