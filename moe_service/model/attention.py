@@ -30,6 +30,7 @@ class StepContext:
     start: torch.Tensor | None = None  # [B] tokens already cached per row
     num_new: torch.Tensor | None = None  # [B]
     all_valid: bool = True
+    plain_causal: bool = False  # no cached prefix, no padding: the mask is exactly causal
     hook: "Callable[[str, float], None] | None" = None  # (stage, seconds): optional timing for metrics
 
 
@@ -80,11 +81,12 @@ class MLA(nn.Module):
         if absorb_cost < expand_cost:
             out = self._absorbed(q_nope, q_pe, latent, ctx.mask)
         else:
-            out = self._expanded(q_nope, q_pe, latent, ctx.mask)
+            out = self._expanded(q_nope, q_pe, latent, None if ctx.plain_causal else ctx.mask)
         return self.o_proj(out.reshape(B, T, H * dv))
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """mask None: plainly causal, which lets SDPA use its fused causal kernel."""
         B, T, H, _ = q_nope.shape
         L = latent.shape[1]
         kv = self.kv_b_proj(latent[..., : self.kv_lora_rank]).view(B, L, H, self.dn + self.dv)
@@ -93,7 +95,8 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, dn+dr]
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, H, L, dn+dr]
         out = F.scaled_dot_product_attention(
-            q, k, v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=self.scale
+            q, k, v.transpose(1, 2), attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=mask is None, scale=self.scale,
         )  # [B, H, T, dv]
         return out.transpose(1, 2)
 

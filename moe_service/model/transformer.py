@@ -106,9 +106,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"step reaches position {L}; the KV cache holds at most {cache.max_len} per sequence")
             keys = torch.arange(L, device=dev)[None, None, :]
             mask = keys <= positions[:, :, None]
+        all_valid = bool(valid.all())
+        plain_causal = all_valid and L == T and not bool(start.any())
         return StepContext(
             rot=self.rotary(positions), mask=mask, valid=valid, num_keys=L, cache=cache,
-            slots=slots, start=start, num_new=num_new, all_valid=bool(valid.all()),
+            slots=slots, start=start, num_new=num_new, all_valid=all_valid, plain_causal=plain_causal,
         )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
