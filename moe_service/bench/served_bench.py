@@ -129,7 +129,7 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
     cfg = dict(model=preset, workers=workers, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
                sd_port=0, rebalance_interval_s=0,
                scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64, "prefill_chunk": prompt_tokens,
-                          "step_token_budget": 32})
+                          "step_token_budget": 128})
     log(f"[served bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:
