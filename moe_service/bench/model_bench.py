@@ -48,6 +48,21 @@ def _our_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> None:
         tok = model(tok, cache=cache, start=start, last_only=True).argmax(-1, keepdim=True)
 
 
+def _pairs(ours, theirs, repeats: int, subtract: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float]:
+    """Median seconds of each and the median of the per-pair speed ratios (theirs / ours)."""
+    import statistics
+    import time
+
+    ours(), theirs()  # warm-up
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, out, sub in ((ours, a, subtract[0]), (theirs, b, subtract[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0 - sub)
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
 def run(preset: str = "bench", prefill_tokens: int = 256, decode_batch: int = 8, decode_steps: int = 16,
         context: int = 64, repeats: int = 3, threads: int | None = None) -> dict:
     if threads:
@@ -64,21 +79,20 @@ def run(preset: str = "bench", prefill_tokens: int = 256, decode_batch: int = 8,
     log(f"[model bench] same weights check: max |logit diff| = {diff:.2e}")
 
     results: dict = {"preset": preset, "threads": torch.get_num_threads(), "logit_max_abs_diff": diff}
-    log(f"[model bench] prefill: 1 x {prefill_tokens} tokens, median of {repeats}")
-    t_ours = timeit(lambda: ours(prefill, last_only=True), repeats)
-    t_hf = timeit(lambda: hf(prefill, logits_to_keep=1), repeats)
-    results["prefill_tokens_per_s"] = {"moe_service": prefill_tokens / t_ours, "transformers": prefill_tokens / t_hf}
-    log(f"[model bench] decode: batch {decode_batch}, context {context}, {decode_steps} steps, median of {repeats}")
-    # time prefill+decode and subtract the prefill, for both, so only decode steps count
+    # The two models are timed in alternation, and the ratio is the median of per-pair ratios, so
+    # the machine's drifting speed cancels out instead of favouring whichever ran in a fast moment.
+    log(f"[model bench] prefill: 1 x {prefill_tokens} tokens, {repeats} alternating pairs")
+    pre = _pairs(lambda: ours(prefill, last_only=True), lambda: hf(prefill, logits_to_keep=1), repeats)
+    log(f"[model bench] decode: batch {decode_batch}, context {context}, {decode_steps} steps, {repeats} pairs")
+    # prefill+decode minus prefill, for both, so only decode steps count
     p_ours = timeit(lambda: _our_decode(ours, prompt, 0), repeats)
     p_hf = timeit(lambda: _hf_decode(hf, prompt, 0), repeats)
-    d_ours = timeit(lambda: _our_decode(ours, prompt, decode_steps), repeats) - p_ours
-    d_hf = timeit(lambda: _hf_decode(hf, prompt, decode_steps), repeats) - p_hf
+    dec = _pairs(lambda: _our_decode(ours, prompt, decode_steps), lambda: _hf_decode(hf, prompt, decode_steps),
+                 repeats, (p_ours, p_hf))
     n = decode_batch * decode_steps
-    results["decode_tokens_per_s"] = {"moe_service": n / d_ours, "transformers": n / d_hf}
-    for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-        r = results[k]
-        r["ratio"] = r["moe_service"] / r["transformers"]
+    for key, (t_ours, t_hf, ratio), count in (("prefill_tokens_per_s", pre, prefill_tokens),
+                                              ("decode_tokens_per_s", dec, n)):
+        results[key] = {"moe_service": count / t_ours, "transformers": count / t_hf, "ratio": ratio}
     return results
 
 
