@@ -103,8 +103,13 @@ def assign_replicas(experts: torch.Tensor, routes: LayerRoutes) -> torch.Tensor:
     return out.view_as(experts)
 
 
+SMALL_PLAN = 64  # (token, expert) pairs up to which planning in plain Python beats ~20 tensor ops
+
+
 def plan_dispatch(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoutes) -> list[WorkerDispatch]:
     """experts [T, K], weights [T, K] -> one WorkerDispatch per worker that has work, by worker id."""
+    if experts.numel() <= SMALL_PLAN:
+        return _plan_small(experts, weights, routes)
     owner = assign_replicas(experts, routes)  # [T, K]
     out = []
     for w in torch.unique(owner).tolist():
@@ -113,6 +118,47 @@ def plan_dispatch(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRou
         e = torch.where(mine, experts, -1)[rows].to(torch.int32)
         wt = torch.where(mine, weights, 0.0)[rows].float()
         out.append(WorkerDispatch(int(w), rows, e, wt))
+    return out
+
+
+def _plan_small(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoutes) -> list[WorkerDispatch]:
+    """The same plan as the tensor path (same replica rule: an expert's pairs split by share in token
+    order), computed over Python lists: decode steps have a handful of tokens."""
+    ex, wt = experts.tolist(), weights.tolist()
+    T, K = len(ex), len(ex[0]) if ex else 0
+    counts: dict[int, int] = {}
+    for row in ex:
+        for e in row:
+            counts[e] = counts.get(e, 0) + 1
+    seen: dict[int, int] = {}
+    per_worker: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
+    for t, (row, wrow) in enumerate(zip(ex, wt)):
+        for k, (e, w) in enumerate(zip(row, wrow)):
+            reps = routes.replicas[e]
+            if not reps:
+                raise NoReplicaError(routes.layer, e)
+            if len(reps) == 1:
+                worker = reps[0]
+            else:
+                rank = seen.get(e, 0)
+                seen[e] = rank + 1
+                frac = (rank + 0.5) / counts[e]
+                shares = routes.shares[e] if routes.shares else [1.0 / len(reps)] * len(reps)
+                acc, worker = 0.0, reps[-1]
+                for r, sh in zip(reps, shares):
+                    acc += sh
+                    if frac <= acc:
+                        worker = r
+                        break
+            es, ws = per_worker.setdefault(worker, {}).setdefault(t, ([-1] * K, [0.0] * K))
+            es[k], ws[k] = e, w
+    out = []
+    for worker in sorted(per_worker):
+        rows = sorted(per_worker[worker])
+        out.append(WorkerDispatch(
+            worker, torch.tensor(rows, dtype=torch.long),
+            torch.tensor([per_worker[worker][t][0] for t in rows], dtype=torch.int32),
+            torch.tensor([per_worker[worker][t][1] for t in rows], dtype=torch.float32)))
     return out
 
 

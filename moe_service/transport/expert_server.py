@@ -96,20 +96,21 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         if weights.shape != experts.shape:
             raise BadRequest(inv, f"weights has shape {list(weights.shape)}; expected {list(experts.shape)}")
         e = experts.long()
-        out_of_range = (e < -1) | (e >= self.num_experts)
-        if bool(out_of_range.any()):
-            bad = int(e[out_of_range][0])
+        lo, hi = torch.aminmax(e)
+        if int(lo) < -1 or int(hi) >= self.num_experts:
+            bad = int(e[(e < -1) | (e >= self.num_experts)][0])
             raise BadRequest(inv, f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
         slots = layer.slot_of[e]  # -1 maps to the last entry, which is -1
-        missing = (slots < 0) & (e >= 0)
-        if bool(missing.any()):
-            bad = int(e[missing][0])
+        if int((slots < 0).sum()) != int((e < 0).sum()):  # some hosted-looking id maps to no slot
+            bad = int(e[(slots < 0) & (e >= 0)][0])
             raise BadRequest(inv, f"experts has expert {bad} of layer {request.layer}, which worker "
                                   f"{self.worker_id} does not host (hosted: {layer.expert_ids})")
-        if not _all_finite(x):
-            raise BadRequest(inv, "hidden contains NaN or Inf")
-        if not _all_finite(weights):
-            raise BadRequest(inv, "weights contains NaN or Inf")
+        # one reduction for both tensors on the good path; element-wise only to name the culprit
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32) + weights.sum())):
+            if not _all_finite(x):
+                raise BadRequest(inv, "hidden contains NaN or Inf")
+            if not _all_finite(weights):
+                raise BadRequest(inv, "weights contains NaN or Inf")
         return layer, x, slots, weights
 
     def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
