@@ -127,6 +127,9 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
         ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
     max_running = max(max(client_counts), decode_batch)
     cfg = dict(model=preset, workers=workers, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
+               # the gateway's attention and the workers' experts alternate within a step, so the
+               # gateway may use both cores while one worker thread each keeps the experts in parallel
+               gateway_torch_threads=2,
                sd_port=0, rebalance_interval_s=0,
                scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64, "prefill_chunk": prompt_tokens,
                           "step_token_budget": 128})

@@ -33,7 +33,8 @@ class ServiceConfig:
     gateway_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; overrides gateway_replicas
     gateway_num_cpus: float = 1.0
     gateway_resources: dict[str, float] = field(default_factory=dict)  # e.g. pin to CPU node types
-    torch_threads: int | None = None  # CPU threads per gateway/worker process; None: Ray's (OMP_NUM_THREADS)
+    torch_threads: int | None = None  # CPU threads per expert worker; None: Ray's (OMP_NUM_THREADS)
+    gateway_torch_threads: int | None = None  # CPU threads per gateway replica; None: Ray's
     expert_call_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields

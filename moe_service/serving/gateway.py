@@ -95,8 +95,8 @@ class ControllerLink:
 class Gateway:
     def __init__(self, config: dict, controller: ControllerLink) -> None:
         cfg = self.cfg = ServiceConfig.from_dict(config)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        if cfg.gateway_torch_threads:
+            torch.set_num_threads(cfg.gateway_torch_threads)
         source = open_source(cfg.model)
         self.model = load_model(source, dtype=DTYPES[cfg.dtype], with_routed_experts=False)
         self.source_reads = list(source.reads)  # tests check that no routed expert was read
