@@ -143,7 +143,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     sd = ray.get(svc.controller().http_address.remote())
     print(f"metrics: every process serves /metrics; Prometheus http_sd_configs url: http://{sd}/targets", flush=True)
     print(f"operators: moe-service stats --controller {sd}   (also: placement, rebalance --dry-run)", flush=True)
-    print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
+    if not ns.demo:
+        print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
     if ns.demo:
         _demo_generation(svc.address, ns.api_key)
     stop = threading.Event()
