@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_service.client import Client
+from moe_service import Client
 from moe_service.sampling import SamplingParams
 from moe_service.serving.local import start_service
 from tests.oracle import CONFIGS, write_checkpoint
