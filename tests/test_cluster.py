@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster
 
 from moe_service.client import Client
 from moe_service.serving.local import start_service
-from tests.oracle import CONFIGS, write_checkpoint
+from tests.oracle import write_checkpoint
 from tests.test_serving import ORACLE_CONFIG, check_equal_to_transformers, hf_greedy, service_config
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from moe_service import Client
-from moe_service.sampling import SamplingParams
 from moe_service.serving.local import start_service
 from tests.oracle import CONFIGS, write_checkpoint
 

@@ -125,7 +125,7 @@ def _plan_small(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoute
     """The same plan as the tensor path (same replica rule: an expert's pairs split by share in token
     order), computed over Python lists: decode steps have a handful of tokens."""
     ex, wt = experts.tolist(), weights.tolist()
-    T, K = len(ex), len(ex[0]) if ex else 0
+    K = len(ex[0]) if ex else 0
     counts: dict[int, int] = {}
     for row in ex:
         for e in row:

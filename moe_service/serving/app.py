@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-import ray
 from ray import serve
 
 from moe_service.serving.config import ServiceConfig

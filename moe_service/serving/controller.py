@@ -285,7 +285,6 @@ class Controller:
             return proposal
 
     async def _apply(self, new: Placement) -> None:
-        old = self.placement
         # 1. new workers start, existing ones load what they gain while keeping what they lose
         for w in range(new.num_workers):
             if w not in self.workers:

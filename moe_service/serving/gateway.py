@@ -136,8 +136,6 @@ class Gateway:
         counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
         with self.counts_lock:
             self.counts[self.layer_index[layer]] += counts
-        self.metrics.observe_routing(layer, counts.tolist())
-        self.metrics.tokens_processed.labels(str(layer)).inc(experts.shape[0])
         deadline = time.monotonic() + self.cfg.expert_call_timeout_s
         return self.io.call(self.remote.run(layer, x, weights, experts, deadline))
 
@@ -175,6 +173,12 @@ class Gateway:
             await asyncio.sleep(self.cfg.load_report_interval_s)  # the reporting period
             with self.counts_lock:
                 counts, self.counts = self.counts, torch.zeros_like(self.counts)
+            # routing metrics from the same counts, here rather than per layer on the step's hot path
+            K = self.args.num_experts_per_tok
+            for layer, row in zip(self.args.moe_layers, counts.tolist()):
+                if any(row):
+                    self.metrics.observe_routing(layer, row)
+                    self.metrics.tokens_processed.labels(str(layer)).inc(sum(row) // K)  # K pairs per token
             try:
                 await self.controller.report_load(self.replica_id, counts.tolist(), self.remote.table.version,
                                                   self.metrics_address)

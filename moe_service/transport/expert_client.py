@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import grpc
@@ -102,7 +102,6 @@ class RemoteExperts:
     on_call: Callable[[CallStats], None] | None = None
     on_stage: Callable[[str, float], None] | None = None  # ("dispatch" | "experts" | "combine", seconds)
     wait_for_table: Callable[[set[int]], Awaitable[RoutingTable]] | None = None
-    down: set[int] = field(default_factory=set)
 
     async def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   deadline: float | None = None) -> torch.Tensor:
@@ -114,12 +113,12 @@ class RemoteExperts:
         excluded: set[int] = set()
         retried = False
         for attempt in range(self.max_attempts):
-            routes = table.routes[layer].without(excluded | self.down)
+            routes = table.routes[layer].without(excluded)
             t0 = time.perf_counter()
             try:
                 plan = plan_dispatch(pending_e, pending_w, routes)
             except NoReplicaError:
-                table = await self._await_new_table(excluded | self.down, deadline)
+                table = await self._await_new_table(excluded, deadline)
                 excluded = set()
                 continue
             calls = [self._call(table, layer, d, x[pending_rows[d.rows]], deadline, retried) for d in plan]
