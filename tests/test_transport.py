@@ -298,9 +298,12 @@ def test_tls_on_the_expert_channel(loop, model, certs):
 
 # ---- fastwire: protobuf bytes without protobuf's copies --------------------------------------------
 
-def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads():
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path: str, monkeypatch):
     from moe_service.transport import fastwire
 
+    # both paths on the same message: protobuf's C code (small) and the zero-copy reader/writer (large)
+    monkeypatch.setattr(fastwire, "SMALL_MESSAGE", 1 << 30 if path == "small" else 0)
     h = torch.randn(5, 8).bfloat16()
     e = torch.randint(-1, 4, (5, 3), dtype=torch.int32)
     w = torch.rand(5, 3)
@@ -318,4 +321,7 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads():
     unpacked = (b"\x12\x13" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
     r = fastwire.decode_request(unpacked)
     assert r.error == "experts is missing" and r.hidden.tolist() == [[1.0]]
-    assert "claims" in fastwire.decode_request(b"\x12\x05abc").error
+    truncated = fastwire.decode_request(b"\x12\x05abc").error
+    assert ("claims" if path == "large" else "not a valid RunExpertsRequest") in truncated
+    with pytest.raises(CodecError, match="no output"):
+        fastwire.decode_response(b"\x11" + bytes(8))

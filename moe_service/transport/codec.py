@@ -18,7 +18,13 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
 MAX_DIMS = 8
+
+# torch.frombuffer warns on every read-only buffer (bytes); decoded tensors view the received bytes
+# and are never written through, so that one warning is silenced here rather than per call with
+# warnings.catch_warnings(), which costs more than decoding a one-token tensor
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("moe_service.transport.codec assumes a little-endian host")
@@ -51,13 +57,9 @@ def decode_bytes(dtype_name: str, shape: list[int], data: bytes, field: str = "t
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise CodecError(f"{field}.shape {shape} is invalid: at most {MAX_DIMS} non-negative dims")
     dtype = DTYPES[dtype_name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    need = math.prod(shape) * itemsize
+    need = math.prod(shape) * ITEMSIZE[dtype_name]
     if len(data) != need:
         raise CodecError(f"{field} has {len(data)} bytes; {dtype_name} x {shape} needs {need}")
     if need == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # torch warns that bytes are immutable; we never write through this view
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)

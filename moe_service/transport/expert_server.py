@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXPERT_SERVICE = "moe.v1.Expert"
 INLINE_ROWS = 8
+SMALL_PAIRS = 64  # (row, expert) pairs up to which ids are checked as Python lists: each tensor op costs ~5 us
 
 
 @dataclass
@@ -31,12 +33,13 @@ class HostedLayer:
     experts: RoutedExperts
     expert_ids: list[int]
     slot_of: torch.Tensor  # [E_layer + 1] local slot of each expert id (index -1 -> -1)
+    slot_list: list[int]  # the same as a list
 
     @classmethod
     def build(cls, experts: RoutedExperts, expert_ids: list[int], num_experts: int) -> "HostedLayer":
         slot_of = torch.full((num_experts + 1,), -1, dtype=torch.long)
         slot_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
-        return cls(experts, list(expert_ids), slot_of)
+        return cls(experts, list(expert_ids), slot_of, slot_of.tolist())
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -95,23 +98,49 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             raise BadRequest(inv, f"experts has shape {list(experts.shape)}; expected [{x.shape[0]}, K>=1]")
         if weights.shape != experts.shape:
             raise BadRequest(inv, f"weights has shape {list(weights.shape)}; expected {list(experts.shape)}")
-        e = experts.long()
-        lo, hi = torch.aminmax(e)
-        if int(lo) < -1 or int(hi) >= self.num_experts:
-            bad = int(e[(e < -1) | (e >= self.num_experts)][0])
-            raise BadRequest(inv, f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
-        slots = layer.slot_of[e]  # -1 maps to the last entry, which is -1
-        if int((slots < 0).sum()) != int((e < 0).sum()):  # some hosted-looking id maps to no slot
-            bad = int(e[(slots < 0) & (e >= 0)][0])
-            raise BadRequest(inv, f"experts has expert {bad} of layer {request.layer}, which worker "
-                                  f"{self.worker_id} does not host (hosted: {layer.expert_ids})")
-        # one reduction for both tensors on the good path; element-wise only to name the culprit
-        if not bool(torch.isfinite(x.sum(dtype=torch.float32) + weights.sum())):
+        if experts.numel() <= SMALL_PAIRS:
+            slots = self._small_slots(request.layer, layer, experts.tolist())
+            weight_sum = sum(map(sum, weights.tolist()))
+        else:
+            slots = self._slots(request.layer, layer, experts.long())
+            weight_sum = float(weights.sum())
+        # one reduction per tensor on the good path; element-wise only to name the culprit
+        if not math.isfinite(float(x.sum(dtype=torch.float32)) + weight_sum):
             if not _all_finite(x):
                 raise BadRequest(inv, "hidden contains NaN or Inf")
             if not _all_finite(weights):
                 raise BadRequest(inv, "weights contains NaN or Inf")
         return layer, x, slots, weights
+
+    def _bad_id(self, layer_id: int, layer: HostedLayer, bad: int) -> BadRequest:
+        if bad < -1 or bad >= self.num_experts:
+            return BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
+        return BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"experts has expert {bad} of layer {layer_id}, which worker {self.worker_id} "
+                          f"does not host (hosted: {layer.expert_ids})")
+
+    def _small_slots(self, layer_id: int, layer: HostedLayer, rows: list[list[int]]) -> torch.Tensor:
+        table, n = layer.slot_list, self.num_experts
+        out = []
+        for row in rows:
+            out_row = []
+            for e in row:
+                s = table[e] if -1 <= e < n else -2
+                if s < 0 and e != -1:  # out of range, or an expert this worker does not host
+                    raise self._bad_id(layer_id, layer, e)
+                out_row.append(s)
+            out.append(out_row)
+        return torch.tensor(out)
+
+    def _slots(self, layer_id: int, layer: HostedLayer, e: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.aminmax(e)
+        if int(lo) < -1 or int(hi) >= self.num_experts:
+            raise self._bad_id(layer_id, layer, int(e[(e < -1) | (e >= self.num_experts)][0]))
+        slots = layer.slot_of[e]  # -1 maps to the last entry, which is -1
+        if int((slots < 0).sum()) != int((e < 0).sum()):  # some hosted-looking id maps to no slot
+            raise self._bad_id(layer_id, layer, int(e[(slots < 0) & (e >= 0)][0]))
+        return slots
 
     def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
         t0 = time.perf_counter()
