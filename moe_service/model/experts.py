@@ -21,6 +21,8 @@ class RoutedExperts(nn.Module):
         self.num_slots, self.dim, self.inter_dim = num_slots, dim, inter_dim
         self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_slots, dim, inter_dim))
+        # the grouped kernel needs every row stride to be a multiple of 16 bytes (fp32: dims % 4 == 0)
+        self._aligned = dim % 4 == 0 and inter_dim % 4 == 0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ class RoutedExperts(nn.Module):
         rows = (order if pairs is None else pairs[order]) // K
         w = w[order, None]
         counts = torch.bincount(flat, minlength=self.num_slots)
-        if _GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32:
+        if _GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and self._aligned:
             y = self._grouped(x[rows], counts)
         else:
             y = self._looped(x[rows], counts)
