@@ -117,6 +117,8 @@ def _service_config(ns: argparse.Namespace) -> dict:
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
            "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
+           # shared experts overlap the expert calls unless CPU workers share a few cores with the gateway
+           "overlap_shared_experts": gpus > 0 or (os.cpu_count() or 1) > 4,
            # on a cluster workers advertise their node IP; a local run stays on loopback
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
     if ns.slots_per_worker:

@@ -72,3 +72,35 @@ def test_no_replica_left_is_an_error_and_combine_adds_parts():
         plan_dispatch(torch.tensor([[0, 1]]), torch.ones(1, 2), routes)
     out = combine(3, [(torch.tensor([0, 2]), torch.ones(2, 4)), (torch.tensor([2]), torch.ones(1, 4))], torch.zeros(1, 4))
     assert out.tolist() == [[1.0] * 4, [0.0] * 4, [2.0] * 4]
+
+
+def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
+    """A backend may answer with a future (the gateway's does): the shared experts run before it is
+    awaited, and the layer's output is the same as with the experts in-process."""
+    from concurrent.futures import Future
+
+    from moe_service.checkpoint import load_model
+
+    model = load_model("tiny")
+    moe = model.layers[model.args.moe_layers[0]].mlp
+    x = torch.randn(5, model.args.hidden_size)
+    expected = moe(x)
+    pending: list[tuple[Future, torch.Tensor]] = []
+
+    def backend(layer, h, weights, experts):
+        f = Future()
+        pending.append((f, moe.experts(h, weights, experts)))
+        return f
+
+    shared, seen = moe.shared_experts.forward, []
+
+    def shared_then_answer(h):
+        f, value = pending[0]
+        seen.append(f.done())
+        out = shared(h)
+        f.set_result(value)  # the "remote" answer arrives after the shared experts ran
+        return out
+
+    monkeypatch.setattr(moe.shared_experts, "forward", shared_then_answer)
+    assert torch.equal(moe(x, backend), expected)
+    assert seen == [False]

@@ -32,3 +32,14 @@ def save_results(name: str, results: dict, out_dir: str | Path = "bench-results"
     path = out / f"{name}.json"
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+def local_service(**settings) -> dict:
+    """A service config for the served benchmarks on this machine (few cores, workers on logical GPUs).
+
+    The gateway's attention and the workers' experts alternate within a step, so the gateway may use
+    two threads while one thread per worker keeps the experts in parallel. For the same reason the
+    shared experts do not overlap the expert calls: on a 2-core machine that slows the workers more
+    than it hides (docs/performance.md)."""
+    return dict(gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1", gateway_torch_threads=2,
+                overlap_shared_experts=False, sd_port=0, rebalance_interval_s=0, **settings)

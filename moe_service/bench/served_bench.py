@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from moe_service.bench.common import log
+from moe_service.bench.common import local_service, log
 from moe_service.engine import Engine
 from moe_service.sampling import SamplingParams
 
@@ -96,7 +96,7 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def _gateway_metrics(svc) -> dict[str, float]:
-    """Stage sums and worker compute from the gateway's own /metrics (found through the controller)."""
+    """Stage sums and counts and worker compute from the gateway's own /metrics (found through the controller)."""
     import json
     import re
     import urllib.request
@@ -107,13 +107,77 @@ def _gateway_metrics(svc) -> dict[str, float]:
     targets = json.load(urllib.request.urlopen(f"http://{http}/targets"))
     gw = next(t["targets"][0] for t in targets if t["labels"].get("component") == "gateway")
     text = urllib.request.urlopen(f"http://{gw}/metrics").read().decode()
-    out = {m.group(1): float(m.group(2)) for m in
-           re.finditer(r'moe_step_stage_seconds_sum\{stage="(\w+)"\} ([\d.e+-]+)', text)}
+    out = {m.group(1) + m.group(2): float(m.group(3)) for m in
+           re.finditer(r'moe_step_stage_seconds_(sum|count)\{stage="(\w+)"\} ([\d.e+-]+)', text)}
     compute = [float(m.group(1)) for m in re.finditer(r'moe_expert_compute_seconds_sum\{worker="\d+"\} ([\d.e+-]+)', text)]
     out["compute_max"] = max(compute, default=0.0)
-    calls = [float(m.group(1)) for m in re.finditer(r'moe_moe_layer_tokens_total\{layer="\d+"\} ([\d.e+-]+)', text)]
-    out["moe_moe_layer_calls"] = sum(calls)  # at batch 1, one token per layer call
     return out
+
+
+def _decode_window(svc, client, prompt: list[int], n: int) -> tuple[list[float], dict[str, float]]:
+    """Streams one request; returns its inter-token gaps and the gateway metrics' change over its
+    decode steps only (the first snapshot is taken when the first token, the prefill's, arrives)."""
+    before, times = None, []
+    for tok in client.generate(token_ids=prompt, max_new_tokens=n, ignore_eos=True):
+        if tok.token_id < 0:
+            continue
+        times.append(time.perf_counter())
+        if before is None:
+            before = _gateway_metrics(svc)
+    after = _gateway_metrics(svc)
+    return [b - a for a, b in zip(times, times[1:])], {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def _echo_process(queue) -> None:
+    """A raw gRPC echo server in its own process: the floor for one call to one worker process."""
+    import asyncio
+
+    from moe_service.bench.transport_bench import _start_echo
+
+    async def main() -> None:
+        _, port = await _start_echo(64 << 20)
+        queue.put(port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def echo_floor(processes: int, nbytes: int, calls: int = 300) -> float:
+    """Median time of `processes` concurrent raw echoes of `nbytes`, one per echo process."""
+    import asyncio
+    import multiprocessing
+
+    import grpc
+
+    from moe_service.bench.transport_bench import ECHO_METHOD
+    from moe_service.transport.options import grpc_options
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_echo_process, args=(queue,), daemon=True) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        ports = [queue.get(timeout=60) for _ in procs]
+
+        async def run() -> float:
+            chans = [grpc.aio.insecure_channel(f"127.0.0.1:{p}", options=grpc_options()) for p in ports]
+            echo = [c.unary_unary(ECHO_METHOD) for c in chans]
+            blob = bytes(nbytes)
+            times = []
+            for _ in range(calls + 20):
+                t0 = time.perf_counter()
+                await asyncio.gather(*(e(blob, timeout=10) for e in echo))
+                times.append(time.perf_counter() - t0)
+            for c in chans:
+                await c.close()
+            return statistics.median(times[20:])
+
+        return asyncio.run(run())
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
 
 
 def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, decode_tokens: int, repeats: int,
@@ -126,13 +190,9 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
     if not ray.is_initialized():
         ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
     max_running = max(max(client_counts), decode_batch)
-    cfg = dict(model=preset, workers=workers, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
-               # the gateway's attention and the workers' experts alternate within a step, so the
-               # gateway may use both cores while one worker thread each keeps the experts in parallel
-               gateway_torch_threads=2,
-               sd_port=0, rebalance_interval_s=0,
-               scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64, "prefill_chunk": prompt_tokens,
-                          "step_token_budget": 128})
+    cfg = local_service(model=preset, workers=workers,
+                        scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64,
+                                   "prefill_chunk": prompt_tokens, "step_token_budget": 128})
     log(f"[served bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:
@@ -146,21 +206,26 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
             log("[served bench] prefill")
             prefill = statistics.median([_stream(c, long, 1)[0] for _ in range(repeats)])
             log("[served bench] batch-1 decode")
-            before = _gateway_metrics(svc)
-            gaps = []
+            gaps, d = [], {}
             for _ in range(repeats):
-                gaps.extend(_stream(c, short[0], decode_tokens)[1])
-            after = _gateway_metrics(svc)
+                g, delta = _decode_window(svc, c, short[0], decode_tokens)
+                gaps.extend(g)
+                d = {k: d.get(k, 0.0) + v for k, v in delta.items()}
         log(f"[served bench] decode, batch {decode_batch}")
         dec = concurrent(svc.address, short, decode_tokens)
-        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-        layer_calls = d.get("moe_moe_layer_calls", 0.0) or 1.0
+        layer_calls = d.get("countexperts", 0.0) or 1.0  # one expert stage per MoE layer per decode step
         # the wire's own cost per MoE layer: planning, the RPC round trip beyond the workers' compute
-        # (the slower of the concurrent calls), and combining
-        overhead = (d.get("dispatch", 0) + d.get("combine", 0) + d.get("experts", 0) - d.get("compute_max", 0)) / layer_calls
+        # (the busier worker's), and combining
+        overhead = (d.get("sumdispatch", 0) + d.get("sumcombine", 0) + d.get("sumexperts", 0)
+                    - d.get("compute_max", 0)) / layer_calls
+        log(f"[served bench] raw gRPC echo to {workers} processes (the floor of one dispatch)")
+        H = open_source(preset).args.hidden_size
+        floor = echo_floor(workers, H * 4 + 6 * 8)  # one fp32 row and its (expert, weight) pairs
         out = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": dec["decode_tokens_per_s"],
                "batch1_step_s": statistics.median(gaps), "dispatch_overhead_per_layer_s": overhead,
-               "batch1_stage_s_per_layer": {k: d.get(k, 0) / layer_calls for k in ("dispatch", "experts", "combine")},
+               "echo_floor_s": floor, "batch1_layer_calls": layer_calls,
+               "batch1_stage_s_per_layer": {k: d.get("sum" + k, 0) / layer_calls
+                                            for k in ("dispatch", "experts", "combine")},
                "batch1_worker_compute_s_per_layer": d.get("compute_max", 0) / layer_calls, "concurrency": []}
         for n in client_counts:
             log(f"[served bench] {n} concurrent clients")
@@ -185,6 +250,7 @@ def run(preset: str = "bench", workers: int = 2, prompt_tokens: int = 256, decod
                    "decode": srv["decode_tokens_per_s"] / ref["decode_tokens_per_s"]},
         "step_difference_per_moe_layer_s": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L,
         "dispatch_overhead_per_moe_layer_s": srv["dispatch_overhead_per_layer_s"],
+        "echo_floor_s": srv["echo_floor_s"],
     }
 
 
@@ -201,6 +267,8 @@ def format_results(r: dict) -> str:
         f"dispatch overhead per MoE layer at batch 1: {r['dispatch_overhead_per_moe_layer_s'] * 1e3:.2f} ms "
         f"(plan + RPC beyond the workers' compute + combine; workers computed "
         f"{srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f} ms per layer)",
+        f"the floor: a raw gRPC echo of one token's bytes to {r['workers']} processes at once took "
+        f"{r['echo_floor_s'] * 1e3:.2f} ms ({r['dispatch_overhead_per_moe_layer_s'] / r['echo_floor_s']:.2f}x)",
         f"batch-1 step difference per MoE layer (served - in-process): "
         f"{r['step_difference_per_moe_layer_s'] * 1e3:.2f} ms over {ref['moe_layers']} MoE layers",
         "",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_service.bench.common import log
+from moe_service.bench.common import local_service, log
 from moe_service.bench.served_bench import _prompts, concurrent
 
 
@@ -23,12 +23,8 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, tokens
     if not ray.is_initialized():
         ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
     args = open_source(preset).args
-    cfg = dict(model=preset, workers=workers, gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
-               # the gateway's attention and the workers' experts alternate within a step, so the
-               # gateway may use both cores while one worker thread each keeps the experts in parallel
-               gateway_torch_threads=2,
-               sd_port=0, rebalance_interval_s=0, load_report_interval_s=0.5, load_window_s=600,
-               scheduler={"max_running": clients, "max_seq_len": 128})
+    cfg = local_service(model=preset, workers=workers, load_report_interval_s=0.5, load_window_s=600,
+                        scheduler={"max_running": clients, "max_seq_len": 128})
     log(f"[skewed bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:

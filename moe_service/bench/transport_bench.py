@@ -36,14 +36,17 @@ async def _start_echo(max_bytes: int) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def _time(fn, n: int) -> list[float]:
-    await fn()  # warm-up
-    out = []
+async def _time_pair(a, b, n: int) -> tuple[list[float], list[float]]:
+    """Times `a` and `b` alternately, so both see the same machine (its speed drifts within a run)."""
+    await a()  # warm-up
+    await b()
+    ta, tb = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            await fn()
+            out.append(time.perf_counter() - t0)
+    return ta, tb
 
 
 async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torch.dtype, small_n: int,
@@ -76,16 +79,17 @@ async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torc
                 computes.append(c)
 
             log(f"[transport bench] {label}: {rows} rows x {hidden} {str(dtype)[6:]}, {n} calls each")
-            t_rpc = await _time(run_experts, n)
-            t_echo = await _time(lambda: echo(blob, timeout=60), n)
+            t_rpc, t_echo = await _time_pair(run_experts, lambda: echo(blob, timeout=60), n)
             rpc = statistics.median(t_rpc)
             comp = statistics.median(computes[1:])
+            # per call, so a compute time that drifts (CPU bf16 kernels warm up) does not leak in
+            transport = statistics.median([t - c for t, c in zip(t_rpc, computes[1:])])
             echo_s = statistics.median(t_echo)
             results[label] = {
                 "rows": rows, "payload_bytes": payload,
-                "run_experts_s": rpc, "compute_s": comp, "transport_s": rpc - comp, "echo_s": echo_s,
-                "overhead_vs_echo": (rpc - comp) / echo_s,
-                "throughput_GBps": 2 * payload / (rpc - comp) / 1e9,
+                "run_experts_s": rpc, "compute_s": comp, "transport_s": transport, "echo_s": echo_s,
+                "overhead_vs_echo": transport / echo_s,
+                "throughput_GBps": 2 * payload / transport / 1e9,
                 "echo_throughput_GBps": 2 * len(blob) / echo_s / 1e9,
             }
     finally:

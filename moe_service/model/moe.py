@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Callable, Protocol
 
 import torch
@@ -17,9 +18,12 @@ from moe_service.model.layers import MLP
 
 
 class ExpertBackend(Protocol):
-    """Computes one layer's routed experts: sum_k weights[n, k] * expert_{experts[n, k]}(x[n])."""
+    """Computes one layer's routed experts: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
 
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    It may answer with a future (a remote backend): the shared experts then run while it is pending."""
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                 experts: torch.Tensor) -> "torch.Tensor | Future[torch.Tensor]":
         """x [N, D], weights [N, K], experts [N, K] -> [N, D]"""
         ...
 
@@ -47,11 +51,12 @@ class MoE(nn.Module):
         if hook is not None:
             hook("gating", time.perf_counter() - t0)
         if backend is not None:
-            out = backend(self.layer, x, weights, experts)
+            routed = backend(self.layer, x, weights, experts)
         elif self.experts is not None:
-            out = self.experts(x, weights, experts)
+            routed = self.experts(x, weights, experts)
         else:
             raise RuntimeError(f"layer {self.layer} has no local routed experts and no expert backend was given")
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        # with a remote backend the routed experts are in flight now: the shared ones overlap them
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = routed.result() if isinstance(routed, Future) else routed
+        return out if shared is None else out + shared

@@ -35,6 +35,9 @@ class ServiceConfig:
     gateway_resources: dict[str, float] = field(default_factory=dict)  # e.g. pin to CPU node types
     torch_threads: int | None = None  # CPU threads per expert worker; None: Ray's (OMP_NUM_THREADS)
     gateway_torch_threads: int | None = None  # CPU threads per gateway replica; None: Ray's
+    # run the gateway's shared experts while the routed ones are on the wire; off when the gateway
+    # shares a few CPU cores with the workers (it then slows their compute more than it hides)
+    overlap_shared_experts: bool = True
     expert_call_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields

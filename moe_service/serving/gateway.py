@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -132,12 +133,16 @@ class Gateway:
 
     # ---- the expert backend (engine thread -> IO loop) ---------------------------------------
 
-    def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                 experts: torch.Tensor) -> "Future[torch.Tensor] | torch.Tensor":
+        """Sends the layer's dispatch; with `overlap_shared_experts` returns at once, and the model runs
+        the shared experts while the workers compute."""
         counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
         with self.counts_lock:
             self.counts[self.layer_index[layer]] += counts
         deadline = time.monotonic() + self.cfg.expert_call_timeout_s
-        return self.io.call(self.remote.run(layer, x, weights, experts, deadline))
+        call = asyncio.run_coroutine_threadsafe(self.remote.run(layer, x, weights, experts, deadline), self.io.loop)
+        return call if self.cfg.overlap_shared_experts else call.result()
 
     # ---- metrics ------------------------------------------------------------------------------
 
@@ -169,8 +174,13 @@ class Gateway:
         m.kv_reserved.set(s["kv_reserved_tokens"])
 
     async def _report_load(self) -> None:
+        # the first report goes out at once: it also registers this gateway's metrics endpoint as a
+        # scrape target with the controller
+        first = True
         while not self.closed:
-            await asyncio.sleep(self.cfg.load_report_interval_s)  # the reporting period
+            if not first:
+                await asyncio.sleep(self.cfg.load_report_interval_s)  # the reporting period
+            first = False
             with self.counts_lock:
                 counts, self.counts = self.counts, torch.zeros_like(self.counts)
             # routing metrics from the same counts, here rather than per layer on the step's hot path
