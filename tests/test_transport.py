@@ -210,6 +210,20 @@ def test_bad_requests_get_invalid_argument_and_server_keeps_serving(loop, model,
     loop.run(go())
 
 
+def test_large_finite_half_precision_is_accepted(loop, model, one_worker):
+    """The NaN/Inf check sums in the tensor's own dtype; an fp16 sum that overflows while every
+    element is finite must not be mistaken for bad input."""
+    layer, _, w, e = layer_inputs(model, 4)
+    x = torch.full((4, model.args.hidden_size), 60000.0, dtype=torch.float16)  # sum overflows fp16
+    assert not torch.isfinite(x.sum()) and torch.isfinite(x).all()
+    client = ExpertClient()
+    try:
+        out, _ = loop.run(client.run(one_worker.address, layer, x, e.to(torch.int32), w, timeout=10))
+        assert out.dtype == torch.float16 and out.shape == x.shape
+    finally:
+        loop.run(client.close())
+
+
 def test_oversized_message_gets_resource_exhausted(loop, model, one_worker):
     async def go():
         async with grpc.aio.insecure_channel(one_worker.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
