@@ -18,7 +18,7 @@ SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 EXPERT_SERIES = ("expert", "layer", "off")  # per-(layer, expert) detail, per layer only, or none
-STAGES = ("attention", "gating", "dispatch", "experts", "combine", "sampling")
+STAGES = ("attention", "gating", "dispatch", "experts", "wire", "combine", "sampling")  # wire: part of experts
 
 
 class GatewayMetrics:

@@ -124,12 +124,21 @@ def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate)
     try:
         table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
                              {w: s.address for w, s in servers.items()})
-        remote = RemoteExperts(client, table)
+        stages: list[tuple[str, float]] = []
+        calls: list = []
+        remote = RemoteExperts(client, table, on_stage=lambda *a: stages.append(a), on_call=calls.append)
         for layer in model.args.moe_layers:
             _, x, w, e = layer_inputs(model, 37, seed=layer)
             want = model.layers[layer].mlp.experts(x, w, e)
+            stages.clear()
+            calls.clear()
             got = loop.run(remote.run(layer, x, w, e))
             assert (got - want).abs().max().item() <= 1e-5
+            # one of each stage per layer; the wire is the experts stage less the slowest worker's compute
+            seen = dict(stages)
+            assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
+            slowest = max(c.compute_seconds for c in calls)
+            assert seen["wire"] == pytest.approx(seen["experts"] - slowest, abs=1e-9)
     finally:
         loop.run(client.close())
         for s in servers.values():

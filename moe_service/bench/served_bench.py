@@ -96,7 +96,7 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def _gateway_metrics(svc) -> dict[str, float]:
-    """Stage sums and counts and worker compute from the gateway's own /metrics (found through the controller)."""
+    """Stage sums and counts from the gateway's own /metrics (found through the controller)."""
     import json
     import re
     import urllib.request
@@ -109,8 +109,6 @@ def _gateway_metrics(svc) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://{gw}/metrics").read().decode()
     out = {m.group(1) + m.group(2): float(m.group(3)) for m in
            re.finditer(r'moe_step_stage_seconds_(sum|count)\{stage="(\w+)"\} ([\d.e+-]+)', text)}
-    compute = [float(m.group(1)) for m in re.finditer(r'moe_expert_compute_seconds_sum\{worker="\d+"\} ([\d.e+-]+)', text)]
-    out["compute_max"] = max(compute, default=0.0)
     return out
 
 
@@ -214,10 +212,9 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
         log(f"[served bench] decode, batch {decode_batch}")
         dec = concurrent(svc.address, short, decode_tokens)
         layer_calls = d.get("countexperts", 0.0) or 1.0  # one expert stage per MoE layer per decode step
-        # the wire's own cost per MoE layer: planning, the RPC round trip beyond the workers' compute
-        # (the busier worker's), and combining
-        overhead = (d.get("sumdispatch", 0) + d.get("sumcombine", 0) + d.get("sumexperts", 0)
-                    - d.get("compute_max", 0)) / layer_calls
+        # the transport's own cost per MoE layer: planning, the wait beyond the slowest worker's
+        # compute (the gateway's "wire" stage, per layer call), and combining
+        overhead = (d.get("sumdispatch", 0) + d.get("sumwire", 0) + d.get("sumcombine", 0)) / layer_calls
         log(f"[served bench] raw gRPC echo to {workers} processes (the floor of one dispatch)")
         H = open_source(preset).args.hidden_size
         floor = echo_floor(workers, H * 4 + 6 * 8)  # one fp32 row and its (expert, weight) pairs
@@ -225,8 +222,8 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
                "batch1_step_s": statistics.median(gaps), "dispatch_overhead_per_layer_s": overhead,
                "echo_floor_s": floor, "batch1_layer_calls": layer_calls,
                "batch1_stage_s_per_layer": {k: d.get("sum" + k, 0) / layer_calls
-                                            for k in ("dispatch", "experts", "combine")},
-               "batch1_worker_compute_s_per_layer": d.get("compute_max", 0) / layer_calls, "concurrency": []}
+                                            for k in ("dispatch", "experts", "wire", "combine")},
+               "batch1_worker_compute_s_per_layer": (d.get("sumexperts", 0) - d.get("sumwire", 0)) / layer_calls, "concurrency": []}
         for n in client_counts:
             log(f"[served bench] {n} concurrent clients")
             prompts = _prompts(n, 32, V, seed=100 + n)
@@ -265,7 +262,7 @@ def format_results(r: dict) -> str:
         f"{r['ratios']['decode']:7.2f}x",
         f"{'batch-1 step (ms)':26}{ref['batch1_step_s'] * 1e3:12.2f}{srv['batch1_step_s'] * 1e3:12.2f}",
         f"dispatch overhead per MoE layer at batch 1: {r['dispatch_overhead_per_moe_layer_s'] * 1e3:.2f} ms "
-        f"(plan + RPC beyond the workers' compute + combine; workers computed "
+        f"(plan + wait beyond the slowest worker's compute + combine; the slowest worker computed "
         f"{srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f} ms per layer)",
         f"the floor: a raw gRPC echo of one token's bytes to {r['workers']} processes at once took "
         f"{r['echo_floor_s'] * 1e3:.2f} ms ({r['dispatch_overhead_per_moe_layer_s'] / r['echo_floor_s']:.2f}x)",

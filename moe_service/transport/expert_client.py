@@ -100,7 +100,8 @@ class RemoteExperts:
     call_timeout_s: float = 30.0
     max_attempts: int = 5
     on_call: Callable[[CallStats], None] | None = None
-    on_stage: Callable[[str, float], None] | None = None  # ("dispatch" | "experts" | "combine", seconds)
+    # ("dispatch" | "experts" | "wire" | "combine", seconds); wire = experts beyond the slowest worker's compute
+    on_stage: Callable[[str, float], None] | None = None
     wait_for_table: Callable[[set[int]], Awaitable[RoutingTable]] | None = None
 
     async def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -125,10 +126,8 @@ class RemoteExperts:
             t1 = time.perf_counter()
             results = await asyncio.gather(*calls, return_exceptions=True)
             t2 = time.perf_counter()
-            if self.on_stage is not None:
-                self.on_stage("dispatch", t1 - t0)
-                self.on_stage("experts", t2 - t1)
             failed: list[WorkerDispatch] = []
+            slowest = 0.0  # the slowest worker's own compute: the rest of the stage is the wire's
             for d, r in zip(plan, results):
                 if isinstance(r, grpc.aio.AioRpcError) and r.code() in RETRYABLE:
                     excluded.add(d.worker)
@@ -136,7 +135,12 @@ class RemoteExperts:
                 elif isinstance(r, BaseException):
                     raise r
                 else:
-                    parts.append((pending_rows[d.rows], r))
+                    parts.append((pending_rows[d.rows], r[0]))
+                    slowest = max(slowest, r[1])
+            if self.on_stage is not None:
+                self.on_stage("dispatch", t1 - t0)
+                self.on_stage("experts", t2 - t1)
+                self.on_stage("wire", max(0.0, t2 - t1 - slowest))
             if not failed:
                 out = combine(x.shape[0], parts, x)
                 if self.on_stage is not None:
@@ -163,7 +167,7 @@ class RemoteExperts:
         return self.table
 
     async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, rows_x: torch.Tensor,
-                    deadline: float | None, retried: bool) -> torch.Tensor:
+                    deadline: float | None, retried: bool) -> tuple[torch.Tensor, float]:
         timeout = self.call_timeout_s
         if deadline is not None:
             timeout = min(timeout, max(0.001, deadline - time.monotonic()))
@@ -172,7 +176,7 @@ class RemoteExperts:
         try:
             out, compute = await self.client.run(table.addresses[d.worker], layer, rows_x, d.experts, d.weights, timeout)
             ok = True
-            return out
+            return out, compute
         finally:
             if self.on_call is not None:
                 sent = rows_x.numel() * rows_x.element_size() + d.experts.numel() * 8
