@@ -12,7 +12,9 @@ from moe_service.bench.served_bench import _prompts, concurrent
 
 
 def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, tokens: int = 16, rounds: int = 2,
-        out_dir: str | Path = "bench-results") -> dict:
+        out_dir: str | Path = "bench-results", spare_slots: bool = True) -> dict:
+    """`spare_slots=False` gives each worker exactly its share of the experts, so a rebalance can only
+    move experts, never replicate them."""
     import ray
 
     from moe_service.checkpoint import open_source
@@ -25,6 +27,8 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, tokens
     args = open_source(preset).args
     cfg = local_service(model=preset, workers=workers, load_report_interval_s=0.5, load_window_s=600,
                         scheduler={"max_running": clients, "max_seq_len": 128})
+    if not spare_slots:
+        cfg["slots_per_worker"] = -(-args.n_routed_experts // workers)
     log(f"[skewed bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:
