@@ -93,6 +93,7 @@ def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_refe
             assert fetch(http, "/stats")["version"] == before["version"], "a dry run changed the table"
             applied = fetch(http, "/rebalance", method="POST")
             assert applied["applied"] and applied["version"] > before["version"]
+            assert applied["gateways_switched"], "the gateway did not confirm the new table"
             load.wait_for(6)  # traffic continues on the new placement
         finally:
             load.finish()
@@ -102,6 +103,12 @@ def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_refe
         replicas = sum(len(v) for v in after["placement"].values())
         assert replicas > 2 * 16, "no hot expert got an extra replica"
         assert sum(after["balancedness"].values()) > sum(before["balancedness"].values())
+        # with no traffic the gateway has no step to switch before: it must switch (and say so) anyway,
+        # or the controller keeps old replicas until its bound runs out
+        idle = fetch(http, "/rebalance", method="POST")
+        assert idle["applied"] and idle["gateways_switched"], "an idle gateway did not confirm the new table"
+        with Client(svc.address) as c:
+            assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
     finally:
         svc.shutdown()
 

@@ -276,7 +276,7 @@ class Controller:
                 return proposal
             t0 = time.perf_counter()
             new = Placement.from_dict(proposal["placement"])
-            await self._apply(new)
+            proposal["gateways_switched"] = await self._apply(new)
             self.metrics.rebalances.inc()
             self.metrics.rebalance_seconds.observe(time.perf_counter() - t0)
             self._export_placement(self.window_load())
@@ -284,7 +284,8 @@ class Controller:
             self.last_rebalance = {k: v for k, v in proposal.items() if k != "placement"}
             return proposal
 
-    async def _apply(self, new: Placement) -> None:
+    async def _apply(self, new: Placement) -> bool:
+        """Returns whether every recently reporting gateway confirmed the new version before the bound."""
         # 1. new workers start, existing ones load what they gain while keeping what they lose
         for w in range(new.num_workers):
             if w not in self.workers:
@@ -303,11 +304,13 @@ class Controller:
         await self._publish()
         # 3. wait (bounded) until every gateway that reported recently routes with the new version
         version, deadline = self.version, time.monotonic() + 30.0
+        switched = False
         while time.monotonic() < deadline:
             recent = {g for t, g, _ in self.reports if t > time.monotonic() - 10.0}
             if all(self.gateway_versions.get(g, 0) >= version for g in recent):
+                switched = True
                 break
-            await asyncio.sleep(0.1)  # gateways report every load_report_interval_s
+            await asyncio.sleep(0.1)  # gateways confirm a new version as soon as they route with it
         # 4. drop replicas that moved away; stop workers beyond the new count
         drops = []
         for w, slot in list(self.workers.items()):
@@ -327,6 +330,7 @@ class Controller:
                 slot.pairs = final
         await asyncio.gather(*drops)
         await self._publish()
+        return switched
 
     async def _rebalance_loop(self) -> None:
         while True:

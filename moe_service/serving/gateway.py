@@ -224,12 +224,21 @@ class Gateway:
                 version = t["version"]
                 self.table_info = t
                 self.pending = routing_table(t)
+                # an idle engine would switch only before its next step, and the controller, waiting
+                # for every gateway to route with the new version before it drops old replicas, would
+                # wait out its bound: switch between steps now, and say so at once (nothing routed)
+                await asyncio.wrap_future(self.engine.run_job(self._switch_table))
+                try:
+                    await self.controller.report_load(self.replica_id, torch.zeros_like(self.counts).tolist(),
+                                                      self.remote.table.version, self.metrics_address)
+                except Exception:  # the controller restarting: the periodic report carries the version
+                    pass
 
     def _switch_table(self) -> None:
         # between steps only: a step never mixes two placement versions
-        if self.pending is not None and self.pending.version > self.remote.table.version:
-            self.remote.table = self.pending
-        self.pending = None
+        pending = self.pending  # read once: the IO loop may set a newer one meanwhile
+        if pending is not None and pending.version > self.remote.table.version:
+            self.remote.table = pending
 
     # ---- health ------------------------------------------------------------------------------
 
