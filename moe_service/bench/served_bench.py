@@ -91,6 +91,7 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
     # decode-only rate: tokens after each stream's first, over the time after the last first token
     decode_window = max(1e-9, time.perf_counter() - max(firsts, default=t0))
     return {"clients": len(prompts), "tokens_per_s": len(prompts) * new_tokens / wall, "errors": len(errors),
+            "wall_s": wall,
             "decode_tokens_per_s": len(gaps) / decode_window if len(prompts) > 1 else 1 / statistics.mean(gaps),
             "ttft_p50_s": q(ttfts, 50), "ttft_p99_s": q(ttfts, 99), "itl_p50_s": q(gaps, 50), "itl_p99_s": q(gaps, 99)}
 

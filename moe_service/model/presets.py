@@ -31,7 +31,9 @@ PRESETS: dict[str, ModelArgs] = {
 # routing concentrates on them, as real traffic does (hot experts) -- the rebalancing workload
 PRESETS["tiny-skewed"] = dataclasses.replace(PRESETS["tiny"], name="tiny-skewed")
 PRESETS["bench-skewed"] = dataclasses.replace(PRESETS["bench"], name="bench-skewed")
-GATE_SKEW: dict[str, tuple[int, float]] = {"tiny-skewed": (2, 6.0), "bench-skewed": (6, 8.0)}  # (hot experts, scale)
+# (hot experts, scale): on bench-skewed the 10 hot experts of 64 take about two thirds of the routed tokens,
+# the hottest about 5.6x the mean expert's share
+GATE_SKEW: dict[str, tuple[int, float]] = {"tiny-skewed": (2, 6.0), "bench-skewed": (10, 8.0)}
 
 PRESET_SEED = 20240507  # DeepSeek-V2's release date; any fixed number would do
 
