@@ -49,22 +49,47 @@ async def _time_pair(a, b, n: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torch.dtype, small_n: int,
-               big_n: int) -> dict:
-    max_bytes = 512 << 20
-    inter = 64  # small experts: this measures the wire, not the matmuls
+MAX_BYTES = 512 << 20
+WHERE = {"separate_process": "a separate process", "same_process": "the client's process"}
+INTER = 64  # small experts: this measures the wire, not the matmuls
+
+
+async def _start_servers(hidden: int, experts: int) -> tuple[list, str, int]:
+    """The expert server and the echo server side by side, as in an expert worker's process."""
     # the experts compute in fp32 (CPU bf16 matmuls are slow and erratic, and their time is subtracted
     # anyway); activations still travel in `dtype` both ways, as the server converts at the edges
-    module = RoutedExperts(experts, hidden, inter)
+    module = RoutedExperts(experts, hidden, INTER)
     torch.nn.init.normal_(module.gate_up_proj, std=0.02)
     torch.nn.init.normal_(module.down_proj, std=0.02)
     servicer = ExpertServicer({1: HostedLayer.build(module, list(range(experts)), experts)}, worker_id="bench",
                               hidden_size=hidden, num_experts=experts, slots_per_layer=experts,
-                              max_message_bytes=max_bytes)
+                              max_message_bytes=MAX_BYTES)
     expert_server = await start_expert_server(servicer)
-    echo_server, echo_port = await _start_echo(max_bytes)
-    client = ExpertClient(max_message_bytes=max_bytes)
-    echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=grpc_options(max_bytes))
+    echo_server, echo_port = await _start_echo(MAX_BYTES)
+    return [expert_server, echo_server], expert_server.address, echo_port
+
+
+def _server_process(queue, hidden: int, experts: int) -> None:
+    torch.set_num_threads(1)  # as an expert worker has
+
+    async def main() -> None:
+        _, address, echo_port = await _start_servers(hidden, experts)
+        queue.put((address, echo_port))
+        await asyncio.Event().wait()  # until the parent terminates this process
+
+    asyncio.run(main())
+
+
+async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torch.dtype, small_n: int,
+               big_n: int, servers: "tuple[str, int] | None") -> dict:
+    """`servers`: the (expert address, echo port) of a server process, or None to serve in this one."""
+    owned = []
+    if servers is None:
+        owned, address, echo_port = await _start_servers(hidden, experts)
+    else:
+        address, echo_port = servers
+    client = ExpertClient(max_message_bytes=MAX_BYTES)
+    echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=grpc_options(MAX_BYTES))
     echo = echo_ch.unary_unary(ECHO_METHOD)
     results = {}
     try:
@@ -77,7 +102,7 @@ async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torc
             computes: list[float] = []
 
             async def run_experts():
-                _, c = await client.run(expert_server.address, 1, x, e, w, timeout=60)
+                _, c = await client.run(address, 1, x, e, w, timeout=60)
                 computes.append(c)
 
             log(f"[transport bench] {label}: {rows} rows x {hidden} {str(dtype)[6:]}, {n} calls each")
@@ -97,33 +122,50 @@ async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torc
     finally:
         await echo_ch.close()
         await client.close()
-        await echo_server.stop(0)
-        await expert_server.stop(0)
+        for server in owned:
+            await server.stop(0)
     return results
 
 
 def run(hidden: int = 1024, experts: int = 8, top_k: int = 6, big_rows: int = 4096, dtype: str = "bfloat16",
         small_n: int = 300, big_n: int = 10) -> dict:
+    """Both setups in one run: servers in a separate process (as the gateway calls an expert
+    worker) and in the client's own process (one event loop, one GIL for both ends)."""
+    import multiprocessing
+
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     # one compute thread, as an expert worker has (Ray gives zero-CPU actors one): with two, the
     # experts' parallel regions wait on a thread that gRPC's poller has preempted, and the compute
     # time (subtracted, but noisy) swings from 1 to 30 ms between runs on 2 cores
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_server_process, args=(queue, hidden, experts), daemon=True)
+    proc.start()
+    out = {"hidden": hidden, "dtype": dtype}
     try:
-        r = asyncio.run(_run(hidden, experts, top_k, big_rows, dt, small_n, big_n))
+        servers = queue.get(timeout=120)
+        for setup, where in (("separate_process", servers), ("same_process", None)):
+            log(f"[transport bench] servers in {WHERE[setup]}")
+            out[setup] = asyncio.run(_run(hidden, experts, top_k, big_rows, dt, small_n, big_n, where))
     finally:
+        proc.terminate()
+        proc.join(10)
         torch.set_num_threads(threads)
-    return {"hidden": hidden, "dtype": dtype, **r}
+    return out
 
 
 def format_results(r: dict) -> str:
-    s, b = r["one_token"], r["large"]
-    return "\n".join([
-        f"transport, hidden {r['hidden']} {r['dtype']}, loopback",
-        f"one-token dispatch:   RunExperts {s['run_experts_s']*1e3:.3f} ms (compute {s['compute_s']*1e3:.3f} ms), "
-        f"transport {s['transport_s']*1e3:.3f} ms vs echo {s['echo_s']*1e3:.3f} ms -> {s['overhead_vs_echo']:.2f}x the floor",
-        f"{b['rows']}-row dispatch:   RunExperts {b['run_experts_s']*1e3:.1f} ms (compute {b['compute_s']*1e3:.1f} ms), "
-        f"transport {b['throughput_GBps']:.2f} GB/s vs echo {b['echo_throughput_GBps']:.2f} GB/s "
-        f"-> {b['throughput_GBps']/b['echo_throughput_GBps']:.0%} of the floor",
-    ])
+    lines = [f"transport, hidden {r['hidden']} {r['dtype']}, loopback"]
+    for setup in ("separate_process", "same_process"):
+        s, b = r[setup]["one_token"], r[setup]["large"]
+        lines += [
+            f"servers in {WHERE[setup]}:",
+            f"  one-token dispatch:   RunExperts {s['run_experts_s']*1e3:.3f} ms (compute {s['compute_s']*1e3:.3f} ms), "
+            f"transport {s['transport_s']*1e3:.3f} ms vs echo {s['echo_s']*1e3:.3f} ms -> {s['overhead_vs_echo']:.2f}x the floor",
+            f"  {b['rows']}-row dispatch:   RunExperts {b['run_experts_s']*1e3:.1f} ms (compute {b['compute_s']*1e3:.1f} ms), "
+            f"transport {b['throughput_GBps']:.2f} GB/s vs echo {b['echo_throughput_GBps']:.2f} GB/s "
+            f"-> {b['throughput_GBps']/b['echo_throughput_GBps']:.0%} of the floor",
+        ]
+    return "\n".join(lines)
