@@ -277,9 +277,8 @@ class EngineLoop:
     """Runs `scheduler.step()` on its own thread while there is work; sleeps on a condition otherwise.
     Other jobs (Forward requests, table switches) run on the same thread between steps."""
 
-    def __init__(self, scheduler: Scheduler, before_step: Callable[[], None] | None = None,
-                 after_step: Callable[[StepStats], None] | None = None) -> None:
-        self.scheduler, self.before_step, self.after_step = scheduler, before_step, after_step
+    def __init__(self, scheduler: Scheduler, after_step: Callable[[StepStats], None] | None = None) -> None:
+        self.scheduler, self.after_step = scheduler, after_step
         self.cv = threading.Condition()
         self.jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self.stopping = False
@@ -331,8 +330,6 @@ class EngineLoop:
                     except BaseException as e:  # handed to the caller
                         fut.set_exception(e)
             if sched.has_work:
-                if self.before_step is not None:
-                    self.before_step()
                 try:
                     stats = sched.step()
                 except Exception as e:  # a step failed (e.g. experts unreachable): fail its requests, keep serving

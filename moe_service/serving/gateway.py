@@ -120,13 +120,12 @@ class Gateway:
         self.remote = RemoteExperts(self.client, routing_table(first), call_timeout_s=cfg.expert_call_timeout_s,
                                     wait_for_table=self._wait_for_new_table, on_call=self._on_call,
                                     on_stage=self._on_stage)
-        self.pending: RoutingTable | None = None
         self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts,
                                    hook=self._on_stage)
         m, c = self.metrics, self.scheduler.config
         m.queue_capacity.set(c.max_queue)
         m.kv_capacity.set(c.capacity)
-        self.engine = EngineLoop(self.scheduler, before_step=self._switch_table, after_step=self._after_step)
+        self.engine = EngineLoop(self.scheduler, after_step=self._after_step)
         self.closed = False
         self.io.spawn(self._poll_table())
         self.io.spawn(self._report_load())
@@ -223,22 +222,21 @@ class Gateway:
             if t["version"] > version:
                 version = t["version"]
                 self.table_info = t
-                self.pending = routing_table(t)
-                # an idle engine would switch only before its next step, and the controller, waiting
-                # for every gateway to route with the new version before it drops old replicas, would
-                # wait out its bound: switch between steps now, and say so at once (nothing routed)
-                await asyncio.wrap_future(self.engine.run_job(self._switch_table))
+                table = routing_table(t)
+                # a job runs on the engine thread between steps, at once when idle; the controller drops
+                # old replicas only after every gateway routes with the new version, so say so at once
+                # (nothing routed) rather than at the next periodic report
+                await asyncio.wrap_future(self.engine.run_job(lambda: self._switch_table(table)))
                 try:
                     await self.controller.report_load(self.replica_id, torch.zeros_like(self.counts).tolist(),
                                                       self.remote.table.version, self.metrics_address)
                 except Exception:  # the controller restarting: the periodic report carries the version
                     pass
 
-    def _switch_table(self) -> None:
-        # between steps only: a step never mixes two placement versions
-        pending = self.pending  # read once: the IO loop may set a newer one meanwhile
-        if pending is not None and pending.version > self.remote.table.version:
-            self.remote.table = pending
+    def _switch_table(self, table: RoutingTable) -> None:
+        # on the engine thread, between steps only: a step never mixes two placement versions
+        if table.version > self.remote.table.version:
+            self.remote.table = table
 
     # ---- health ------------------------------------------------------------------------------
 
