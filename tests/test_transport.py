@@ -337,13 +337,14 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path:
     assert fastwire.encode_request(3, h, e, w) == ref.SerializeToString()
     got = fastwire.decode_request(ref.SerializeToString())
     assert got.error is None and got.layer == 3
-    assert torch.equal(got.hidden, h) and torch.equal(got.experts, e) and torch.equal(got.weights, w)
+    assert torch.equal(got.hidden.tensor(), h) and torch.equal(got.experts.tensor(), e)
+    assert torch.equal(got.weights.tensor(), w) and got.experts.values() == e.flatten().tolist()
     resp = moe_pb2.RunExpertsResponse.FromString(fastwire.encode_response(h, 0.5))
     assert resp.compute_seconds == 0.5 and torch.equal(decode(resp.output), h)
     # unpacked repeated shape is valid protobuf too
     unpacked = (b"\x12\x13" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
     r = fastwire.decode_request(unpacked)
-    assert r.error == "experts is missing" and r.hidden.tolist() == [[1.0]]
+    assert r.error == "experts is missing" and r.hidden.tensor().tolist() == [[1.0]]
     truncated = fastwire.decode_request(b"\x12\x05abc").error
     assert ("claims" if path == "large" else "not a valid RunExpertsRequest") in truncated
     with pytest.raises(CodecError, match="no output"):

@@ -1,28 +1,32 @@
-"""RunExperts on the wire without protobuf's copies, byte-compatible with moe.v1 protobuf.
+"""RunExperts on the wire without protobuf's copies or objects, byte-compatible with moe.v1 protobuf.
 
 Python protobuf copies a tensor's bytes four times per hop (into the message, out at
 SerializeToString, into the parsed message, out again at `.data`). Here a message is written as
-small headers around the tensors' own memory, joined once, and read by slicing a memoryview of the
-received bytes, so a tensor decodes with no copy at all. The encoding is plain protobuf: any client
-or server using the generated moe_pb2 classes interoperates (the tests send both kinds).
+small cached headers around the tensors' bytes, joined once, and read by slicing a memoryview of
+the received bytes, so a large tensor decodes with no copy at all. The encoding is plain protobuf:
+any client or server using the generated moe_pb2 classes interoperates (the tests send both kinds).
 
-Small messages (a decode step's few rows) go through protobuf's C parser and serializer instead:
-there the copies cost nothing and walking the bytes in Python would cost more than the RPC itself.
+A decode step's small message is what the per-call cost is made of. Between two RPCs the code of
+every library it touches has left the CPU's caches, so each distinct call into protobuf or torch
+costs tens of microseconds however little it does: the small path is written with as few of them
+as possible (one C call for a tensor's bytes, protobuf's C parser to read, tensors only as `Raw`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import struct
 from dataclasses import dataclass
 
 import torch
 from google.protobuf.message import DecodeError
 
-from moe_service.transport.codec import NAMES, CodecError, decode_bytes
+from moe_service.transport.codec import ITEMSIZE, NAMES, CodecError, Raw
 from moe_service.transport.pb import moe_pb2
 
-SMALL_MESSAGE = 64 << 10  # bytes; below this protobuf's own (C) code is the faster path
+SMALL_MESSAGE = 64 << 10  # bytes; below this protobuf's C parser reads faster than Python walks the bytes
 
 # field numbers from protos/moe/v1/moe.proto
 _LD, _VARINT, _I64, _I32 = 2, 0, 1, 5
@@ -46,57 +50,53 @@ def _tag(field: int, wire: int) -> bytes:
     return _varint(field << 3 | wire)
 
 
-def _tensor_parts(t: torch.Tensor) -> tuple[list, int]:
-    """A Tensor message as [header bytes, data buffer] and its length."""
-    if t.dtype not in NAMES:
-        raise CodecError(f"dtype {t.dtype} cannot be sent; supported: {sorted(NAMES.values())}")
-    data = memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
-    name = NAMES[t.dtype].encode()
-    packed = b"".join(_varint(d) for d in t.shape)
-    header = (_tag(1, _LD) + _varint(len(name)) + name + _tag(2, _LD) + _varint(len(packed)) + packed
-              + _tag(3, _LD) + _varint(len(data)))
-    return [header, data], len(header) + len(data)
+@functools.lru_cache(maxsize=4096)
+def _header(field: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """Field `field`, a Tensor, up to its data: what protobuf writes before the tensor's bytes,
+    empty fields omitted as protobuf omits them. A dispatch's shapes repeat, so this is cached."""
+    name = NAMES[dtype].encode()
+    nbytes = math.prod(shape) * ITEMSIZE[NAMES[dtype]]
+    inner = _tag(1, _LD) + _varint(len(name)) + name
+    if shape:
+        packed = b"".join(_varint(d) for d in shape)
+        inner += _tag(2, _LD) + _varint(len(packed)) + packed
+    if nbytes:
+        inner += _tag(3, _LD) + _varint(nbytes)
+    return _tag(field, _LD) + _varint(len(inner) + nbytes) + inner
 
 
 def _field(field: int, t: torch.Tensor) -> list:
-    parts, n = _tensor_parts(t)
-    return [_tag(field, _LD) + _varint(n), *parts]
-
-
-def _set_small(msg: moe_pb2.Tensor, t: torch.Tensor) -> None:
+    """[header, data] of one Tensor field: data is a copy when small (one C call, no tensor op)
+    and a view of the tensor's memory when large."""
     if t.dtype not in NAMES:
         raise CodecError(f"dtype {t.dtype} cannot be sent; supported: {sorted(NAMES.values())}")
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.detach().cpu().contiguous()
-    msg.dtype = NAMES[t.dtype]
-    msg.shape.extend(t.shape)
-    if t.numel():
-        msg.data = ctypes.string_at(t.data_ptr(), t.nbytes)  # one small copy, no tensor ops
+    n = t.nbytes
+    if n < SMALL_MESSAGE:
+        data = ctypes.string_at(t.data_ptr(), n)
+    else:
+        data = memoryview(t.detach().view(torch.uint8).numpy()).cast("B")
+    return [_header(field, t.dtype, t.shape), data]
 
 
-def _small_tensor(msg: moe_pb2.Tensor, name: str) -> torch.Tensor:
-    return decode_bytes(msg.dtype, list(msg.shape), msg.data, name)
+@functools.lru_cache(maxsize=1024)
+def _layer(layer: int) -> bytes:
+    return _tag(1, _VARINT) + _varint(layer) if layer else b""  # proto3 omits a zero
 
 
 def encode_request(layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> bytes:
-    if hidden.nbytes + experts.nbytes + weights.nbytes < SMALL_MESSAGE:
-        msg = moe_pb2.RunExpertsRequest(layer=layer)
-        _set_small(msg.hidden, hidden)
-        _set_small(msg.experts, experts)
-        _set_small(msg.weights, weights)
-        return msg.SerializeToString()
-    parts = [_tag(1, _VARINT) + _varint(layer)] if layer else []
-    for field, t in ((2, hidden), (3, experts), (4, weights)):
-        parts += _field(field, t)
-    return b"".join(parts)
+    """RunExpertsRequest bytes: hidden [N, D], experts [N, K] ids, weights [N, K]."""
+    return b"".join([_layer(layer), *_field(2, hidden), *_field(3, experts), *_field(4, weights)])
+
+
+_SECONDS = _tag(2, _I64)
 
 
 def encode_response(output: torch.Tensor, compute_seconds: float) -> bytes:
-    if output.nbytes < SMALL_MESSAGE:
-        msg = moe_pb2.RunExpertsResponse(compute_seconds=compute_seconds)
-        _set_small(msg.output, output)
-        return msg.SerializeToString()
-    return b"".join(_field(1, output) + [_tag(2, _I64) + struct.pack("<d", compute_seconds)])
+    """RunExpertsResponse bytes: output [N, D]."""
+    seconds = _SECONDS + struct.pack("<d", compute_seconds) if compute_seconds else b""
+    return b"".join([*_field(1, output), seconds])
 
 
 class _Reader:
@@ -142,7 +142,7 @@ def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
-def _tensor(mv: memoryview, name: str) -> torch.Tensor:
+def _raw(mv: memoryview, name: str) -> Raw:
     dtype, shape, data = "", [], memoryview(b"")
     for field, wire, value in _Reader(mv).fields():
         if field == 1 and wire == _LD:
@@ -155,7 +155,11 @@ def _tensor(mv: memoryview, name: str) -> torch.Tensor:
             shape.append(_signed(value))
         elif field == 3 and wire == _LD:
             data = value
-    return decode_bytes(dtype, shape, data, name)
+    return Raw.checked(dtype, shape, data, name)
+
+
+def _small_raw(msg: moe_pb2.Tensor, name: str) -> Raw:
+    return Raw.checked(msg.dtype, list(msg.shape), msg.data, name)
 
 
 @dataclass
@@ -164,11 +168,14 @@ class Request:
     INVALID_ARGUMENT (a deserializer that raises would become INTERNAL)."""
 
     layer: int = 0
-    hidden: torch.Tensor | None = None
-    experts: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
+    hidden: Raw | None = None  # [N, D]
+    experts: Raw | None = None  # [N, K]
+    weights: Raw | None = None  # [N, K]
     nbytes: int = 0
     error: str | None = None
+
+
+_REQUEST_FIELDS = {2: "hidden", 3: "experts", 4: "weights"}
 
 
 def decode_request(data: bytes) -> Request:
@@ -180,10 +187,10 @@ def decode_request(data: bytes) -> Request:
         for field, wire, value in _Reader(memoryview(data)).fields():
             if field == 1 and wire == _VARINT:
                 req.layer = value
-            elif field in (2, 3, 4) and wire == _LD:
-                name = {2: "hidden", 3: "experts", 4: "weights"}[field]
-                setattr(req, name, _tensor(value, name))
-        for name in ("hidden", "experts", "weights"):
+            elif field in _REQUEST_FIELDS and wire == _LD:
+                name = _REQUEST_FIELDS[field]
+                setattr(req, name, _raw(value, name))
+        for name in _REQUEST_FIELDS.values():
             if getattr(req, name) is None:
                 raise CodecError(f"{name} is missing")
     except CodecError as e:
@@ -197,13 +204,14 @@ def _decode_small_request(data: bytes, req: Request) -> None:
     except DecodeError as e:
         raise CodecError(f"request is not a valid RunExpertsRequest: {e}") from None
     req.layer = msg.layer
-    for name in ("hidden", "experts", "weights"):
+    for name in _REQUEST_FIELDS.values():
         if not msg.HasField(name):
             raise CodecError(f"{name} is missing")
-        setattr(req, name, _small_tensor(getattr(msg, name), name))
+        setattr(req, name, _small_raw(getattr(msg, name), name))
 
 
 def decode_response(data: bytes) -> tuple[torch.Tensor, float]:
+    """(output [N, D], compute seconds)"""
     if len(data) < SMALL_MESSAGE:
         try:
             msg = moe_pb2.RunExpertsResponse.FromString(data)
@@ -211,13 +219,13 @@ def decode_response(data: bytes) -> tuple[torch.Tensor, float]:
             raise CodecError(f"response is not a valid RunExpertsResponse: {e}") from None
         if not msg.HasField("output"):
             raise CodecError("response has no output tensor")
-        return _small_tensor(msg.output, "output"), msg.compute_seconds
+        return _small_raw(msg.output, "output").tensor(), msg.compute_seconds
     out, seconds = None, 0.0
     for field, wire, value in _Reader(memoryview(data)).fields():
         if field == 1 and wire == _LD:
-            out = _tensor(value, "output")
+            out = _raw(value, "output")
         elif field == 2 and wire == _I64:
             seconds = struct.unpack("<d", value)[0]
     if out is None:
         raise CodecError("response has no output tensor")
-    return out, seconds
+    return out.tensor(), seconds
