@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from moe_service import load_model
 from moe_service.checkpoint import load_experts
 from moe_service.routing import LayerRoutes
+from moe_service.transport import fastwire
 from moe_service.transport.codec import CodecError, decode, decode_bytes, encode
 from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
@@ -127,8 +129,9 @@ def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate)
         stages: list[tuple[str, float]] = []
         calls: list = []
         remote = RemoteExperts(client, table, on_stage=lambda *a: stages.append(a), on_call=calls.append)
-        for layer in model.args.moe_layers:
-            _, x, w, e = layer_inputs(model, 37, seed=layer)
+        # 37 tokens: every message small; 1200: large ones (tensors viewed, outputs written in place)
+        for layer, T in itertools.product(model.args.moe_layers, (37, 1200)):
+            _, x, w, e = layer_inputs(model, T, seed=layer)
             want = model.layers[layer].mlp.experts(x, w, e)
             stages.clear()
             calls.clear()
@@ -139,6 +142,8 @@ def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate)
             assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
             slowest = max(c.compute_seconds for c in calls)
             assert seen["wire"] == pytest.approx(seen["experts"] - slowest, abs=1e-9)
+            largest = max(c.bytes_received for c in calls)
+            assert (largest >= fastwire.SMALL_MESSAGE) == (T > 37), largest
     finally:
         loop.run(client.close())
         for s in servers.values():
@@ -323,8 +328,6 @@ def test_tls_on_the_expert_channel(loop, model, certs):
 
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path: str, monkeypatch):
-    from moe_service.transport import fastwire
-
     # both paths on the same message: protobuf's C code (small) and the zero-copy reader/writer (large)
     monkeypatch.setattr(fastwire, "SMALL_MESSAGE", 1 << 30 if path == "small" else 0)
     h = torch.randn(5, 8).bfloat16()
@@ -341,11 +344,24 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path:
     assert torch.equal(got.weights.tensor(), w) and got.experts.values() == e.flatten().tolist()
     resp = moe_pb2.RunExpertsResponse.FromString(fastwire.encode_response(h, 0.5))
     assert resp.compute_seconds == 0.5 and torch.equal(decode(resp.output), h)
+    # a response written in place reads as the same protobuf
+    buf = fastwire.ResponseBuffer(tuple(h.shape), h.dtype)
+    buf.output.copy_(h)
+    message = buf.finish(0.25)
+    assert isinstance(message, bytes) and message == fastwire.encode_response(h, 0.25)
+    out, seconds = fastwire.decode_response(message)
+    assert seconds == 0.25 and torch.equal(out, h)
+    # fields in another order are valid protobuf too (read field by field, not by the quick walk)
+    parts = [moe_pb2.RunExpertsRequest(**{name: getattr(ref, name)}).SerializeToString()
+             for name in ("weights", "experts", "hidden")]
+    reordered = fastwire.decode_request(b"".join(parts) + moe_pb2.RunExpertsRequest(layer=3).SerializeToString())
+    assert reordered.error is None and reordered.layer == 3 and torch.equal(reordered.hidden.tensor(), h)
+    assert torch.equal(reordered.weights.tensor(), w) and torch.equal(reordered.experts.tensor(), e)
     # unpacked repeated shape is valid protobuf too
     unpacked = (b"\x12\x13" + b"\x0a\x07float32" + b"\x10\x01\x10\x01" + b"\x1a\x04" + b"\x00\x00\x80\x3f")
     r = fastwire.decode_request(unpacked)
     assert r.error == "experts is missing" and r.hidden.tensor().tolist() == [[1.0]]
     truncated = fastwire.decode_request(b"\x12\x05abc").error
-    assert ("claims" if path == "large" else "not a valid RunExpertsRequest") in truncated
+    assert "claims" in truncated
     with pytest.raises(CodecError, match="no output"):
         fastwire.decode_response(b"\x11" + bytes(8))

@@ -34,12 +34,15 @@ class HostedLayer:
 
     experts: RoutedExperts
     expert_ids: list[int]
-    slot_of: torch.Tensor  # [E_layer + 1] local slot of each expert id (index -1 -> -1)
+    slot_of: torch.Tensor  # [E_layer + 2] local slot of each expert id, -2 if not hosted (see build)
     slot_list: list[int]  # the same as a list
 
     @classmethod
     def build(cls, experts: RoutedExperts, expert_ids: list[int], num_experts: int) -> "HostedLayer":
-        slot_of = torch.full((num_experts + 1,), -1, dtype=torch.long)
+        # index e < num_experts: e's local slot or -2 (not hosted); num_experts: -2 (an id out of
+        # range, clamped here); num_experts + 1, reached as -1: -1 (no expert in this column)
+        slot_of = torch.full((num_experts + 2,), -2, dtype=torch.long)
+        slot_of[-1] = -1
         slot_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
         return cls(experts, list(expert_ids), slot_of, slot_of.tolist())
 
@@ -148,24 +151,24 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     def _small_slots(self, layer_id: int, layer: HostedLayer, ids: list[int], shape: list[int]) -> torch.Tensor:
         table, n = layer.slot_list, self.num_experts
         slots = array("q", [table[e] if -1 <= e < n else -2 for e in ids])
-        for e, s in zip(ids, slots):
-            if s < 0 and e != -1:  # out of range, or an expert this worker does not host
-                raise self._bad_id(layer_id, layer, e)
+        if min(slots) < -1:  # out of range, or an expert this worker does not host
+            raise self._bad_id(layer_id, layer, next(e for e, s in zip(ids, slots) if s < -1))
         return torch.frombuffer(slots, dtype=torch.int64).view(shape)
 
     def _slots(self, layer_id: int, layer: HostedLayer, e: torch.Tensor) -> torch.Tensor:
-        lo, hi = torch.aminmax(e)
-        if int(lo) < -1 or int(hi) >= self.num_experts:
-            raise self._bad_id(layer_id, layer, int(e[(e < -1) | (e >= self.num_experts)][0]))
-        slots = layer.slot_of[e]  # -1 maps to the last entry, which is -1
-        if int((slots < 0).sum()) != int((e < 0).sum()):  # some hosted-looking id maps to no slot
-            raise self._bad_id(layer_id, layer, int(e[(slots < 0) & (e >= 0)][0]))
+        # ids below -1 and from num_experts up are clamped onto the table's "bad" entry, -2
+        slots = layer.slot_of[e.clamp(-2, self.num_experts)]
+        if int(slots.min()) < -1:  # out of range, or an expert this worker does not host
+            raise self._bad_id(layer_id, layer, int(e[slots < -1][0]))
         return slots
 
-    def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
+    def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """-> (output [N, D] in x's dtype, written into `out` if given; seconds)"""
         t0 = time.perf_counter()
         y = layer.experts(x.to(self.device, self.dtype), weights.to(self.device), slots.to(self.device))
-        return y.to("cpu", x.dtype), time.perf_counter() - t0
+        y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
+        return y, time.perf_counter() - t0
 
     async def RunExperts(self, request, context):
         hosted = self.hosted
@@ -176,15 +179,18 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
+        # a large output is written straight into the response's bytes
+        buf = fastwire.ResponseBuffer(x.shape, x.dtype) if fastwire.ResponseBuffer.fits(x.nbytes) else None
+        out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
             # a few rows compute in well under a millisecond: a thread hop would cost more than it saves
-            y, seconds = self._compute(layer, x, slots, weights)
+            y, seconds = self._compute(layer, x, slots, weights, out)
         else:
             y, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._compute, layer, x, slots, weights)
+                self.pool, self._compute, layer, x, slots, weights, out)
         if self.on_call is not None:
             self.on_call(request.layer, x.shape[0], request.nbytes, seconds)
-        return fastwire.encode_response(y, seconds)
+        return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds)
 
     async def Describe(self, request, context):
         slots = [moe_pb2.ExpertSlot(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]

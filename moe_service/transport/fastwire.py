@@ -8,8 +8,10 @@ any client or server using the generated moe_pb2 classes interoperates (the test
 
 A decode step's small message is what the per-call cost is made of. Between two RPCs the code of
 every library it touches has left the CPU's caches, so each distinct call into protobuf or torch
-costs tens of microseconds however little it does: the small path is written with as few of them
-as possible (one C call for a tensor's bytes, protobuf's C parser to read, tensors only as `Raw`).
+costs tens of microseconds however little it does. So the path makes few: cached headers and one C
+call for a tensor's bytes to write; to read, a straight walk over the layout protobuf and this
+module write (any other valid layout is read field by field), yielding checked `Raw` bytes that
+become tensors only where needed.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ import struct
 from dataclasses import dataclass
 
 import torch
-from google.protobuf.message import DecodeError
 
 from moe_service.transport.codec import ITEMSIZE, NAMES, CodecError, Raw
-from moe_service.transport.pb import moe_pb2
 
-SMALL_MESSAGE = 64 << 10  # bytes; below this protobuf's C parser reads faster than Python walks the bytes
+SMALL_MESSAGE = 64 << 10  # bytes; below this a tensor's bytes are copied (one C call) rather than viewed
 
 # field numbers from protos/moe/v1/moe.proto
 _LD, _VARINT, _I64, _I32 = 2, 0, 1, 5
@@ -99,6 +99,52 @@ def encode_response(output: torch.Tensor, compute_seconds: float) -> bytes:
     return b"".join([*_field(1, output), seconds])
 
 
+def _bytes_writer():
+    """A way to fill a new `bytes` object in place (CPython), or None where it does not work.
+    gRPC sends only `bytes`; filling one directly saves copying a large output to join its header."""
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
+
+        def writable(n: int) -> tuple[bytes, memoryview]:
+            b = new(None, n)  # uninitialised, n >= 2 so never a shared singleton
+            mem = (ctypes.c_char * n).from_address(id(b) + offset)
+            mem.owner = b  # the memory lives as long as any view of it
+            return b, memoryview(mem).cast("B")
+
+        b, mem = writable(4)
+        mem[:] = b"\x01\x02\x03\x04"
+        return writable if b == b"\x01\x02\x03\x04" else None
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - not CPython
+        return None
+
+
+_writable_bytes = _bytes_writer()
+
+
+class ResponseBuffer:
+    """A large RunExpertsResponse written in place: the experts write their output [N, D] into
+    `output`, a view of the message's own bytes, and `finish` adds the compute time."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        header = _header(1, dtype, tuple(shape))
+        n = len(header) + math.prod(shape) * ITEMSIZE[NAMES[dtype]]
+        self.message, mem = _writable_bytes(n + 9)
+        mem[: len(header)] = header
+        self.output = torch.frombuffer(mem[len(header) : n], dtype=dtype).view(shape)
+        self._tail = mem[n:]
+
+    @staticmethod
+    def fits(nbytes: int) -> bool:
+        """Worth it for a large output only: for a small one the join costs less than the set-up."""
+        return nbytes >= SMALL_MESSAGE and _writable_bytes is not None
+
+    def finish(self, compute_seconds: float) -> bytes:
+        self._tail[:] = _SECONDS + struct.pack("<d", compute_seconds)
+        return self.message
+
+
 class _Reader:
     def __init__(self, mv: memoryview) -> None:
         self.mv, self.pos = mv, 0
@@ -158,8 +204,57 @@ def _raw(mv: memoryview, name: str) -> Raw:
     return Raw.checked(dtype, shape, data, name)
 
 
-def _small_raw(msg: moe_pb2.Tensor, name: str) -> Raw:
-    return Raw.checked(msg.dtype, list(msg.shape), msg.data, name)
+class _Unusual(Exception):
+    """Valid protobuf, perhaps, but not laid out as protobuf and this module write it."""
+
+
+def _uvarint(mv: memoryview, pos: int) -> tuple[int, int]:
+    """(value, next position); IndexError past the end."""
+    n = shift = 0
+    while True:
+        c = mv[pos]
+        pos += 1
+        n |= (c & 0x7F) << shift
+        if c < 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise _Unusual
+
+
+def _quick_raw(mv: memoryview, pos: int, end: int, name: str) -> Raw:
+    """The Tensor in mv[pos:end], read straight through in field order (dtype, packed shape, data);
+    any other layout raises _Unusual and the message is read again field by field."""
+    if mv[pos] != 0x0A:
+        raise _Unusual
+    n = mv[pos + 1]
+    dtype = bytes(mv[pos + 2 : pos + 2 + n]).decode("ascii")
+    pos += 2 + n
+    shape = []
+    if pos < end and mv[pos] == 0x12:
+        n, pos = _uvarint(mv, pos + 1)
+        stop = pos + n
+        while pos < stop:
+            d, pos = _uvarint(mv, pos)
+            shape.append(_signed(d))
+    data = mv[0:0]
+    if pos < end and mv[pos] == 0x1A:
+        n, pos = _uvarint(mv, pos + 1)
+        data = mv[pos : pos + n]
+        pos += n
+    if pos != end:
+        raise _Unusual
+    return Raw.checked(dtype, shape, data, name)
+
+
+def _quick_field(mv: memoryview, pos: int, tag: int, name: str) -> tuple[Raw, int]:
+    """(the Tensor field `tag` at pos, the position after it)"""
+    if mv[pos] != tag:
+        raise _Unusual
+    n, pos = _uvarint(mv, pos + 1)
+    if pos + n > len(mv):
+        raise _Unusual
+    return _quick_raw(mv, pos, pos + n, name), pos + n
 
 
 @dataclass
@@ -180,48 +275,54 @@ _REQUEST_FIELDS = {2: "hidden", 3: "experts", 4: "weights"}
 
 def decode_request(data: bytes) -> Request:
     req = Request(nbytes=len(data))
+    mv = memoryview(data)
     try:
-        if len(data) < SMALL_MESSAGE:
-            _decode_small_request(data, req)
-            return req
-        for field, wire, value in _Reader(memoryview(data)).fields():
-            if field == 1 and wire == _VARINT:
-                req.layer = value
-            elif field in _REQUEST_FIELDS and wire == _LD:
-                name = _REQUEST_FIELDS[field]
-                setattr(req, name, _raw(value, name))
-        for name in _REQUEST_FIELDS.values():
-            if getattr(req, name) is None:
-                raise CodecError(f"{name} is missing")
+        try:
+            pos = 0
+            if mv[0] == 0x08:
+                req.layer, pos = _uvarint(mv, 1)
+            req.hidden, pos = _quick_field(mv, pos, 0x12, "hidden")
+            req.experts, pos = _quick_field(mv, pos, 0x1A, "experts")
+            req.weights, pos = _quick_field(mv, pos, 0x22, "weights")
+            if pos != len(mv):
+                raise _Unusual
+        except (_Unusual, IndexError, UnicodeDecodeError):
+            req = Request(nbytes=len(data))  # start over: the quick walk may have set some fields
+            _read_request(mv, req)
     except CodecError as e:
         req.error = str(e)
     return req
 
 
-def _decode_small_request(data: bytes, req: Request) -> None:
-    try:
-        msg = moe_pb2.RunExpertsRequest.FromString(data)
-    except DecodeError as e:
-        raise CodecError(f"request is not a valid RunExpertsRequest: {e}") from None
-    req.layer = msg.layer
+def _read_request(mv: memoryview, req: Request) -> None:
+    """Any valid encoding: fields in any order, unpacked shapes, unknown fields skipped."""
+    for field, wire, value in _Reader(mv).fields():
+        if field == 1 and wire == _VARINT:
+            req.layer = value
+        elif field in _REQUEST_FIELDS and wire == _LD:
+            name = _REQUEST_FIELDS[field]
+            setattr(req, name, _raw(value, name))
     for name in _REQUEST_FIELDS.values():
-        if not msg.HasField(name):
+        if getattr(req, name) is None:
             raise CodecError(f"{name} is missing")
-        setattr(req, name, _small_raw(getattr(msg, name), name))
 
 
 def decode_response(data: bytes) -> tuple[torch.Tensor, float]:
     """(output [N, D], compute seconds)"""
-    if len(data) < SMALL_MESSAGE:
-        try:
-            msg = moe_pb2.RunExpertsResponse.FromString(data)
-        except DecodeError as e:
-            raise CodecError(f"response is not a valid RunExpertsResponse: {e}") from None
-        if not msg.HasField("output"):
-            raise CodecError("response has no output tensor")
-        return _small_raw(msg.output, "output").tensor(), msg.compute_seconds
-    out, seconds = None, 0.0
-    for field, wire, value in _Reader(memoryview(data)).fields():
+    mv = memoryview(data)
+    try:
+        out, pos = _quick_field(mv, 0, 0x0A, "output")
+        seconds = 0.0
+        if pos < len(mv):
+            if mv[pos] != 0x11 or pos + 9 != len(mv):
+                raise _Unusual
+            seconds = struct.unpack_from("<d", mv, pos + 1)[0]
+        return out.tensor(), seconds
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        pass
+    out = None
+    seconds = 0.0
+    for field, wire, value in _Reader(mv).fields():
         if field == 1 and wire == _LD:
             out = _raw(value, "output")
         elif field == 2 and wire == _I64:
