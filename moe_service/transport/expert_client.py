@@ -36,16 +36,17 @@ class ExpertClient:
                 ch = grpc.aio.insecure_channel(address, options=opts)
             self._channels[address] = ch
             self._stubs[address] = moe_pb2_grpc.ExpertStub(ch)
-            # the hot call skips protobuf's copies (fastwire writes the same bytes)
+            # the hot call skips protobuf's copies (fastwire writes the same bytes), and is decoded
+            # in run(), which knows the output's shape
             self._run[address] = ch.unary_unary("/moe.v1.Expert/RunExperts", request_serializer=None,
-                                                response_deserializer=fastwire.decode_response)
+                                                response_deserializer=None)
         return self._stubs[address]
 
     async def run(self, address: str, layer: int, hidden: torch.Tensor, experts: torch.Tensor,
                   weights: torch.Tensor, timeout: float | None = None) -> tuple[torch.Tensor, float]:
         self.stub(address)
         payload = fastwire.encode_request(layer, hidden, experts, weights)
-        return await self._run[address](payload, timeout=timeout)
+        return fastwire.decode_response(await self._run[address](payload, timeout=timeout), like=hidden)
 
     async def describe(self, address: str, timeout: float | None = 5.0) -> moe_pb2.DescribeResponse:
         return await self.stub(address).Describe(moe_pb2.DescribeRequest(), timeout=timeout)

@@ -70,7 +70,7 @@ def _field(field: int, t: torch.Tensor) -> list:
     and a view of the tensor's memory when large."""
     if t.dtype not in NAMES:
         raise CodecError(f"dtype {t.dtype} cannot be sent; supported: {sorted(NAMES.values())}")
-    if t.device.type != "cpu" or not t.is_contiguous():
+    if not (t.is_cpu and t.is_contiguous()):
         t = t.detach().cpu().contiguous()
     n = t.nbytes
     if n < SMALL_MESSAGE:
@@ -307,8 +307,23 @@ def _read_request(mv: memoryview, req: Request) -> None:
             raise CodecError(f"{name} is missing")
 
 
-def decode_response(data: bytes) -> tuple[torch.Tensor, float]:
-    """(output [N, D], compute seconds)"""
+@functools.lru_cache(maxsize=1024)
+def _expected(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, int, int]:
+    """(the response's bytes up to the output data, where the data ends, elements) for an output
+    of this dtype and shape"""
+    head = _header(1, dtype, shape)
+    numel = math.prod(shape)
+    return head, len(head) + numel * ITEMSIZE[NAMES[dtype]], numel
+
+
+def decode_response(data: bytes, like: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(output [N, D], compute seconds). `like`: the request's hidden, whose shape and dtype the
+    output has; a response laid out as this module writes it is then read with one comparison."""
+    if like is not None:
+        head, end, numel = _expected(like.dtype, like.shape)
+        if numel and data.startswith(head) and (len(data) == end or len(data) == end + 9 and data[end] == 0x11):
+            out = torch.frombuffer(data, dtype=like.dtype, count=numel, offset=len(head)).view(like.shape)
+            return out, struct.unpack_from("<d", data, end + 1)[0] if len(data) > end else 0.0
     mv = memoryview(data)
     try:
         out, pos = _quick_field(mv, 0, 0x0A, "output")
