@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,19 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path:
     assert "claims" in truncated
     with pytest.raises(CodecError, match="no output"):
         fastwire.decode_response(b"\x11" + bytes(8))
+
+
+def test_large_buffers_are_kept_unless_the_user_chose_otherwise():
+    """Workers and gateways keep freed multi-MB buffers for reuse (transport/memory.py), unless
+    opted out or the user set glibc's malloc tunables themselves."""
+    code = "from moe_service.transport.memory import keep_large_buffers as k; print(k(), k())"
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MOE_SERVICE_MALLOC_TUNING")}
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=ROOT, env={**base, **env})
+        return out.stdout.split()
+
+    assert run() == ["True", "True"]
+    assert run(MOE_SERVICE_MALLOC_TUNING="0") == ["False", "False"]
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == ["False", "False"]

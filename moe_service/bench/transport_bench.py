@@ -18,6 +18,7 @@ from moe_service.bench.common import log
 from moe_service.model.experts import RoutedExperts
 from moe_service.transport.expert_client import ExpertClient
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import grpc_options
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -71,6 +72,7 @@ async def _start_servers(hidden: int, experts: int) -> tuple[list, str, int]:
 
 def _server_process(queue, hidden: int, experts: int) -> None:
     torch.set_num_threads(1)  # as an expert worker has
+    keep_large_buffers()  # as an expert worker does
 
     async def main() -> None:
         _, address, echo_port = await _start_servers(hidden, experts)
@@ -128,7 +130,7 @@ async def _run(hidden: int, experts: int, top_k: int, big_rows: int, dtype: torc
 
 
 def run(hidden: int = 1024, experts: int = 8, top_k: int = 6, big_rows: int = 4096, dtype: str = "bfloat16",
-        small_n: int = 300, big_n: int = 10) -> dict:
+        small_n: int = 300, big_n: int = 20) -> dict:
     """Both setups in one run: servers in a separate process (as the gateway calls an expert
     worker) and in the client's own process (one event loop, one GIL for both ends)."""
     import multiprocessing
@@ -139,6 +141,7 @@ def run(hidden: int = 1024, experts: int = 8, top_k: int = 6, big_rows: int = 40
     # time (subtracted, but noisy) swings from 1 to 30 ms between runs on 2 cores
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    keep_large_buffers()  # as the gateway does; the echo gets the same allocator
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_server_process, args=(queue, hidden, experts), daemon=True)

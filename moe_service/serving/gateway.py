@@ -26,6 +26,7 @@ from moe_service.serving.config import ServiceConfig
 from moe_service.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
 from moe_service.transport.expert_client import CallStats, ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import TLSConfig
 from moe_service.transport.pb import moe_pb2
 
@@ -98,6 +99,7 @@ class Gateway:
         cfg = self.cfg = ServiceConfig.from_dict(config)
         if cfg.gateway_torch_threads:
             torch.set_num_threads(cfg.gateway_torch_threads)
+        keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
         source = open_source(cfg.model)
         self.model = load_model(source, dtype=DTYPES[cfg.dtype], with_routed_experts=False)
         self.source_reads = list(source.reads)  # tests check that no routed expert was read

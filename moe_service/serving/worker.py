@@ -14,6 +14,7 @@ from moe_service.checkpoint.loader import fill_experts
 from moe_service.metrics import WorkerMetrics, serve_metrics
 from moe_service.model.experts import RoutedExperts
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, RunningServer, start_expert_server
+from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import TLSConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +28,7 @@ class ExpertWorker:
                  bind_host: str | None = None, tls: TLSConfig | None = None, torch_threads: int | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
         self.worker_id, self.model, self.slots_per_layer = worker_id, model, slots_per_layer
         self.dtype = DTYPES[dtype]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
