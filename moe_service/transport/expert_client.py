@@ -43,10 +43,14 @@ class ExpertClient:
         return self._stubs[address]
 
     async def run(self, address: str, layer: int, hidden: torch.Tensor, experts: torch.Tensor,
-                  weights: torch.Tensor, timeout: float | None = None) -> tuple[torch.Tensor, float]:
+                  weights: torch.Tensor, timeout: float | None = None, rows: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, float]:
+        """hidden [N, D] (or [T, D] and the N `rows` of it to send), experts [N, K], weights [N, K]
+        -> (output [N, D], the worker's compute seconds)"""
         self.stub(address)
-        payload = fastwire.encode_request(layer, hidden, experts, weights)
-        return fastwire.decode_response(await self._run[address](payload, timeout=timeout), like=hidden)
+        payload = fastwire.encode_request(layer, hidden, experts, weights, rows)
+        expect = (hidden.dtype, (experts.shape[0], hidden.shape[1]))
+        return fastwire.decode_response(await self._run[address](payload, timeout=timeout), expect)
 
     async def describe(self, address: str, timeout: float | None = 5.0) -> moe_pb2.DescribeResponse:
         return await self.stub(address).Describe(moe_pb2.DescribeRequest(), timeout=timeout)
@@ -123,7 +127,7 @@ class RemoteExperts:
                 table = await self._await_new_table(excluded, deadline)
                 excluded = set()
                 continue
-            calls = [self._call(table, layer, d, x[pending_rows[d.rows]], deadline, retried) for d in plan]
+            calls = [self._call(table, layer, d, x, pending_rows[d.rows], deadline, retried) for d in plan]
             t1 = time.perf_counter()
             results = await asyncio.gather(*calls, return_exceptions=True)
             t2 = time.perf_counter()
@@ -167,20 +171,20 @@ class RemoteExperts:
                                        grpc.aio.Metadata(), "deadline passed waiting for expert workers") from None
         return self.table
 
-    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, rows_x: torch.Tensor,
+    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, x: torch.Tensor, rows: torch.Tensor,
                     deadline: float | None, retried: bool) -> tuple[torch.Tensor, float]:
+        """Sends x[rows] [N, D] (gathered into the message) with d's experts and weights."""
         timeout = self.call_timeout_s
         if deadline is not None:
             timeout = min(timeout, max(0.001, deadline - time.monotonic()))
         t0 = time.perf_counter()
         ok, compute, out = False, 0.0, None
         try:
-            out, compute = await self.client.run(table.addresses[d.worker], layer, rows_x, d.experts, d.weights, timeout)
+            out, compute = await self.client.run(table.addresses[d.worker], layer, x, d.experts, d.weights, timeout, rows)
             ok = True
             return out, compute
         finally:
             if self.on_call is not None:
-                sent = rows_x.numel() * rows_x.element_size() + d.experts.numel() * 8
+                sent = rows.numel() * x.shape[1] * x.element_size() + d.experts.numel() * 8
                 self.on_call(CallStats(d.worker, layer, int(d.rows.numel()), time.perf_counter() - t0, compute,
                                        sent, out.numel() * out.element_size() if out is not None else 0, ok, retried))
-

@@ -176,17 +176,17 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             layer, x, slots, weights = self._parse(request, hosted)
         except BadRequest as e:
             await context.abort(e.code, str(e))
+        # gRPC's own deadline timer is coarse: a call already late would still be served now and then
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
         # a large output is written straight into the response's bytes
         buf = fastwire.ResponseBuffer(x.shape, x.dtype) if fastwire.ResponseBuffer.fits(x.nbytes) else None
         out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
-            # a few rows compute in well under a millisecond: a thread hop would cost more than it
-            # saves (and should the deadline pass meanwhile, gRPC answers DEADLINE_EXCEEDED itself)
+            # a few rows compute in well under a millisecond: a thread hop would cost more than it saves
             y, seconds = self._compute(layer, x, slots, weights, out)
         else:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
             y, seconds = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._compute, layer, x, slots, weights, out)
         if self.on_call is not None:

@@ -85,9 +85,33 @@ def _layer(layer: int) -> bytes:
     return _tag(1, _VARINT) + _varint(layer) if layer else b""  # proto3 omits a zero
 
 
-def encode_request(layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> bytes:
-    """RunExpertsRequest bytes: hidden [N, D], experts [N, K] ids, weights [N, K]."""
+def encode_request(layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> bytes:
+    """RunExpertsRequest bytes: hidden [N, D], experts [N, K] ids, weights [N, K]. With `rows` [N],
+    hidden is [T, D] and the message carries hidden[rows], gathered straight into its bytes when
+    large (the gather is then the only copy, instead of a gather and a join)."""
+    if rows is not None:
+        if hidden.dtype in NAMES and hidden.is_cpu and _writable_bytes is not None \
+                and rows.shape[0] * hidden.shape[1] * hidden.element_size() >= SMALL_MESSAGE:
+            return _gathered_request(layer, hidden, rows, experts, weights)
+        hidden = hidden[rows]
     return b"".join([_layer(layer), *_field(2, hidden), *_field(3, experts), *_field(4, weights)])
+
+
+def _gathered_request(layer: int, hidden: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
+                      weights: torch.Tensor) -> bytes:
+    shape = (rows.shape[0], hidden.shape[1])
+    head = _layer(layer) + _header(2, hidden.dtype, shape)
+    nbytes = shape[0] * shape[1] * hidden.element_size()
+    tail = [*_field(3, experts), *_field(4, weights)]
+    message, mem = _writable_bytes(len(head) + nbytes + sum(len(part) for part in tail))
+    mem[: len(head)] = head
+    pos = len(head) + nbytes
+    torch.index_select(hidden, 0, rows, out=torch.frombuffer(mem[len(head) : pos], dtype=hidden.dtype).view(shape))
+    for part in tail:
+        mem[pos : pos + len(part)] = part
+        pos += len(part)
+    return message
 
 
 _SECONDS = _tag(2, _I64)
@@ -316,13 +340,15 @@ def _expected(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, int, i
     return head, len(head) + numel * ITEMSIZE[NAMES[dtype]], numel
 
 
-def decode_response(data: bytes, like: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """(output [N, D], compute seconds). `like`: the request's hidden, whose shape and dtype the
-    output has; a response laid out as this module writes it is then read with one comparison."""
-    if like is not None:
-        head, end, numel = _expected(like.dtype, like.shape)
+def decode_response(data: bytes, expect: tuple[torch.dtype, tuple[int, int]] | None = None
+                    ) -> tuple[torch.Tensor, float]:
+    """(output [N, D], compute seconds). `expect`: the output's dtype and shape, those of the rows
+    sent; a response laid out as this module writes it is then read with one comparison."""
+    if expect is not None:
+        dtype, shape = expect
+        head, end, numel = _expected(dtype, shape)
         if numel and data.startswith(head) and (len(data) == end or len(data) == end + 9 and data[end] == 0x11):
-            out = torch.frombuffer(data, dtype=like.dtype, count=numel, offset=len(head)).view(like.shape)
+            out = torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(shape)
             return out, struct.unpack_from("<d", data, end + 1)[0] if len(data) > end else 0.0
     mv = memoryview(data)
     try:
