@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from moe_service import load_model
 from moe_service.checkpoint import load_experts
+from moe_service.model.experts import RoutedExperts
 from moe_service.routing import LayerRoutes
 from moe_service.transport import fastwire
 from moe_service.transport.codec import CodecError, decode, decode_bytes, encode
@@ -237,6 +238,36 @@ def test_large_finite_half_precision_is_accepted(loop, model, one_worker):
         assert out.dtype == torch.float16 and out.shape == x.shape
     finally:
         loop.run(client.close())
+
+
+def test_nan_in_a_large_dispatch_is_rejected_and_the_server_keeps_serving(loop):
+    """A large hidden is summed for NaN/Inf while the experts run (on a thread) or just before them
+    (inline, a few rows): both answer INVALID_ARGUMENT, and a good request after each is served."""
+    D = 8192  # 2 rows of fp32 make a large message, so the inline path sees one too
+    experts = RoutedExperts(2, D, 4)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    servicer = ExpertServicer({1: HostedLayer.build(experts, [0, 1], 2)}, worker_id="w", hidden_size=D,
+                              num_experts=2, slots_per_layer=2)
+    server = loop.run(start_expert_server(servicer))
+    client = ExpertClient()
+    try:
+        for rows in (2, 300):  # inline, and on the compute thread
+            x = torch.randn(rows, D)
+            e = torch.tensor([[0, 1]] * rows, dtype=torch.int32)
+            w = torch.full((rows, 2), 0.5)
+            assert x.nbytes >= fastwire.SMALL_MESSAGE
+            bad = x.clone()
+            bad[rows - 1, 5] = float("inf")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                loop.run(client.run(server.address, 1, bad, e, w, timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rows
+            assert "hidden contains NaN or Inf" in err.value.details()
+            out, _ = loop.run(client.run(server.address, 1, x, e, w, timeout=30))
+            assert torch.equal(out, experts(x, w, e.long()))
+    finally:
+        loop.run(client.close())
+        loop.run(server.stop(0))
 
 
 def test_oversized_message_gets_resource_exhausted(loop, model, one_worker):

@@ -74,6 +74,18 @@ class BadRequest(Exception):
         self.code = code
 
 
+def _sum_is_finite(x: torch.Tensor) -> bool:
+    # one reduction in x's own dtype (an fp32 accumulation of bf16 costs 8x more)
+    return math.isfinite(float(x.sum()))
+
+
+def _check_hidden(x: torch.Tensor, ok: bool) -> None:
+    """Not ok is not yet bad: a sum overflows, and a byte pattern only flags candidates; the
+    element-wise check decides."""
+    if not ok and not _all_finite(x):
+        raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "hidden contains NaN or Inf")
+
+
 class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     """`hosted` may be swapped whole (`set_hosted`) while serving: a call uses the dict it started with."""
 
@@ -95,8 +107,10 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     def set_hosted(self, hosted: dict[int, HostedLayer]) -> None:
         self.hosted = hosted
 
-    def _parse(self, request: fastwire.Request, hosted: dict[int, HostedLayer]):
-        """-> (layer, hidden [N, D], slots [N, K] (local slot or -1), weights [N, K])"""
+    def _parse(self, request: fastwire.Request, hosted: dict[int, HostedLayer]
+               ) -> tuple[HostedLayer, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """-> (layer, hidden [N, D], slots [N, K] (local slot or -1), weights [N, K], whether hidden
+        is still to be checked for NaN/Inf: a large one is, by RunExperts, while the experts run)"""
         inv = grpc.StatusCode.INVALID_ARGUMENT
         if request.error is not None:
             raise BadRequest(inv, request.error)
@@ -126,19 +140,14 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             slots = self._small_slots(request.layer, layer, experts.values(), experts.shape)
             weights_ok = math.isfinite(sum(weights.values()))
         else:
-            slots = self._slots(request.layer, layer, experts.tensor().long())
+            slots = self._slots(request.layer, layer, experts.tensor())
             weights_ok = math.isfinite(float(wt.sum()))
-        if len(x.data) < SMALL_MESSAGE:
-            x_ok = _finite_by_bytes(x)
-        else:  # one reduction in x's own dtype (an fp32 accumulation of bf16 costs 8x more)
-            x_ok = math.isfinite(float(xt.sum()))
-        # not ok is not yet bad: a sum overflows, and a byte pattern only flags candidates;
-        # the element-wise check decides, and names the culprit
-        if not x_ok and not _all_finite(xt):
-            raise BadRequest(inv, "hidden contains NaN or Inf")
+        small = len(x.data) < SMALL_MESSAGE
+        if small:
+            _check_hidden(xt, _finite_by_bytes(x))
         if not weights_ok and not _all_finite(wt):
             raise BadRequest(inv, "weights contains NaN or Inf")
-        return layer, xt, slots, wt
+        return layer, xt, slots, wt, not small
 
     def _bad_id(self, layer_id: int, layer: HostedLayer, bad: int) -> BadRequest:
         if bad < -1 or bad >= self.num_experts:
@@ -173,7 +182,10 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     async def RunExperts(self, request, context):
         hosted = self.hosted
         try:
-            layer, x, slots, weights = self._parse(request, hosted)
+            layer, x, slots, weights, check_x = self._parse(request, hosted)
+            if check_x and x.shape[0] <= INLINE_ROWS:  # computed inline below: check first
+                _check_hidden(x, _sum_is_finite(x))
+                check_x = False
         except BadRequest as e:
             await context.abort(e.code, str(e))
         # gRPC's own deadline timer is coarse: a call already late would still be served now and then
@@ -187,8 +199,15 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             # a few rows compute in well under a millisecond: a thread hop would cost more than it saves
             y, seconds = self._compute(layer, x, slots, weights, out)
         else:
-            y, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._compute, layer, x, slots, weights, out)
+            running = asyncio.get_running_loop().run_in_executor(self.pool, self._compute, layer, x, slots, weights, out)
+            # a large hidden is summed meanwhile, on this thread (the sum releases the GIL): a bad
+            # one costs a wasted compute, a good one no wait before it
+            x_ok = _sum_is_finite(x) if check_x else True
+            y, seconds = await running
+            try:
+                _check_hidden(x, x_ok)
+            except BadRequest as e:
+                await context.abort(e.code, str(e))
         if self.on_call is not None:
             self.on_call(request.layer, x.shape[0], request.nbytes, seconds)
         return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds)
