@@ -80,6 +80,31 @@ def _field(field: int, t: torch.Tensor) -> list:
     return [_header(field, t.dtype, t.shape), data]
 
 
+def _bytes_writer():
+    """A way to fill a new `bytes` object in place (CPython), or None where it does not work.
+    gRPC sends only `bytes`; filling one directly saves a copy of a large tensor (to join it to its
+    header), when whatever produces the tensor can write it into the message instead."""
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
+
+        def writable(n: int) -> tuple[bytes, memoryview]:
+            b = new(None, n)  # uninitialised, n >= 2 so never a shared singleton
+            mem = (ctypes.c_char * n).from_address(id(b) + offset)
+            mem.owner = b  # the memory lives as long as any view of it
+            return b, memoryview(mem).cast("B")
+
+        b, mem = writable(4)
+        mem[:] = b"\x01\x02\x03\x04"
+        return writable if b == b"\x01\x02\x03\x04" else None
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - not CPython
+        return None
+
+
+_writable_bytes = _bytes_writer()
+
+
 @functools.lru_cache(maxsize=1024)
 def _layer(layer: int) -> bytes:
     return _tag(1, _VARINT) + _varint(layer) if layer else b""  # proto3 omits a zero
@@ -121,30 +146,6 @@ def encode_response(output: torch.Tensor, compute_seconds: float) -> bytes:
     """RunExpertsResponse bytes: output [N, D]."""
     seconds = _SECONDS + struct.pack("<d", compute_seconds) if compute_seconds else b""
     return b"".join([*_field(1, output), seconds])
-
-
-def _bytes_writer():
-    """A way to fill a new `bytes` object in place (CPython), or None where it does not work.
-    gRPC sends only `bytes`; filling one directly saves copying a large output to join its header."""
-    try:
-        new = ctypes.pythonapi.PyBytes_FromStringAndSize
-        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
-        offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
-
-        def writable(n: int) -> tuple[bytes, memoryview]:
-            b = new(None, n)  # uninitialised, n >= 2 so never a shared singleton
-            mem = (ctypes.c_char * n).from_address(id(b) + offset)
-            mem.owner = b  # the memory lives as long as any view of it
-            return b, memoryview(mem).cast("B")
-
-        b, mem = writable(4)
-        mem[:] = b"\x01\x02\x03\x04"
-        return writable if b == b"\x01\x02\x03\x04" else None
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - not CPython
-        return None
-
-
-_writable_bytes = _bytes_writer()
 
 
 class ResponseBuffer:
@@ -252,6 +253,8 @@ def _quick_raw(mv: memoryview, pos: int, end: int, name: str) -> Raw:
     if mv[pos] != 0x0A:
         raise _Unusual
     n = mv[pos + 1]
+    if n >= 0x80:  # a dtype name of 128 bytes or more: not one of ours, let the field reader say so
+        raise _Unusual
     dtype = bytes(mv[pos + 2 : pos + 2 + n]).decode("ascii")
     pos += 2 + n
     shape = []
