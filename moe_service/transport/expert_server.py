@@ -25,7 +25,6 @@ FLOAT_NAMES = ("float32", "bfloat16", "float16")
 EXPERT_SERVICE = "moe.v1.Expert"
 INLINE_ROWS = 8
 SMALL_PAIRS = 64  # (row, expert) pairs up to which ids are checked as Python lists (see fastwire on why)
-SMALL_MESSAGE = fastwire.SMALL_MESSAGE
 
 
 @dataclass
@@ -142,7 +141,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         else:
             slots = self._slots(request.layer, layer, experts.tensor())
             weights_ok = math.isfinite(float(wt.sum()))
-        small = len(x.data) < SMALL_MESSAGE
+        small = len(x.data) < fastwire.SMALL_MESSAGE
         if small:
             _check_hidden(xt, _finite_by_bytes(x))
         if not weights_ok and not _all_finite(wt):
@@ -193,7 +192,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
         # a large output is written straight into the response's bytes
-        buf = fastwire.ResponseBuffer(x.shape, x.dtype) if fastwire.ResponseBuffer.fits(x.nbytes) else None
+        buf = fastwire.ResponseBuffer(x.shape, x.dtype) if fastwire.in_place(x.nbytes) else None
         out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
             # a few rows compute in well under a millisecond: a thread hop would cost more than it saves

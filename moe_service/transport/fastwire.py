@@ -65,6 +65,15 @@ def _header(field: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return _tag(field, _LD) + _varint(len(inner) + nbytes) + inner
 
 
+@functools.lru_cache(maxsize=1024)
+def _expected(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, int, int]:
+    """(the response's bytes up to the output data, where the data ends, elements) for an output
+    of this dtype and shape"""
+    head = _header(1, dtype, shape)
+    numel = math.prod(shape)
+    return head, len(head) + numel * ITEMSIZE[NAMES[dtype]], numel
+
+
 def _field(field: int, t: torch.Tensor) -> list:
     """[header, data] of one Tensor field: data is a copy when small (one C call, no tensor op)
     and a view of the tensor's memory when large."""
@@ -105,6 +114,12 @@ def _bytes_writer():
 _writable_bytes = _bytes_writer()
 
 
+def in_place(nbytes: int) -> bool:
+    """Whether a tensor of nbytes is written straight into its message: worth it only when large
+    (for a small one the join costs less than the set-up), and only where it works."""
+    return nbytes >= SMALL_MESSAGE and _writable_bytes is not None
+
+
 @functools.lru_cache(maxsize=1024)
 def _layer(layer: int) -> bytes:
     return _tag(1, _VARINT) + _varint(layer) if layer else b""  # proto3 omits a zero
@@ -116,8 +131,7 @@ def encode_request(layer: int, hidden: torch.Tensor, experts: torch.Tensor, weig
     hidden is [T, D] and the message carries hidden[rows], gathered straight into its bytes when
     large (the gather is then the only copy, instead of a gather and a join)."""
     if rows is not None:
-        if hidden.dtype in NAMES and hidden.is_cpu and _writable_bytes is not None \
-                and rows.shape[0] * hidden.shape[1] * hidden.element_size() >= SMALL_MESSAGE:
+        if hidden.dtype in NAMES and hidden.is_cpu and in_place(rows.shape[0] * hidden.shape[1] * hidden.element_size()):
             return _gathered_request(layer, hidden, rows, experts, weights)
         hidden = hidden[rows]
     return b"".join([_layer(layer), *_field(2, hidden), *_field(3, experts), *_field(4, weights)])
@@ -153,17 +167,11 @@ class ResponseBuffer:
     `output`, a view of the message's own bytes, and `finish` adds the compute time."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        header = _header(1, dtype, tuple(shape))
-        n = len(header) + math.prod(shape) * ITEMSIZE[NAMES[dtype]]
+        header, n, _ = _expected(dtype, tuple(shape))
         self.message, mem = _writable_bytes(n + 9)
         mem[: len(header)] = header
         self.output = torch.frombuffer(mem[len(header) : n], dtype=dtype).view(shape)
         self._tail = mem[n:]
-
-    @staticmethod
-    def fits(nbytes: int) -> bool:
-        """Worth it for a large output only: for a small one the join costs less than the set-up."""
-        return nbytes >= SMALL_MESSAGE and _writable_bytes is not None
 
     def finish(self, compute_seconds: float) -> bytes:
         self._tail[:] = _SECONDS + struct.pack("<d", compute_seconds)
@@ -332,15 +340,6 @@ def _read_request(mv: memoryview, req: Request) -> None:
     for name in _REQUEST_FIELDS.values():
         if getattr(req, name) is None:
             raise CodecError(f"{name} is missing")
-
-
-@functools.lru_cache(maxsize=1024)
-def _expected(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, int, int]:
-    """(the response's bytes up to the output data, where the data ends, elements) for an output
-    of this dtype and shape"""
-    head = _header(1, dtype, shape)
-    numel = math.prod(shape)
-    return head, len(head) + numel * ITEMSIZE[NAMES[dtype]], numel
 
 
 def decode_response(data: bytes, expect: tuple[torch.dtype, tuple[int, int]] | None = None
