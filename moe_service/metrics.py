@@ -42,6 +42,9 @@ class GatewayMetrics:
         self.stage = Histogram("moe_step_stage_seconds", "Time per stage of one forward step (summed over layers).",
                                ["stage"], buckets=FAST_BUCKETS, registry=r)
         self.step = Histogram("moe_step_seconds", "One scheduler step.", buckets=FAST_BUCKETS, registry=r)
+        self.step_failures = Counter(
+            "moe_step_failures", "Micro-batches of a step that failed, by cause: 'deadline' (their requests' "
+            "deadline passed before the experts answered), 'error' (anything else).", ["cause"], registry=r)
         self.step_rows = Histogram("moe_step_batch_rows", "Sequences in one step.", buckets=SIZE_BUCKETS, registry=r)
         self.step_tokens = Histogram("moe_step_tokens", "Tokens processed in one step.", buckets=SIZE_BUCKETS,
                                      registry=r)

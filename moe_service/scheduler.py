@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -83,20 +83,33 @@ class Request(Sequence):
         }
 
 
+class StepDeadline(Exception):
+    """Raised by an expert backend when its micro-batch's deadline passed before the experts answered."""
+
+
 @dataclass
 class StepStats:
     decode_rows: int = 0
     prefill_rows: int = 0
     prefill_tokens: int = 0
     seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)  # the cause of each micro-batch that failed
+
+
+StepBackend = Callable[[float | None], ExpertBackend]  # a micro-batch's deadline -> the experts it uses
 
 
 class Scheduler:
     """Owns the KV cache and the running set. `step()` is called by one thread (EngineLoop);
-    `submit`/`cancel` may be called from any thread."""
+    `submit`/`cancel` may be called from any thread.
+
+    `backend`, when given, runs the routed experts elsewhere; it is asked for one per micro-batch,
+    with the latest deadline of the micro-batch's requests. A micro-batch whose experts fail
+    (StepDeadline, or any error) is not applied: its requests are where they were, and each whose
+    own deadline has passed ends with "deadline"; any other error ends them with "internal"."""
 
     def __init__(self, model: Transformer, config: SchedulerConfig, tokenizer: Tokenizer | None = None,
-                 backend: ExpertBackend | None = None, hook: Callable[[str, float], None] | None = None) -> None:
+                 backend: StepBackend | None = None, hook: Callable[[str, float], None] | None = None) -> None:
         self.model, self.config, self.tokenizer, self.backend = model, config, tokenizer, backend
         self.hook = hook  # (stage, seconds) timings for metrics
         self.args = model.args
@@ -215,27 +228,54 @@ class Scheduler:
                 n = min(self.config.prefill_chunk, len(r.prompt) - r.prefilled, budget)
                 prefill.append((r, n))
                 budget -= n
-        groups: list[Callable[[], None]] = []
+        groups: list[tuple[list[Request], Callable[[], None]]] = []
         k = max(1, min(self.config.micro_batches, len(decode)))
         for i in range(k):
             part = decode[i::k]
             if part:
-                groups.append(lambda part=part: self._decode(part))
+                groups.append((part, lambda part=part: self._decode(part)))
         if prefill:
-            groups.append(lambda: self._prefill(prefill))
+            groups.append(([r for r, _ in prefill], lambda: self._prefill(prefill)))
         if len(groups) > 1 and self.backend is not None:
             # micro-batches in flight together: one's attention runs while another waits on experts
-            for f in [self.pool.submit(g) for g in groups]:
-                f.result()
+            futures = [self.pool.submit(self._run_group, reqs, g) for reqs, g in groups]
+            results = [f.result() for f in futures]
         else:
-            for g in groups:
-                g()
+            results = [self._run_group(reqs, g) for reqs, g in groups]
+        causes = []
+        for cause, ended in results:
+            causes.append(cause)
+            for r, kind, event in ended:
+                self.running.remove(r)
+                self._finish(r, kind, event)
         for r in list(self.running):
             if r.finished:
                 self.running.remove(r)
                 self._finish(r, r.finish_reason)
-        self.last_step = StepStats(len(decode), len(prefill), sum(n for _, n in prefill), time.perf_counter() - t0)
+        self.last_step = StepStats(len(decode), len(prefill), sum(n for _, n in prefill), time.perf_counter() - t0,
+                                   [c for c in causes if c])
         return self.last_step
+
+    def _run_group(self, reqs: list[Request], run: Callable[[], None]
+                   ) -> tuple[str | None, list[tuple[Request, str, Event]]]:
+        """Runs one micro-batch. On failure: the cause ("deadline" or "error"), and the requests that
+        end with it (the rest run again in the next step, from where they were)."""
+        try:
+            run()
+            return None, []
+        except StepDeadline:
+            cause, message = "deadline", "the experts were unavailable"
+        except Exception as e:  # a bug or a bad answer: these requests fail, the others go on
+            cause, message = "error", f"step failed: {e!r}"
+        now = time.monotonic()
+        ended = []
+        for r in reqs:
+            if cause == "error":
+                ended.append((r, "error", ("error", ("internal", message))))
+            elif r.deadline is not None and now > r.deadline:
+                ended.append((r, "deadline", ("error", ("deadline", f"deadline passed after {len(r.output)} "
+                                                                   f"tokens while {message}"))))
+        return cause, ended
 
     def _emit_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -246,12 +286,18 @@ class Scheduler:
             piece = r.append(tok)
             r.emit(("token", (tok, piece)))
 
+    def _backend(self, reqs: list[Request]) -> ExpertBackend | None:
+        if self.backend is None:
+            return None
+        deadlines = [r.deadline for r in reqs]
+        return self.backend(None if None in deadlines else max(deadlines))
+
     def _decode(self, reqs: list[Request]) -> None:
         ids = torch.tensor([[r.output[-1]] for r in reqs])
         slots = torch.tensor([r.slot for r in reqs])
         start = torch.tensor([r.length - 1 for r in reqs])
-        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True, backend=self.backend,
-                            hook=self.hook)
+        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True,
+                            backend=self._backend(reqs), hook=self.hook)
         self._emit_tokens(reqs, logits)
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
@@ -263,7 +309,7 @@ class Scheduler:
         start = torch.tensor([r.prefilled for r, _ in chunks])
         num_new = torch.tensor([n for _, n in chunks])
         logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
-                            backend=self.backend, hook=self.hook)
+                            backend=self._backend([r for r, _ in chunks]), hook=self.hook)
         done = []
         for b, (r, n) in enumerate(chunks):
             r.prefilled += n
@@ -332,9 +378,9 @@ class EngineLoop:
             if sched.has_work:
                 try:
                     stats = sched.step()
-                except Exception as e:  # a step failed (e.g. experts unreachable): fail its requests, keep serving
+                except Exception as e:  # a bug outside any micro-batch: fail the running requests, keep serving
                     self._fail_running(e)
-                    continue
+                    stats = StepStats(failures=["error"])
                 if self.after_step is not None:
                     self.after_step(stats)
 
@@ -342,4 +388,4 @@ class EngineLoop:
         sched = self.scheduler
         for r in list(sched.running):
             sched.running.remove(r)
-            sched._finish(r, "error", ("error", ("unavailable", f"step failed: {error}")))
+            sched._finish(r, "error", ("error", ("internal", f"step failed: {error!r}")))

@@ -104,3 +104,64 @@ def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
     monkeypatch.setattr(moe.shared_experts, "forward", shared_then_answer)
     assert torch.equal(moe(x, backend), expected)
     assert seen == [False]
+
+
+def _both_paths(experts, weights, routes):
+    """(small-path plan, tensor-path plan) of the same input."""
+    old = dispatch.SMALL_PLAN
+    try:
+        dispatch.SMALL_PLAN = 10**9
+        small = plan_dispatch(experts, weights, routes)
+        dispatch.SMALL_PLAN = -1
+        large = plan_dispatch(experts, weights, routes)
+    finally:
+        dispatch.SMALL_PLAN = old
+    return small, large
+
+
+@pytest.mark.parametrize("T", [3, 40])  # a small re-plan (<= 64 pairs) and a large one
+@pytest.mark.parametrize("replicated", [False, True])
+def test_padding_is_never_planned_as_an_expert(T, replicated):
+    """A re-plan gets the lost worker's pairs with -1 elsewhere (the wire's convention): -1 is no
+    pair, not the last expert. It counts toward no split, needs no replica, and a row that holds
+    only padding is sent nowhere."""
+    E, K = 16, 4
+    last = E - 1
+    # the last expert lost its only replica: if -1 were read as an id, planning would fail
+    reps = [[e % 3, (e + 1) % 3] if replicated else [e % 3] for e in range(E)]
+    reps[last] = []
+    routes = LayerRoutes(0, reps)
+    g = torch.Generator().manual_seed(T)
+    experts = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=g)
+    keep = torch.rand(T, K, generator=g) < 0.3
+    keep[::4] = False  # some rows are padding only
+    pending = torch.where(keep, experts, -1)
+    for plan in _both_paths(pending, weights, routes):
+        sent = torch.cat([d.rows for d in plan]) if plan else torch.zeros(0, dtype=torch.long)
+        assert set(sent.tolist()) == set(keep.any(1).nonzero().squeeze(1).tolist())
+        count = torch.zeros(T, K, dtype=torch.long)
+        for d in plan:
+            assert bool((d.experts >= 0).any(1).all()), "a row with only padding was sent"
+            for i, t in enumerate(d.rows.tolist()):
+                for k in range(K):
+                    if d.experts[i, k] >= 0:
+                        assert d.worker in reps[int(d.experts[i, k])]
+                        count[t, k] += 1
+                        assert int(d.experts[i, k]) == int(experts[t, k])
+                        assert float(d.weights[i, k]) == float(weights[t, k])
+        assert torch.equal(count, keep.long())
+    small, large = _both_paths(pending, weights, routes)
+    assert [(d.worker, d.rows.tolist(), d.experts.tolist()) for d in small] == \
+           [(d.worker, d.rows.tolist(), d.experts.tolist()) for d in large]
+
+
+def test_padding_does_not_skew_a_replicated_split():
+    """An expert split 50/50 over two replicas: the split of its real pairs is the same with or
+    without padding around them (padding counted as expert E-1 used to shift the last expert's)."""
+    E = 4
+    routes = LayerRoutes(0, [[0]] * (E - 1) + [[0, 1]], [[1.0]] * (E - 1) + [[0.5, 0.5]])
+    experts = torch.full((80, 1), E - 1)
+    padded = torch.cat([experts, torch.full((80, 1), -1)], 1)
+    for a, b in zip(_both_paths(experts, torch.ones(80, 1), routes), _both_paths(padded, torch.ones(80, 2), routes)):
+        assert {d.worker: len(d.rows) for d in a} == {d.worker: len(d.rows) for d in b} == {0: 40, 1: 40}

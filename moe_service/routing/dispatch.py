@@ -77,29 +77,32 @@ class WorkerDispatch:
 
 
 def assign_replicas(experts: torch.Tensor, routes: LayerRoutes) -> torch.Tensor:
-    """The worker of every (token, expert) pair: [T, K] -> [T, K].
+    """The worker of every (token, expert) pair: [T, K] -> [T, K], -1 where `experts` is -1 (no pair).
 
     A replicated expert's pairs are split across its replicas by share, in token order, so the
     choice is deterministic for a given batch.
     """
     workers, cum, R = routes.tensors()
     flat = experts.reshape(-1).long()
+    out = torch.full_like(flat, -1)
+    pairs = (flat >= 0).nonzero().squeeze(1)  # padding never counts toward an expert's split
+    e = flat[pairs]
     if R == 1:
-        out = workers[flat, 0]
+        owner = workers[e, 0]
     else:
         E = workers.shape[0]
-        order = torch.argsort(flat, stable=True)
-        sorted_e = flat[order]
-        counts = torch.bincount(flat, minlength=E)
+        order = torch.argsort(e, stable=True)
+        sorted_e = e[order]
+        counts = torch.bincount(e, minlength=E)
         starts = counts.cumsum(0) - counts
-        rank = torch.arange(flat.numel()) - starts[sorted_e]
+        rank = torch.arange(e.numel()) - starts[sorted_e]
         frac = (rank.double() + 0.5) / counts[sorted_e].double()  # where each pair sits in its expert's run
         idx = torch.searchsorted(cum[sorted_e], frac[:, None]).squeeze(1).clamp_(max=R - 1)
-        out = torch.empty_like(flat)
-        out[order] = workers[sorted_e, idx]
-    if bool((out < 0).any()):
-        e = int(flat[(out < 0).nonzero()[0, 0]])
-        raise NoReplicaError(routes.layer, e)
+        owner = torch.empty_like(e)
+        owner[order] = workers[sorted_e, idx]
+    if bool((owner < 0).any()):
+        raise NoReplicaError(routes.layer, int(e[(owner < 0).nonzero()[0, 0]]))
+    out[pairs] = owner
     return out.view_as(experts)
 
 
@@ -107,12 +110,13 @@ SMALL_PLAN = 64  # (token, expert) pairs up to which planning in plain Python be
 
 
 def plan_dispatch(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoutes) -> list[WorkerDispatch]:
-    """experts [T, K], weights [T, K] -> one WorkerDispatch per worker that has work, by worker id."""
+    """experts [T, K] (-1: no pair, as on the wire), weights [T, K] -> one WorkerDispatch per worker
+    that has work, by worker id. A row whose pairs are all -1 goes to no worker."""
     if experts.numel() <= SMALL_PLAN:
         return _plan_small(experts, weights, routes)
     owner = assign_replicas(experts, routes)  # [T, K]
     out = []
-    for w in torch.unique(owner).tolist():
+    for w in torch.unique(owner[owner >= 0]).tolist():
         mine = owner == w  # [T, K]
         rows = mine.any(dim=1).nonzero().squeeze(1)
         e = torch.where(mine, experts, -1)[rows].to(torch.int32)
@@ -129,11 +133,14 @@ def _plan_small(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoute
     counts: dict[int, int] = {}
     for row in ex:
         for e in row:
-            counts[e] = counts.get(e, 0) + 1
+            if e >= 0:
+                counts[e] = counts.get(e, 0) + 1
     seen: dict[int, int] = {}
     per_worker: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
     for t, (row, wrow) in enumerate(zip(ex, wt)):
         for k, (e, w) in enumerate(zip(row, wrow)):
+            if e < 0:
+                continue
             reps = routes.replicas[e]
             if not reps:
                 raise NoReplicaError(routes.layer, e)

@@ -38,6 +38,13 @@ def controller_link(handle) -> ControllerLink:
     return ControllerLink(table, wait_for_table, report_unavailable, report_load)
 
 
+def _time_remaining(grpc_context) -> float | None:
+    """The client's deadline, as seconds from now (None: it set none)."""
+    if grpc_context is not None and getattr(grpc_context, "time_remaining", None):
+        return grpc_context.time_remaining()
+    return None
+
+
 def _fail(grpc_context, e: GatewayError):
     if grpc_context is not None:
         grpc_context.set_code(e.code)
@@ -66,10 +73,7 @@ class GatewayDeployment:
             except GatewayError as e:
                 self._count("Generate", e.code)
                 raise
-            timeout = None
-            if grpc_context is not None and getattr(grpc_context, "time_remaining", None):
-                timeout = grpc_context.time_remaining()
-            async for resp in self.gateway.generate(request, timeout):
+            async for resp in self.gateway.generate(request, _time_remaining(grpc_context)):
                 yield resp
         except GatewayError as e:
             _fail(grpc_context, e)
@@ -77,7 +81,7 @@ class GatewayDeployment:
     async def Forward(self, request, grpc_context=None):
         try:
             self._auth(grpc_context)
-            resp = await self.gateway.forward(request)
+            resp = await self.gateway.forward(request, _time_remaining(grpc_context))
             self._count("Forward", grpc.StatusCode.OK)
             return resp
         except GatewayError as e:

@@ -298,7 +298,7 @@ class Controller:
             if union != slot.pairs:
                 loads.append(slot.handle.load.remote(union))
                 slot.pairs = union
-        await asyncio.gather(*loads)
+        await self._loaded(loads)
         # 2. publish: gateways switch between steps
         self.placement = new
         await self._publish()
@@ -328,9 +328,17 @@ class Controller:
             if final != slot.pairs:
                 drops.append(slot.handle.load.remote(final))
                 slot.pairs = final
-        await asyncio.gather(*drops)
+        await self._loaded(drops)
         await self._publish()
         return switched
+
+    @staticmethod
+    async def _loaded(calls: list) -> None:
+        """Awaits workers' loads. One that died meanwhile is not an error here: the monitor restarts it
+        with its `pairs`, which already say what it must host."""
+        for r in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(r, BaseException) and not isinstance(r, RayActorError):
+                raise r
 
     async def _rebalance_loop(self) -> None:
         while True:

@@ -18,10 +18,11 @@ from grpc_health.v1 import health_pb2
 
 from moe_service.checkpoint import load_model, open_source
 from moe_service.metrics import GatewayMetrics, serve_metrics
+from moe_service.model.moe import ExpertBackend
 from moe_service.model.summary import summarize
 from moe_service.routing import LayerRoutes
 from moe_service.sampling import SamplingParams
-from moe_service.scheduler import EngineLoop, Rejected, Scheduler
+from moe_service.scheduler import EngineLoop, Rejected, Scheduler, StepDeadline
 from moe_service.serving.config import ServiceConfig
 from moe_service.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
@@ -33,7 +34,7 @@ from moe_service.transport.pb import moe_pb2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATUS_OF = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
              "deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "unavailable": grpc.StatusCode.UNAVAILABLE,
-             "cancelled": grpc.StatusCode.CANCELLED, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
+             "cancelled": grpc.StatusCode.CANCELLED, "internal": grpc.StatusCode.INTERNAL, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
 MAX_FORWARD_TOKENS = 8192
 
 
@@ -122,7 +123,7 @@ class Gateway:
         self.remote = RemoteExperts(self.client, routing_table(first), call_timeout_s=cfg.expert_call_timeout_s,
                                     wait_for_table=self._wait_for_new_table, on_call=self._on_call,
                                     on_stage=self._on_stage)
-        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts,
+        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts_until,
                                    hook=self._on_stage)
         m, c = self.metrics, self.scheduler.config
         m.queue_capacity.set(c.max_queue)
@@ -134,16 +135,20 @@ class Gateway:
 
     # ---- the expert backend (engine thread -> IO loop) ---------------------------------------
 
-    def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> "Future[torch.Tensor] | torch.Tensor":
-        """Sends the layer's dispatch; with `overlap_shared_experts` returns at once, and the model runs
-        the shared experts while the workers compute."""
-        counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
-        with self.counts_lock:
-            self.counts[self.layer_index[layer]] += counts
-        deadline = time.monotonic() + self.cfg.expert_call_timeout_s
-        call = asyncio.run_coroutine_threadsafe(self.remote.run(layer, x, weights, experts, deadline), self.io.loop)
-        return call if self.cfg.overlap_shared_experts else call.result()
+    def _experts_until(self, deadline: float | None) -> ExpertBackend:
+        """The expert backend of one micro-batch whose requests' latest deadline is `deadline`."""
+
+        def experts(layer: int, x: torch.Tensor, weights: torch.Tensor,
+                    experts: torch.Tensor) -> "Future[torch.Tensor] | torch.Tensor":
+            # with `overlap_shared_experts` this returns at once, and the model runs the shared experts
+            # while the workers compute
+            counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
+            with self.counts_lock:
+                self.counts[self.layer_index[layer]] += counts
+            call = asyncio.run_coroutine_threadsafe(self.remote.run(layer, x, weights, experts, deadline), self.io.loop)
+            return call if self.cfg.overlap_shared_experts else call.result()
+
+        return experts
 
     # ---- metrics ------------------------------------------------------------------------------
 
@@ -165,6 +170,10 @@ class Gateway:
 
     def _after_step(self, stats) -> None:
         m = self.metrics
+        for cause in stats.failures:
+            m.step_failures.labels(cause).inc()
+        if not stats.seconds:
+            return
         m.step.observe(stats.seconds)
         m.step_rows.observe(stats.decode_rows + stats.prefill_rows)
         m.step_tokens.observe(stats.decode_rows + stats.prefill_tokens)
@@ -202,16 +211,21 @@ class Gateway:
             t = await self.controller.wait_for_table(t["version"], 5.0)
         return t
 
-    async def _wait_for_new_table(self, excluded: set[int]) -> RoutingTable:
+    async def _wait_for_new_table(self, excluded: set[int], version: int, wait_s: float) -> RoutingTable | None:
+        """A table newer than `version` for a call that lost workers, or None after `wait_s`. It is that
+        call's alone: the gateway switches its own table only between steps (the controller drops old
+        replicas once every gateway routes with the new version, so a step in flight keeps its own)."""
         for w in excluded:
             await self.controller.report_unavailable(w)
-        version = self.remote.table.version
+        deadline = time.monotonic() + wait_s
         while True:
-            t = await self.controller.wait_for_table(version, 5.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            t = await self.controller.wait_for_table(version, left)
             if t["version"] > version and t["ready"]:
-                self.table_info = t
                 return routing_table(t)
-            version = t["version"]
+            version = max(version, t["version"])
 
     async def _poll_table(self) -> None:
         version = self.table_info["version"]
@@ -334,7 +348,7 @@ class Gateway:
             if not req.finished:
                 self.engine.cancel(req)  # the client went away: free its slot at the next step
 
-    async def forward(self, request: moe_pb2.ForwardRequest) -> moe_pb2.ForwardResponse:
+    async def forward(self, request: moe_pb2.ForwardRequest, timeout_s: float | None = None) -> moe_pb2.ForwardResponse:
         seqs = [list(s.ids) for s in request.sequences]
         V = self.args.vocab_size
         if not seqs or any(not s for s in seqs):
@@ -362,13 +376,15 @@ class Gateway:
             ids[b, : len(s)] = torch.tensor(s)
         lengths = torch.tensor([len(s) for s in seqs])
 
+        backend = self._experts_until(time.monotonic() + (timeout_s or self.cfg.request_timeout_s))
+
         def run() -> torch.Tensor:
-            return self.model(ids, num_new=lengths, backend=self._experts).float()
+            return self.model(ids, num_new=lengths, backend=backend).float()
 
         try:
             logits = await asyncio.wrap_future(self.engine.run_job(run))
-        except grpc.aio.AioRpcError as e:
-            raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"expert workers unavailable: {e.details()}") from None
+        except StepDeadline:
+            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts answered") from None
         resp = moe_pb2.ForwardResponse(lengths=[len(s) for s in seqs])
         if targets:
             tgt = torch.zeros(len(seqs), T, dtype=torch.long)

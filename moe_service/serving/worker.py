@@ -39,6 +39,7 @@ class ExpertWorker:
         self.pairs: list[tuple[int, int]] = []
         self.reads: list[str] = []  # checkpoint tensors read by the last load (tests check the share)
         self.metrics = WorkerMetrics(worker_id)
+        self.started = asyncio.Event()  # a rebalance's load() may arrive while start() still runs
 
     def _load(self, pairs: list[tuple[int, int]]) -> dict[int, HostedLayer]:
         """Hosted layers for `pairs`: replicas already here are copied, only new ones are read."""
@@ -86,11 +87,13 @@ class ExpertWorker:
         host = self.bind_host or ray.util.get_node_ip_address()
         self.server = await start_expert_server(self.servicer, host=host, port=0, tls=self.tls)
         metrics_port = serve_metrics(self.metrics.registry, host=host)
+        self.started.set()
         return {"address": f"{host}:{self.server.port}", "metrics": f"{host}:{metrics_port}"}
 
     async def load(self, pairs: list[tuple[int, int]]) -> float:
         """Host exactly `pairs` from now on. New replicas load on a side thread before the swap, so no
         call ever waits for weights; calls already running finish on the set they started with."""
+        await self.started.wait()
         assert self.servicer is not None
         want = sorted(map(tuple, pairs))
         if want == self.pairs:

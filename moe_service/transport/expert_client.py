@@ -10,13 +10,11 @@ from typing import Awaitable, Callable
 import grpc
 import torch
 
+from moe_service.scheduler import StepDeadline
 from moe_service.routing import LayerRoutes, NoReplicaError, WorkerDispatch, combine, plan_dispatch
 from moe_service.transport import fastwire
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
-
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-
 
 class ExpertClient:
     """One channel per worker address, reused; calls are plain unary RPCs with deadlines."""
@@ -92,88 +90,92 @@ class RoutingTable:
     addresses: dict[int, str]  # worker id -> host:port
 
 
+# a worker that answers with one of these cannot serve this call: its pairs go to another replica
+# (UNAVAILABLE: gone; DEADLINE_EXCEEDED: hung past one call's timeout; FAILED_PRECONDITION: it no
+# longer hosts an expert, the placement moved on; CANCELLED: it is shutting down)
+WORKER_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+               grpc.StatusCode.CANCELLED)
+
+
 @dataclass
 class RemoteExperts:
     """Runs one layer's routed experts on the workers: plan, call all concurrently, combine.
 
-    A worker that answers UNAVAILABLE is excluded and its pairs go to other replicas; with none
-    left, `wait_for_table` (the controller restarting the worker) is awaited until the deadline.
+    A worker that cannot serve a call (WORKER_LOST) is excluded and only its pairs are planned
+    again, onto other replicas; with none left, a newer table (the controller restarting the
+    worker) is awaited for a while, then the same one is tried again. This goes on until the step's
+    deadline, which is its requests' (see docs/architecture.md), and only then fails the step.
     """
 
     client: ExpertClient
     table: RoutingTable
     call_timeout_s: float = 30.0
-    max_attempts: int = 5
     on_call: Callable[[CallStats], None] | None = None
     # ("dispatch" | "experts" | "wire" | "combine", seconds); wire = experts beyond the slowest worker's compute
     on_stage: Callable[[str, float], None] | None = None
-    wait_for_table: Callable[[set[int]], Awaitable[RoutingTable]] | None = None
+    # (excluded workers, the table's version, seconds) -> a newer table, or None if none came in time
+    wait_for_table: Callable[[set[int], int, float], Awaitable[RoutingTable | None]] | None = None
+    table_wait_s: float = 2.0  # how long one wait for a newer table lasts before the old one is tried again
 
     async def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   deadline: float | None = None) -> torch.Tensor:
         """x [T, D], weights [T, K], experts [T, K] -> [T, D]"""
         table = self.table
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pending_rows = torch.arange(x.shape[0])
-        pending_e, pending_w = experts, weights
+        pending = experts  # [T, K]: the pairs still to be answered, -1 elsewhere
         excluded: set[int] = set()
         retried = False
-        for attempt in range(self.max_attempts):
-            routes = table.routes[layer].without(excluded)
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StepDeadline(f"layer {layer}: the step's deadline passed before the experts answered")
             t0 = time.perf_counter()
             try:
-                plan = plan_dispatch(pending_e, pending_w, routes)
+                plan = plan_dispatch(pending, weights, table.routes[layer].without(excluded))
             except NoReplicaError:
-                table = await self._await_new_table(excluded, deadline)
+                table = await self._newer_table(table, excluded, deadline)
                 excluded = set()
                 continue
-            calls = [self._call(table, layer, d, x, pending_rows[d.rows], deadline, retried) for d in plan]
+            calls = [self._call(table, layer, d, x, deadline, retried) for d in plan]
             t1 = time.perf_counter()
             results = await asyncio.gather(*calls, return_exceptions=True)
             t2 = time.perf_counter()
-            failed: list[WorkerDispatch] = []
+            lost = torch.zeros(experts.shape, dtype=torch.bool)
             slowest = 0.0  # the slowest worker's own compute: the rest of the stage is the wire's
             for d, r in zip(plan, results):
-                if isinstance(r, grpc.aio.AioRpcError) and r.code() in RETRYABLE:
+                if isinstance(r, grpc.aio.AioRpcError) and r.code() in WORKER_LOST:
                     excluded.add(d.worker)
-                    failed.append(d)
+                    lost[d.rows] |= d.experts >= 0
                 elif isinstance(r, BaseException):
                     raise r
                 else:
-                    parts.append((pending_rows[d.rows], r[0]))
+                    parts.append((d.rows, r[0]))
                     slowest = max(slowest, r[1])
             if self.on_stage is not None:
                 self.on_stage("dispatch", t1 - t0)
                 self.on_stage("experts", t2 - t1)
                 self.on_stage("wire", max(0.0, t2 - t1 - slowest))
-            if not failed:
+            if not bool(lost.any()):
                 out = combine(x.shape[0], parts, x)
                 if self.on_stage is not None:
                     self.on_stage("combine", time.perf_counter() - t2)
                 return out
-            # re-dispatch only the failed workers' pairs
-            rows = torch.cat([d.rows for d in failed])
-            pending_e = torch.cat([d.experts.long() for d in failed])
-            pending_w = torch.cat([d.weights for d in failed])
-            pending_rows = pending_rows[rows]
+            pending = torch.where(lost, experts, -1)  # only the lost workers' pairs, padding stays padding
             retried = True
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   f"layer {layer}: experts unavailable after {self.max_attempts} attempts")
 
-    async def _await_new_table(self, excluded: set[int], deadline: float | None) -> RoutingTable:
-        if self.wait_for_table is None:
-            raise NoReplicaError(-1, -1)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            self.table = await asyncio.wait_for(self.wait_for_table(excluded), timeout)
-        except asyncio.TimeoutError:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
-                                       grpc.aio.Metadata(), "deadline passed waiting for expert workers") from None
-        return self.table
+    async def _newer_table(self, table: RoutingTable, excluded: set[int], deadline: float | None) -> RoutingTable:
+        """A newer table for this call (the gateway's own switches between steps), or the same one
+        once a wait runs out: an excluded worker may have been a passing failure."""
+        wait = self.table_wait_s if deadline is None else max(0.0, min(self.table_wait_s, deadline - time.monotonic()))
+        if self.wait_for_table is None:  # nobody to ask: back off, then try the same table again
+            await asyncio.sleep(wait)
+            return table
+        newer = await self.wait_for_table(excluded, table.version, wait)
+        return newer if newer is not None and newer.version > table.version else table
 
-    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, x: torch.Tensor, rows: torch.Tensor,
+    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, x: torch.Tensor,
                     deadline: float | None, retried: bool) -> tuple[torch.Tensor, float]:
-        """Sends x[rows] [N, D] (gathered into the message) with d's experts and weights."""
+        """Sends x[d.rows] [N, D] (gathered into the message) with d's experts and weights."""
+        rows = d.rows
         timeout = self.call_timeout_s
         if deadline is not None:
             timeout = min(timeout, max(0.001, deadline - time.monotonic()))

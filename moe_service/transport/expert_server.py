@@ -114,7 +114,8 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         if request.error is not None:
             raise BadRequest(inv, request.error)
         if request.layer not in hosted:
-            raise BadRequest(inv, f"layer {request.layer} is not hosted by worker {self.worker_id}; "
+            # FAILED_PRECONDITION, not INVALID_ARGUMENT: a placement that moved on, the caller's table is stale
+            raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, f"layer {request.layer} is not hosted by worker {self.worker_id}; "
                                   f"hosted layers: {sorted(hosted)}")
         layer = hosted[request.layer]
         x, experts, weights = request.hidden, request.experts, request.weights  # codec.Raw: checked bytes
@@ -152,7 +153,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         if bad < -1 or bad >= self.num_experts:
             return BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                               f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
-        return BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+        return BadRequest(grpc.StatusCode.FAILED_PRECONDITION,
                           f"experts has expert {bad} of layer {layer_id}, which worker {self.worker_id} "
                           f"does not host (hosted: {layer.expert_ids})")
 
@@ -225,6 +226,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    servicer: ExpertServicer
 
     @property
     def address(self) -> str:
@@ -260,6 +262,6 @@ async def start_expert_server(
     addr = f"{host}:{port}"
     bound = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
     await server.start()
-    running = RunningServer(server, bound, health_servicer)
+    running = RunningServer(server, bound, health_servicer, servicer)
     await running.set_serving(True)
     return running

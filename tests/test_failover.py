@@ -1,0 +1,198 @@
+"""The gateway's failover policy over real expert servers on loopback (no Ray): a lost worker's pairs
+go to other replicas, or wait for a new table, and nothing but the step's own deadline fails a step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from moe_service import load_model
+from moe_service.routing import LayerRoutes
+from moe_service.scheduler import Scheduler, SchedulerConfig, StepDeadline
+from moe_service.engine import Engine
+from moe_service.sampling import SamplingParams
+from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.expert_server import ExpertServicer
+from tests.aio import LoopThread
+from tests.test_transport import layer_inputs, split_experts, start_workers
+
+PRESET = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(PRESET)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def table_of(replicas, servers, version: int = 1) -> RoutingTable:
+    return RoutingTable(version, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                        {w: s.address for w, s in servers.items()})
+
+
+@pytest.mark.parametrize("T", [4, 40])  # 16 pairs: the small re-plan; 160: the tensor path
+def test_lost_worker_with_replicas_retries_only_its_pairs(loop, model, T):
+    E = model.args.n_routed_experts
+    # every expert on its home worker e % 3 and on one more, so any one worker can be lost
+    hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    client = ExpertClient()
+    calls = []
+    try:
+        remote = RemoteExperts(client, table_of(replicas, servers), on_call=calls.append)
+        layer, x, w, e = layer_inputs(model, T, seed=T)
+        loop.run(servers[2].stop(0))
+        got = loop.run(remote.run(layer, x, w, e))
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        failed = [c for c in calls if not c.ok]
+        assert [c.worker for c in failed] == [2]
+        retried = [c for c in calls if c.retried]
+        assert retried and all(c.ok and c.worker != 2 for c in retried)
+        # the retry carries exactly the rows that had a pair on the lost worker: no padding-only row
+        assert sum(c.rows for c in retried) >= failed[0].rows
+        assert max(c.rows for c in retried) <= failed[0].rows
+    finally:
+        loop.run(client.close())
+        for w in (0, 1):
+            loop.run(servers[w].stop(0))
+
+
+@pytest.mark.parametrize("T", [4, 40])
+def test_lost_only_replica_waits_for_a_new_table_and_keeps_the_steps_own(loop, model, T):
+    """One replica per expert: the lost worker's pairs wait for a newer table (a restarted worker at
+    a new address), which serves this call only; the gateway's table switches between steps."""
+    hosts, replicas = split_experts(model, 2)
+    servers = loop.run(start_workers(hosts))
+    restarted = loop.run(start_workers({1: hosts[1]}))[1]
+    client = ExpertClient()
+    asked: list[tuple[set, int]] = []
+    newer = RoutingTable(2, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                         {0: servers[0].address, 1: restarted.address})
+
+    async def wait_for_table(excluded: set[int], version: int, wait_s: float):
+        asked.append((set(excluded), version))
+        return newer
+
+    calls = []
+    try:
+        first = table_of(replicas, servers)
+        remote = RemoteExperts(client, first, wait_for_table=wait_for_table, on_call=calls.append)
+        layer, x, w, e = layer_inputs(model, T, seed=T)
+        loop.run(servers[1].stop(0))
+        got = loop.run(remote.run(layer, x, w, e))
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert asked == [({1}, 1)]
+        assert remote.table is first, "a call's new table replaced the gateway's mid-step"
+        assert any(c.ok and c.retried and c.worker == 1 for c in calls)
+    finally:
+        loop.run(client.close())
+        loop.run(servers[0].stop(0))
+        loop.run(restarted.stop(0))
+
+
+def test_a_worker_that_no_longer_hosts_an_expert_is_a_lost_worker(loop, model):
+    """A rebalance dropped the replica a call was sent to (FAILED_PRECONDITION, a stale table): its
+    pairs go to the other replica instead of failing the step."""
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    client = ExpertClient()
+    calls = []
+    try:
+        remote = RemoteExperts(client, table_of(replicas, servers), on_call=calls.append)
+        layer, x, w, e = layer_inputs(model, 40)
+        servers[1].servicer.set_hosted({})  # worker 1 dropped every replica
+        got = loop.run(remote.run(layer, x, w, e))
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert any(not c.ok and c.worker == 1 for c in calls) and all(c.worker == 0 for c in calls if c.retried)
+    finally:
+        loop.run(client.close())
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
+class HungServicer(ExpertServicer):
+    async def RunExperts(self, request, context):
+        await asyncio.sleep(30)
+
+
+def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loop, model):
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    hung = loop.run(start_workers({1: hosts[1]}, servicer_class=HungServicer))[1]
+    client = ExpertClient()
+    try:
+        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                             {0: servers[0].address, 1: hung.address})
+        remote = RemoteExperts(client, table, call_timeout_s=0.3)
+        layer, x, w, e = layer_inputs(model, 8)
+        got = loop.run(remote.run(layer, x, w, e, deadline=time.monotonic() + 20))
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        # every replica hung and the step's deadline passes: only then does the step fail
+        only_hung = RoutingTable(1, table.routes, {0: hung.address, 1: hung.address})
+        remote = RemoteExperts(client, only_hung, call_timeout_s=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(StepDeadline):
+            loop.run(remote.run(layer, x, w, e, deadline=t0 + 1.0))
+        assert 0.9 <= time.monotonic() - t0 < 3.0
+    finally:
+        loop.run(client.close())
+        for s in (*servers.values(), hung):
+            loop.run(s.stop(0))
+
+
+def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, model):
+    """The scheduler runs decode and prefill micro-batches in one step; a worker goes away during
+    one of them. Every stream equals the in-process engine's, and no request fails."""
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    client = ExpertClient()
+    state = {"calls": 0, "killed_at": None, "retried": 0}
+
+    def on_call(c) -> None:
+        state["calls"] += 1
+        state["retried"] += c.retried
+        if state["calls"] == 40 and state["killed_at"] is None:
+            state["killed_at"] = sched.last_step
+            asyncio.ensure_future(servers[2].stop(0))  # on the loop, while other calls are in flight
+
+    remote = RemoteExperts(client, table_of(replicas, servers), on_call=on_call)
+
+    def backend(deadline):
+        return lambda layer, x, w, e: loop.run(remote.run(layer, x, w, e, deadline))
+
+    sched = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=128, prefill_chunk=8, step_token_budget=8,
+                                             micro_batches=2), backend=backend)
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 5, 21)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    mixed = []
+    try:
+        for i, p in enumerate(prompts):
+            sched.submit(p, params, events[i].append, timeout_s=60)
+        while sched.has_work:
+            stats = sched.step()
+            mixed.append(stats.decode_rows > 0 and stats.prefill_rows > 0)
+            assert not stats.failures, [e for ev in events.values() for e in ev if e[0] == "error"]
+        engine = Engine(model)
+        for i, p in enumerate(prompts):
+            tokens = [ev[1][0] for ev in events[i] if ev[0] == "token"]
+            assert events[i][-1][0] == "finish", events[i][-1]
+            assert tokens == engine.generate([p], params)[0].output, i
+        assert state["killed_at"] is not None and state["retried"] and any(mixed)
+    finally:
+        loop.run(client.close())
+        for w in (0, 1):
+            loop.run(servers[w].stop(0))

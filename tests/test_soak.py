@@ -1,0 +1,173 @@
+"""Fault-injection soak: worker kills, forced rebalances and one autoscaling step each way, while 8
+clients stream. A worker loss changes nothing for clients: no request fails, every output is exact."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+import ray
+import torch
+
+from moe_service import load_model
+from moe_service.client import Client
+from moe_service.engine import Engine
+from moe_service.sampling import SamplingParams
+from moe_service.serving.local import start_service
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny"
+CLIENTS = 8
+NEW_TOKENS = 24
+DEADLINE_S = 60.0
+CHAOS_S = 45.0
+
+
+def config() -> dict:
+    return dict(model=PRESET, workers=3, redundant_experts=2, gpus_per_worker=0.5, gateway_num_cpus=0,
+                expert_bind_host="127.0.0.1", sd_port=0, rebalance_interval_s=0, rebalance_min_gain=0.0,
+                load_report_interval_s=0.2, scheduler={"max_running": 16, "max_seq_len": 256})
+
+
+@pytest.fixture(scope="module")
+def workload():
+    g = torch.Generator().manual_seed(14)
+    prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 9, 17, 25, 33, 39, 6, 12)]
+    engine = Engine(load_model(PRESET))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return prompts, [engine.generate([p], params)[0].output for p in prompts]
+
+
+class Clients:
+    """Streaming clients sending the prompts round and round until stopped; every result is checked."""
+
+    def __init__(self, address: str, prompts, reference) -> None:
+        self.address, self.prompts, self.reference = address, prompts, reference
+        self.stop = threading.Event()
+        self.done = 0
+        self.mismatches: list = []
+        self.errors: list = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        with Client(self.address) as c:
+            k = i
+            while not self.stop.is_set():
+                j = k % len(self.prompts)
+                try:
+                    got = [t.token_id for t in c.generate(token_ids=self.prompts[j], max_new_tokens=NEW_TOKENS,
+                                                          ignore_eos=True, timeout_s=DEADLINE_S) if t.token_id >= 0]
+                except Exception as e:  # every failure fails the test, below
+                    self.errors.append(repr(e))
+                    continue
+                if got != self.reference[j]:
+                    self.mismatches.append((j, got))
+                self.done += 1
+                k += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(DEADLINE_S + 30)
+
+
+def workers(ctl) -> dict[int, dict]:
+    return {w["worker_id"]: w for w in ray.get(ctl.worker_info.remote())}
+
+
+def wait_until(ctl, done, what: str, timeout_s: float = 60.0) -> None:
+    """Follows the controller's table versions (a long poll) until `done(workers)` holds."""
+    deadline = time.monotonic() + timeout_s
+    version = ray.get(ctl.table.remote())["version"]
+    while not done(workers(ctl)):
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s}s: {workers(ctl)}"
+        version = ray.get(ctl.wait_for_table.remote(version, 1.0))["version"]
+
+
+def kill_and_wait_for_restart(ctl, worker_id: int) -> None:
+    """SIGKILL the worker's process, as an operator's soak does, then wait until the controller has
+    restarted it: never more than one worker down at a time."""
+    before = workers(ctl)[worker_id]
+    actor = ray.get_actor(before["actor_name"], namespace="moe_service")
+    os.kill(ray.get(actor.ping.remote())["pid"], signal.SIGKILL)
+    wait_until(ctl, lambda ws: ws[worker_id]["generation"] > before["generation"]
+               and all(w["healthy"] for w in ws.values()), f"worker {worker_id} restarted")
+
+
+def gateway_counter(ctl, name: str) -> float:
+    http = ray.get(ctl.http_address.remote())
+    with urllib.request.urlopen(f"http://{http}/targets", timeout=10) as r:
+        import json
+
+        targets = json.load(r)
+    total = 0.0
+    for t in targets:
+        if t["labels"].get("component") == "gateway":
+            with urllib.request.urlopen(f"http://{t['targets'][0]}/metrics", timeout=10) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(name):
+                        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, workload):
+    prompts, reference = workload
+    rng = random.Random(14)
+    svc = start_service(config())
+    ctl = svc.controller()
+    counts = {"kills": 0, "rebalances": 0, "scale_steps": 0}
+    try:
+        clients = Clients(svc.address, prompts, reference)
+        try:
+            # the restart time, measured on the first kill: each later kill waits at least that long
+            t0 = time.monotonic()
+            kill_and_wait_for_restart(ctl, rng.choice(sorted(workers(ctl))))
+            counts["kills"] += 1
+            restart_s = time.monotonic() - t0
+            last_kill = t0
+            plan = ["rebalance", "kill", "scale_up", "kill", "rebalance", "kill", "scale_down", "kill", "rebalance"]
+            start = time.monotonic()
+            while time.monotonic() - start < CHAOS_S:
+                step = plan[0]
+                plan = plan[1:] + ([step] if step in ("kill", "rebalance") else [])
+                if step == "kill":
+                    wait = last_kill + restart_s - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)  # pacing the chaos: kills at least one restart time apart
+                    last_kill = time.monotonic()
+                    kill_and_wait_for_restart(ctl, rng.choice(sorted(workers(ctl))))
+                    counts["kills"] += 1
+                elif step == "rebalance":
+                    assert ray.get(ctl.rebalance.remote(force=True), timeout=120)["applied"]
+                    counts["rebalances"] += 1
+                else:
+                    n = len(workers(ctl)) + (1 if step == "scale_up" else -1)
+                    assert ray.get(ctl.rebalance.remote(num_workers=n, force=True), timeout=120)["applied"]
+                    assert len(workers(ctl)) == n
+                    counts["scale_steps"] += 1
+        finally:
+            clients.finish()
+        retries = gateway_counter(ctl, "moe_expert_retries_total")
+        failures = gateway_counter(ctl, "moe_step_failures_total")
+        print(f"\nsoak: {clients.done} requests, {counts['kills']} kills (restart {restart_s:.1f}s), "
+              f"{counts['rebalances']} rebalances, {counts['scale_steps']} scaling steps, {retries:.0f} retried calls, "
+              f"{failures:.0f} step failures")
+        assert not clients.errors, clients.errors[:3]
+        assert not clients.mismatches, clients.mismatches[:3]
+        assert counts["kills"] >= 4 and counts["rebalances"] >= 2 and counts["scale_steps"] == 2, counts
+        assert clients.done > 0 and retries > 0 and failures == 0
+        # afterwards: every worker healthy, every expert served, outputs exact
+        table = ray.get(ctl.table.remote())
+        assert table["ready"] and all(w["healthy"] for w in workers(ctl).values())
+        with Client(svc.address) as c:
+            for p, want in zip(prompts, reference):
+                assert c.generate_ids(p, max_new_tokens=NEW_TOKENS, ignore_eos=True) == want
+    finally:
+        svc.shutdown()
