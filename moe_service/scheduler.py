@@ -237,9 +237,10 @@ class Scheduler:
         if prefill:
             groups.append(([r for r, _ in prefill], lambda: self._prefill(prefill)))
         if len(groups) > 1 and self.backend is not None:
-            # micro-batches in flight together: one's attention runs while another waits on experts
-            futures = [self.pool.submit(self._run_group, reqs, g) for reqs, g in groups]
-            results = [f.result() for f in futures]
+            # micro-batches in flight together: one's attention runs while another waits on experts;
+            # this thread computes the first, the pool's threads the others
+            futures = [self.pool.submit(self._run_group, reqs, g) for reqs, g in groups[1:]]
+            results = [self._run_group(*groups[0])] + [f.result() for f in futures]
         else:
             results = [self._run_group(reqs, g) for reqs, g in groups]
         causes = []

@@ -75,35 +75,34 @@ def test_no_replica_left_is_an_error_and_combine_adds_parts():
 
 
 def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
-    """A backend may answer with a future (the gateway's does): the shared experts run before it is
-    awaited, and the layer's output is the same as with the experts in-process."""
-    from concurrent.futures import Future
-
+    """A backend may answer with a function (the gateway's does, having sent the dispatch): the
+    shared experts run before it is called, and the layer's output is the same as in-process."""
     from moe_service.checkpoint import load_model
 
     model = load_model("tiny")
     moe = model.layers[model.args.moe_layers[0]].mlp
     x = torch.randn(5, model.args.hidden_size)
     expected = moe(x)
-    pending: list[tuple[Future, torch.Tensor]] = []
+    events: list[str] = []
 
     def backend(layer, h, weights, experts):
-        f = Future()
-        pending.append((f, moe.experts(h, weights, experts)))
-        return f
+        value = moe.experts(h, weights, experts)
 
-    shared, seen = moe.shared_experts.forward, []
+        def answer():
+            events.append("answer awaited")
+            return value
+
+        return answer
+
+    shared = moe.shared_experts.forward
 
     def shared_then_answer(h):
-        f, value = pending[0]
-        seen.append(f.done())
-        out = shared(h)
-        f.set_result(value)  # the "remote" answer arrives after the shared experts ran
-        return out
+        events.append("shared experts")
+        return shared(h)
 
     monkeypatch.setattr(moe.shared_experts, "forward", shared_then_answer)
     assert torch.equal(moe(x, backend), expected)
-    assert seen == [False]
+    assert events == ["shared experts", "answer awaited"]
 
 
 def _both_paths(experts, weights, routes):

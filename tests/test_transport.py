@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -18,10 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from moe_service import load_model
 from moe_service.checkpoint import load_experts
 from moe_service.model.experts import RoutedExperts
-from moe_service.routing import LayerRoutes
 from moe_service.transport import fastwire
 from moe_service.transport.codec import CodecError, decode, decode_bytes, encode
-from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.transport.expert_client import ExpertClient
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 from tests.aio import LoopThread
@@ -118,59 +116,6 @@ def layer_inputs(model, T: int, seed: int = 0):
     x = torch.randn(T, model.args.hidden_size, generator=torch.Generator().manual_seed(seed))
     w, e = model.layers[layer].mlp.gate(x)
     return layer, x, w, e
-
-
-@pytest.mark.parametrize("num_workers,replicate", [(1, None), (2, None), (3, {0: [1, 2], 5: [0]}), (4, {3: [0, 1, 2]})])
-def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate):
-    hosts, replicas = split_experts(model, num_workers, replicate)
-    servers = loop.run(start_workers(hosts))
-    client = ExpertClient()
-    try:
-        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
-                             {w: s.address for w, s in servers.items()})
-        stages: list[tuple[str, float]] = []
-        calls: list = []
-        remote = RemoteExperts(client, table, on_stage=lambda *a: stages.append(a), on_call=calls.append)
-        # 37 tokens: every message small; 1200: large ones (tensors viewed, outputs written in place)
-        for layer, T in itertools.product(model.args.moe_layers, (37, 1200)):
-            _, x, w, e = layer_inputs(model, T, seed=layer)
-            want = model.layers[layer].mlp.experts(x, w, e)
-            stages.clear()
-            calls.clear()
-            got = loop.run(remote.run(layer, x, w, e))
-            assert (got - want).abs().max().item() <= 1e-5
-            # one of each stage per layer; the wire is the experts stage less the slowest worker's compute
-            seen = dict(stages)
-            assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
-            slowest = max(c.compute_seconds for c in calls)
-            assert seen["wire"] == pytest.approx(seen["experts"] - slowest, abs=1e-9)
-            largest = max(c.bytes_received for c in calls)
-            assert (largest >= fastwire.SMALL_MESSAGE) == (T > 37), largest
-    finally:
-        loop.run(client.close())
-        for s in servers.values():
-            loop.run(s.stop(0))
-
-
-def test_retry_on_another_replica_when_a_worker_is_unavailable(loop, model):
-    # every expert on two workers; worker 1 then goes away
-    hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(model.args.n_routed_experts)})
-    servers = loop.run(start_workers(hosts))
-    client = ExpertClient()
-    calls = []
-    try:
-        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
-                             {w: s.address for w, s in servers.items()})
-        remote = RemoteExperts(client, table, on_call=calls.append)
-        layer, x, w, e = layer_inputs(model, 16)
-        loop.run(servers[1].stop(0))
-        got = loop.run(remote.run(layer, x, w, e))
-        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
-        assert any(not c.ok and c.worker == 1 for c in calls)
-        assert any(c.ok and c.retried and c.worker == 0 for c in calls)
-    finally:
-        loop.run(client.close())
-        loop.run(servers[0].stop(0))
 
 
 # ---- bad input: the right status, a message naming the field, and the server keeps serving ------
@@ -389,8 +334,27 @@ def test_fastwire_writes_the_bytes_protobuf_writes_and_reads_what_it_reads(path:
     buf.output.copy_(h)
     message = buf.finish(0.25)
     assert isinstance(message, bytes) and message == fastwire.encode_response(h, 0.25)
-    out, seconds = fastwire.decode_response(message)
-    assert seconds == 0.25 and torch.equal(out, h)
+    got_resp = fastwire.decode_response(message, (h.dtype, tuple(h.shape)))
+    assert got_resp.compute_seconds == 0.25 and torch.equal(got_resp.output, h)
+    # on a stream: the request's seq and deadline, the answer's seq, and an error answer
+    ref.seq, ref.deadline_s = 300, 2.5
+    assert fastwire.encode_request(3, h, e, w, seq=300, deadline_s=2.5) == ref.SerializeToString()
+    assert fastwire.encode_request(3, big, e, w, rows, 300, 2.5) == fastwire.encode_request(3, big[rows], e, w, seq=300, deadline_s=2.5)
+    got = fastwire.decode_request(ref.SerializeToString())
+    assert (got.error, got.seq, got.deadline_s) == (None, 300, 2.5) and torch.equal(got.hidden.tensor(), h)
+    answer = moe_pb2.RunExpertsResponse(compute_seconds=0.5, seq=300)
+    encode(h, answer.output)
+    assert fastwire.encode_response(h, 0.5, 300) == answer.SerializeToString()
+    buf = fastwire.ResponseBuffer(tuple(h.shape), h.dtype, seq=300)
+    buf.output.copy_(h)
+    assert buf.finish(0.5) == answer.SerializeToString()
+    for expect in ((h.dtype, tuple(h.shape)), None):  # the one-comparison path and the general one
+        r = fastwire.decode_response(answer.SerializeToString(), expect)
+        assert (r.seq, r.compute_seconds, r.error_code) == (300, 0.5, 0) and torch.equal(r.output, h)
+    err = moe_pb2.RunExpertsResponse(seq=7, error_code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], error="late")
+    assert fastwire.encode_error(7, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "late") == err.SerializeToString()
+    r = fastwire.decode_response(err.SerializeToString(), (h.dtype, tuple(h.shape)))
+    assert (r.output, r.seq, r.error_code, r.error) == (None, 7, 4, "late")
     # fields in another order are valid protobuf too (read field by field, not by the quick walk)
     parts = [moe_pb2.RunExpertsRequest(**{name: getattr(ref, name)}).SerializeToString()
              for name in ("weights", "experts", "hidden")]

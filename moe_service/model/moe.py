@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from typing import Callable, Protocol
 
 import torch
@@ -20,10 +19,11 @@ from moe_service.model.layers import MLP
 class ExpertBackend(Protocol):
     """Computes one layer's routed experts: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
 
-    It may answer with a future (a remote backend): the shared experts then run while it is pending."""
+    It may answer with a function that returns the result (a remote backend that has sent the
+    dispatch): the shared experts run before it is called."""
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> "torch.Tensor | Future[torch.Tensor]":
+                 experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
         """x [N, D], weights [N, K], experts [N, K] -> [N, D]"""
         ...
 
@@ -58,5 +58,5 @@ class MoE(nn.Module):
             raise RuntimeError(f"layer {self.layer} has no local routed experts and no expert backend was given")
         # with a remote backend the routed experts are in flight now: the shared ones overlap them
         shared = self.shared_experts(x) if self.shared_experts is not None else None
-        out = routed.result() if isinstance(routed, Future) else routed
+        out = routed() if callable(routed) else routed
         return out if shared is None else out + shared

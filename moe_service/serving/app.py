@@ -5,6 +5,7 @@ Serve config: `import_path: moe_service.serving.app:build_app` with the ServiceC
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -55,9 +56,11 @@ def _fail(grpc_context, e: GatewayError):
 class GatewayDeployment:
     """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        controller = get_or_create_controller(config)
-        self.gateway = Gateway(config, controller_link(controller))
+    async def __init__(self, config: dict[str, Any]) -> None:
+        # blocking work (Ray calls, loading the model) on a thread; the control tasks on this loop
+        controller = await asyncio.to_thread(get_or_create_controller, config)
+        self.gateway = await asyncio.to_thread(Gateway, config, controller_link(controller))
+        await self.gateway.start()
 
     def _auth(self, grpc_context) -> None:
         if grpc_context is not None:

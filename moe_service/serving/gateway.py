@@ -8,9 +8,8 @@ import asyncio
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 import torch
@@ -26,7 +25,7 @@ from moe_service.scheduler import EngineLoop, Rejected, Scheduler, StepDeadline
 from moe_service.serving.config import ServiceConfig
 from moe_service.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
-from moe_service.transport.expert_client import CallStats, ExpertClient, RemoteExperts, RoutingTable
+from moe_service.serving.experts import CallStats, RemoteExperts, RoutingTable
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import TLSConfig
 from moe_service.transport.pb import moe_pb2
@@ -65,37 +64,22 @@ def routing_table(t: dict) -> RoutingTable:
     return RoutingTable(t["version"], routes, addresses)
 
 
-class IOLoop:
-    """An asyncio loop on its own thread: expert RPCs and controller polling live here, apart from
-    both the Serve replica's loop and the engine thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-io", daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def spawn(self, coro) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @dataclass
 class ControllerLink:
     """What the gateway needs from the controller, as plain async callables (tests may fake them)."""
 
-    table: Callable[[], "asyncio.Future"]
-    wait_for_table: Callable[[int, float], "asyncio.Future"]
-    report_unavailable: Callable[[int], "asyncio.Future"]
-    report_load: Callable[[str, list, int, str | None], "asyncio.Future"]
+    table: Callable[[], Awaitable[dict]]
+    wait_for_table: Callable[[int, float], Awaitable[dict]]
+    report_unavailable: Callable[[int], Awaitable[None]]
+    report_load: Callable[[str, list, int, str | None], Awaitable[None]]
 
 
 class Gateway:
+    """Built in two steps: the constructor loads the model (blocking, seconds), `start()` waits for the
+    controller's first ready table and starts the engine, on the event loop that then runs the
+    gateway's control tasks (following the table, reporting load). Steps run on the engine thread
+    and its micro-batch threads, each talking to the workers on its own streams."""
+
     def __init__(self, config: dict, controller: ControllerLink) -> None:
         cfg = self.cfg = ServiceConfig.from_dict(config)
         if cfg.gateway_torch_threads:
@@ -115,40 +99,62 @@ class Gateway:
         self.layer_index = {layer: i for i, layer in enumerate(self.args.moe_layers)}
         self.counts = torch.zeros(len(self.args.moe_layers), self.args.n_routed_experts, dtype=torch.long)
         self.counts_lock = threading.Lock()
-        self.io = IOLoop()
-        tls = TLSConfig(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_ca_file else None
-        self.client = ExpertClient(tls=tls)
-        first = self.io.call(self._fetch_ready_table(), timeout=cfg.worker_start_timeout_s)
+        self.tls = TLSConfig(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_ca_file else None
+        # the newest table the controller published (a step's own table is self.remote.table)
+        self.latest: RoutingTable | None = None
+        self.table_cond = threading.Condition()
+        self.tasks: list[asyncio.Task] = []
+        self.closed = False
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        first = await asyncio.wait_for(self._fetch_ready_table(), cfg.worker_start_timeout_s)
         self.table_info = first
-        self.remote = RemoteExperts(self.client, routing_table(first), call_timeout_s=cfg.expert_call_timeout_s,
+        self.latest = routing_table(first)
+        self.remote = RemoteExperts(self.latest, call_timeout_s=cfg.expert_call_timeout_s,
                                     wait_for_table=self._wait_for_new_table, on_call=self._on_call,
-                                    on_stage=self._on_stage)
-        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._experts_until,
+                                    on_stage=self._on_stage, tls=self.tls)
+        self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._backend,
                                    hook=self._on_stage)
         m, c = self.metrics, self.scheduler.config
         m.queue_capacity.set(c.max_queue)
         m.kv_capacity.set(c.capacity)
         self.engine = EngineLoop(self.scheduler, after_step=self._after_step)
-        self.closed = False
-        self.io.spawn(self._poll_table())
-        self.io.spawn(self._report_load())
+        self.loop = asyncio.get_running_loop()
+        self.tasks = [self.loop.create_task(self._poll_table()), self.loop.create_task(self._report_load())]
 
-    # ---- the expert backend (engine thread -> IO loop) ---------------------------------------
+    # ---- the expert backend (on the thread that computes a micro-batch) -------------------------
 
-    def _experts_until(self, deadline: float | None) -> ExpertBackend:
+    def _backend(self, deadline: float | None) -> ExpertBackend:
         """The expert backend of one micro-batch whose requests' latest deadline is `deadline`."""
+        send = self.remote.backend(deadline)
 
         def experts(layer: int, x: torch.Tensor, weights: torch.Tensor,
-                    experts: torch.Tensor) -> "Future[torch.Tensor] | torch.Tensor":
-            # with `overlap_shared_experts` this returns at once, and the model runs the shared experts
-            # while the workers compute
+                    experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
             counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
             with self.counts_lock:
                 self.counts[self.layer_index[layer]] += counts
-            call = asyncio.run_coroutine_threadsafe(self.remote.run(layer, x, weights, experts, deadline), self.io.loop)
-            return call if self.cfg.overlap_shared_experts else call.result()
+            answer = send(layer, x, weights, experts)
+            # with `overlap_shared_experts` the model runs the shared experts while the workers compute
+            return answer if self.cfg.overlap_shared_experts else answer()
 
         return experts
+
+    def _wait_for_new_table(self, excluded: set[int], version: int, wait_s: float) -> RoutingTable | None:
+        """A table newer than `version` for a call that lost workers, or None after `wait_s`. It is that
+        call's alone: the gateway switches its own table only between steps (the controller drops old
+        replicas once every gateway routes with the new version, so a step in flight keeps its own)."""
+        for w in excluded:
+            self.loop.call_soon_threadsafe(self._spawn, self.controller.report_unavailable(w))
+        with self.table_cond:
+            self.table_cond.wait_for(lambda: self.latest.version > version, wait_s)
+            latest = self.latest
+        return latest if latest.version > version else None
+
+    def _spawn(self, coro: Awaitable) -> None:
+        """Runs a controller call in the background; a failure (the controller restarting) is dropped."""
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # ---- metrics ------------------------------------------------------------------------------
 
@@ -183,6 +189,8 @@ class Gateway:
         m.kv_used.set(s["kv_used_tokens"])
         m.kv_reserved.set(s["kv_reserved_tokens"])
 
+    # ---- control tasks (on the event loop that ran start()) ------------------------------------
+
     async def _report_load(self) -> None:
         # the first report goes out at once: it also registers this gateway's metrics endpoint as a
         # scrape target with the controller
@@ -211,22 +219,6 @@ class Gateway:
             t = await self.controller.wait_for_table(t["version"], 5.0)
         return t
 
-    async def _wait_for_new_table(self, excluded: set[int], version: int, wait_s: float) -> RoutingTable | None:
-        """A table newer than `version` for a call that lost workers, or None after `wait_s`. It is that
-        call's alone: the gateway switches its own table only between steps (the controller drops old
-        replicas once every gateway routes with the new version, so a step in flight keeps its own)."""
-        for w in excluded:
-            await self.controller.report_unavailable(w)
-        deadline = time.monotonic() + wait_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            t = await self.controller.wait_for_table(version, left)
-            if t["version"] > version and t["ready"]:
-                return routing_table(t)
-            version = max(version, t["version"])
-
     async def _poll_table(self) -> None:
         version = self.table_info["version"]
         while not self.closed:
@@ -237,17 +229,20 @@ class Gateway:
                 continue
             if t["version"] > version:
                 version = t["version"]
-                self.table_info = t
                 table = routing_table(t)
-                # a job runs on the engine thread between steps, at once when idle; the controller drops
-                # old replicas only after every gateway routes with the new version, so say so at once
-                # (nothing routed) rather than at the next periodic report
-                await asyncio.wrap_future(self.engine.run_job(lambda: self._switch_table(table)))
-                try:
-                    await self.controller.report_load(self.replica_id, torch.zeros_like(self.counts).tolist(),
-                                                      self.remote.table.version, self.metrics_address)
-                except Exception:  # the controller restarting: the periodic report carries the version
-                    pass
+                with self.table_cond:  # calls waiting for a table take it at once
+                    self.table_info, self.latest = t, table
+                    self.table_cond.notify_all()
+                # the switch is a job on the engine thread, between steps (at once when idle). It is not
+                # awaited here: a step waiting for this very table (a lost worker) must not hold up
+                # polling for the next one. Once switched, say so at once (nothing routed): the
+                # controller drops old replicas only after every gateway routes with the new version.
+                job = self.engine.run_job(lambda: self._switch_table(table))
+                job.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._spawn, self._confirm_table()))
+
+    async def _confirm_table(self) -> None:
+        await self.controller.report_load(self.replica_id, torch.zeros_like(self.counts).tolist(),
+                                          self.remote.table.version, self.metrics_address)
 
     def _switch_table(self, table: RoutingTable) -> None:
         # on the engine thread, between steps only: a step never mixes two placement versions
@@ -376,7 +371,7 @@ class Gateway:
             ids[b, : len(s)] = torch.tensor(s)
         lengths = torch.tensor([len(s) for s in seqs])
 
-        backend = self._experts_until(time.monotonic() + (timeout_s or self.cfg.request_timeout_s))
+        backend = self._backend(time.monotonic() + (timeout_s or self.cfg.request_timeout_s))
 
         def run() -> torch.Tensor:
             return self.model(ids, num_new=lengths, backend=backend).float()
@@ -414,6 +409,11 @@ class Gateway:
         if self.closed:
             return
         self.closed = True
-        self.engine.stop()
-        self.io.call(self.client.close(), timeout=5)
-        self.io.stop()
+        loop = getattr(self, "loop", None)
+        if loop is not None and not loop.is_closed():
+            for t in self.tasks:
+                loop.call_soon_threadsafe(t.cancel)
+        if hasattr(self, "engine"):
+            self.engine.stop()
+            self.scheduler.pool.shutdown()
+            self.remote.close()

@@ -1,23 +1,31 @@
-"""The gateway's async client for expert workers, and the remote-expert backend built on it."""
+"""Clients of the expert workers' gRPC service: `ExpertStreams`, the gateway's data path (a
+thread's own long-lived RunExpertsStream per worker), and `ExpertClient`, unary calls for tools,
+tests and benchmarks."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import grpc
 import torch
 
-from moe_service.scheduler import StepDeadline
-from moe_service.routing import LayerRoutes, NoReplicaError, WorkerDispatch, combine, plan_dispatch
 from moe_service.transport import fastwire
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 
+
+def _channel(address: str, max_message_bytes: int, tls: TLSConfig | None) -> grpc.aio.Channel:
+    opts = grpc_options(max_message_bytes)
+    if tls:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), opts + tls.channel_options())
+    return grpc.aio.insecure_channel(address, options=opts)
+
+
 class ExpertClient:
-    """One channel per worker address, reused; calls are plain unary RPCs with deadlines."""
+    """Unary calls (for tools, tests and benchmarks): one channel per worker address, reused."""
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None) -> None:
         self.max_message_bytes, self.tls = max_message_bytes, tls
@@ -27,12 +35,7 @@ class ExpertClient:
 
     def stub(self, address: str) -> moe_pb2_grpc.ExpertStub:
         if address not in self._stubs:
-            opts = grpc_options(self.max_message_bytes)
-            if self.tls:
-                ch = grpc.aio.secure_channel(address, self.tls.channel_credentials(), opts + self.tls.channel_options())
-            else:
-                ch = grpc.aio.insecure_channel(address, options=opts)
-            self._channels[address] = ch
+            ch = self._channels[address] = _channel(address, self.max_message_bytes, self.tls)
             self._stubs[address] = moe_pb2_grpc.ExpertStub(ch)
             # the hot call skips protobuf's copies (fastwire writes the same bytes), and is decoded
             # in run(), which knows the output's shape
@@ -48,7 +51,8 @@ class ExpertClient:
         self.stub(address)
         payload = fastwire.encode_request(layer, hidden, experts, weights, rows)
         expect = (hidden.dtype, (experts.shape[0], hidden.shape[1]))
-        return fastwire.decode_response(await self._run[address](payload, timeout=timeout), expect)
+        resp = fastwire.decode_response(await self._run[address](payload, timeout=timeout), expect)
+        return resp.output, resp.compute_seconds
 
     async def describe(self, address: str, timeout: float | None = 5.0) -> moe_pb2.DescribeResponse:
         return await self.stub(address).Describe(moe_pb2.DescribeRequest(), timeout=timeout)
@@ -66,127 +70,163 @@ class ExpertClient:
             await self.forget(address)
 
 
-@dataclass
-class CallStats:
-    """Per-call facts the gateway turns into metrics."""
-
-    worker: int
-    layer: int
-    rows: int
-    seconds: float
-    compute_seconds: float
-    bytes_sent: int
-    bytes_received: int
-    ok: bool
-    retried: bool = False
+STATUS = {c.value[0]: c for c in grpc.StatusCode}
+STREAM_METHOD = "/moe.v1.Expert/RunExpertsStream"
 
 
-@dataclass
-class RoutingTable:
-    """A placement version as the gateway uses it: per-layer routes and each worker's address."""
+class WireError(Exception):
+    """A request on a stream that got no answer, or an error answer; `code` is a grpc.StatusCode."""
 
-    version: int
-    routes: dict[int, LayerRoutes]  # layer -> routes
-    addresses: dict[int, str]  # worker id -> host:port
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
 
-
-# a worker that answers with one of these cannot serve this call: its pairs go to another replica
-# (UNAVAILABLE: gone; DEADLINE_EXCEEDED: hung past one call's timeout; FAILED_PRECONDITION: it no
-# longer hosts an expert, the placement moved on; CANCELLED: it is shutting down)
-WORKER_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-               grpc.StatusCode.CANCELLED)
+    @classmethod
+    def broken(cls, e: grpc.aio.AioRpcError) -> "WireError":
+        """The stream failed under a request (not an answer): a worker that died or a connection that
+        broke can show as INTERNAL or UNKNOWN from gRPC's core as well as UNAVAILABLE."""
+        code = e.code()
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            code = grpc.StatusCode.UNAVAILABLE
+        return cls(code, f"the stream broke: {e.details() or e.code().name}")
 
 
 @dataclass
-class RemoteExperts:
-    """Runs one layer's routed experts on the workers: plan, call all concurrently, combine.
+class Sent:
+    """One request written on a stream, awaiting its answer."""
 
-    A worker that cannot serve a call (WORKER_LOST) is excluded and only its pairs are planned
-    again, onto other replicas; with none left, a newer table (the controller restarting the
-    worker) is awaited for a while, then the same one is tried again. This goes on until the step's
-    deadline, which is its requests' (see docs/architecture.md), and only then fails the step.
-    """
+    address: str
+    seq: int
+    expect: tuple[torch.dtype, tuple[int, int]]  # the output's dtype and shape
+    error: WireError | None = None  # the write failed: there is nothing to wait for
+    answered: float = 0.0  # time.perf_counter() when its answer (or error) was read
 
-    client: ExpertClient
-    table: RoutingTable
-    call_timeout_s: float = 30.0
-    on_call: Callable[[CallStats], None] | None = None
-    # ("dispatch" | "experts" | "wire" | "combine", seconds); wire = experts beyond the slowest worker's compute
-    on_stage: Callable[[str, float], None] | None = None
-    # (excluded workers, the table's version, seconds) -> a newer table, or None if none came in time
-    wait_for_table: Callable[[set[int], int, float], Awaitable[RoutingTable | None]] | None = None
-    table_wait_s: float = 2.0  # how long one wait for a newer table lasts before the old one is tried again
 
-    async def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                  deadline: float | None = None) -> torch.Tensor:
-        """x [T, D], weights [T, K], experts [T, K] -> [T, D]"""
-        table = self.table
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        pending = experts  # [T, K]: the pairs still to be answered, -1 elsewhere
-        excluded: set[int] = set()
-        retried = False
-        while True:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StepDeadline(f"layer {layer}: the step's deadline passed before the experts answered")
-            t0 = time.perf_counter()
-            try:
-                plan = plan_dispatch(pending, weights, table.routes[layer].without(excluded))
-            except NoReplicaError:
-                table = await self._newer_table(table, excluded, deadline)
-                excluded = set()
-                continue
-            calls = [self._call(table, layer, d, x, deadline, retried) for d in plan]
-            t1 = time.perf_counter()
-            results = await asyncio.gather(*calls, return_exceptions=True)
-            t2 = time.perf_counter()
-            lost = torch.zeros(experts.shape, dtype=torch.bool)
-            slowest = 0.0  # the slowest worker's own compute: the rest of the stage is the wire's
-            for d, r in zip(plan, results):
-                if isinstance(r, grpc.aio.AioRpcError) and r.code() in WORKER_LOST:
-                    excluded.add(d.worker)
-                    lost[d.rows] |= d.experts >= 0
-                elif isinstance(r, BaseException):
-                    raise r
-                else:
-                    parts.append((d.rows, r[0]))
-                    slowest = max(slowest, r[1])
-            if self.on_stage is not None:
-                self.on_stage("dispatch", t1 - t0)
-                self.on_stage("experts", t2 - t1)
-                self.on_stage("wire", max(0.0, t2 - t1 - slowest))
-            if not bool(lost.any()):
-                out = combine(x.shape[0], parts, x)
-                if self.on_stage is not None:
-                    self.on_stage("combine", time.perf_counter() - t2)
-                return out
-            pending = torch.where(lost, experts, -1)  # only the lost workers' pairs, padding stays padding
-            retried = True
+class ExpertStreams:
+    """One thread's streams to the expert workers: a private event loop, a channel per worker address,
+    and one long-lived RunExpertsStream on each, on which this thread writes a request and then reads
+    its answer itself (no hand-off to another thread or loop). Not thread-safe: a thread has its own.
 
-    async def _newer_table(self, table: RoutingTable, excluded: set[int], deadline: float | None) -> RoutingTable:
-        """A newer table for this call (the gateway's own switches between steps), or the same one
-        once a wait runs out: an excluded worker may have been a passing failure."""
-        wait = self.table_wait_s if deadline is None else max(0.0, min(self.table_wait_s, deadline - time.monotonic()))
-        if self.wait_for_table is None:  # nobody to ask: back off, then try the same table again
-            await asyncio.sleep(wait)
-            return table
-        newer = await self.wait_for_table(excluded, table.version, wait)
-        return newer if newer is not None and newer.version > table.version else table
+    A stream whose answer does not come by the deadline is reset (and reopened at its next use), so a
+    late answer can never be taken for a later request's; an answer with another request's `seq` is
+    dropped all the same. A broken stream is reopened at its next use."""
 
-    async def _call(self, table: RoutingTable, layer: int, d: WorkerDispatch, x: torch.Tensor,
-                    deadline: float | None, retried: bool) -> tuple[torch.Tensor, float]:
-        """Sends x[d.rows] [N, D] (gathered into the message) with d's experts and weights."""
-        rows = d.rows
-        timeout = self.call_timeout_s
-        if deadline is not None:
-            timeout = min(timeout, max(0.001, deadline - time.monotonic()))
-        t0 = time.perf_counter()
-        ok, compute, out = False, 0.0, None
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None) -> None:
+        self.max_message_bytes, self.tls = max_message_bytes, tls
+        self.loop = asyncio.new_event_loop()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, grpc.aio.StreamStreamCall] = {}
+        self._seq = itertools.count(1)
+        self.version = -1  # the routing table version whose addresses these streams were pruned to
+        self.stale = 0  # answers dropped for carrying another request's seq
+
+    @property
+    def addresses(self) -> set[str]:
+        """The addresses this thread holds a stream to."""
+        return set(self._streams)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def send(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float) -> list[Sent]:
+        """Writes each (address, request bytes, their seq, the expected output's (dtype, shape)) on the
+        address's stream; `deadline` is a time.monotonic() value."""
+        return self.loop.run_until_complete(self._send_all(messages, deadline))
+
+    def receive(self, sent: list[Sent], deadline: float) -> list[fastwire.Response | WireError]:
+        """The answer to each request sent, or why there is none, in the same order."""
+        return self.loop.run_until_complete(self._receive_all(sent, deadline))
+
+    def keep_only(self, addresses: set[str], version: int) -> None:
+        """Close the streams and channels to workers a new table no longer lists."""
+        self.version = version
+        gone = [a for a in self._channels if a not in addresses]
+        if gone:
+            self.loop.run_until_complete(self._close(gone))
+
+    def close(self) -> None:
+        """From any thread while none uses these streams."""
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self._close(list(self._channels)))
+            self.loop.close()
+
+    # ---- on the loop ----------------------------------------------------------------------------
+
+    def _stream(self, address: str) -> grpc.aio.StreamStreamCall:
+        call = self._streams.get(address)
+        if call is None or call.done():  # first use, or it broke since the last one
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = self._channels[address] = _channel(address, self.max_message_bytes, self.tls)
+            call = self._streams[address] = ch.stream_stream(
+                STREAM_METHOD, request_serializer=None, response_deserializer=None)()
+        return call
+
+    def _reset(self, address: str) -> None:
+        call = self._streams.pop(address, None)
+        if call is not None:
+            call.cancel()
+
+    async def _send_all(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float) -> list[Sent]:
+        sent = [Sent(address, seq, expect) for address, _, seq, expect in messages]
+        writes = [self._write(s, payload, deadline) for s, (_, payload, _, _) in zip(sent, messages)]
+        await (writes[0] if len(writes) == 1 else asyncio.gather(*writes))
+        return sent
+
+    async def _write(self, sent: Sent, payload: bytes, deadline: float) -> None:
         try:
-            out, compute = await self.client.run(table.addresses[d.worker], layer, x, d.experts, d.weights, timeout, rows)
-            ok = True
-            return out, compute
-        finally:
-            if self.on_call is not None:
-                sent = rows.numel() * x.shape[1] * x.element_size() + d.experts.numel() * 8
-                self.on_call(CallStats(d.worker, layer, int(d.rows.numel()), time.perf_counter() - t0, compute,
-                                       sent, out.numel() * out.element_size() if out is not None else 0, ok, retried))
+            async with asyncio.timeout_at(deadline):
+                await self._stream(sent.address).write(payload)
+        except TimeoutError:
+            self._reset(sent.address)
+            sent.error = WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request could not be written in time")
+        except grpc.aio.AioRpcError as e:
+            self._reset(sent.address)
+            sent.error = WireError.broken(e)
+        except asyncio.InvalidStateError:  # the stream ended as we wrote
+            self._reset(sent.address)
+            sent.error = WireError(grpc.StatusCode.UNAVAILABLE, "the stream ended")
+
+    async def _receive_all(self, sent: list[Sent], deadline: float) -> list[fastwire.Response | WireError]:
+        if len(sent) == 1:
+            return [await self._read(sent[0], deadline)]
+        return list(await asyncio.gather(*(self._read(s, deadline) for s in sent)))
+
+    async def _read(self, sent: Sent, deadline: float) -> fastwire.Response | WireError:
+        answer = await self._answer(sent, deadline)
+        sent.answered = time.perf_counter()
+        return answer
+
+    async def _answer(self, sent: Sent, deadline: float) -> fastwire.Response | WireError:
+        if sent.error is not None:
+            return sent.error
+        call = self._streams.get(sent.address)
+        if call is None:  # reset since the write (another request to the same address failed)
+            return WireError(grpc.StatusCode.UNAVAILABLE, "the stream was reset")
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    data = await call.read()
+                    if data is grpc.aio.EOF:
+                        self._reset(sent.address)
+                        return WireError(grpc.StatusCode.UNAVAILABLE, "the worker ended the stream")
+                    resp = fastwire.decode_response(data, sent.expect)
+                    if resp.seq == sent.seq:
+                        break
+                    self.stale += 1  # another request's answer
+        except TimeoutError:
+            self._reset(sent.address)
+            return WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer before the deadline")
+        except grpc.aio.AioRpcError as e:
+            self._reset(sent.address)
+            return WireError.broken(e)
+        if resp.error_code:
+            return WireError(STATUS.get(resp.error_code, grpc.StatusCode.UNKNOWN), resp.error)
+        return resp
+
+    async def _close(self, addresses: list[str]) -> None:
+        for address in addresses:
+            self._reset(address)
+            ch = self._channels.pop(address, None)
+            if ch is not None:
+                await ch.close()

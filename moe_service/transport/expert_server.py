@@ -115,8 +115,8 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             raise BadRequest(inv, request.error)
         if request.layer not in hosted:
             # FAILED_PRECONDITION, not INVALID_ARGUMENT: a placement that moved on, the caller's table is stale
-            raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, f"layer {request.layer} is not hosted by worker {self.worker_id}; "
-                                  f"hosted layers: {sorted(hosted)}")
+            raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION, f"layer {request.layer} is not hosted by worker "
+                                                                  f"{self.worker_id}; hosted layers: {sorted(hosted)}")
         layer = hosted[request.layer]
         x, experts, weights = request.hidden, request.experts, request.weights  # codec.Raw: checked bytes
         if len(x.shape) != 2 or x.shape[1] != self.hidden_size:
@@ -179,21 +179,19 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
         return y, time.perf_counter() - t0
 
-    async def RunExperts(self, request, context):
+    async def _answer(self, request: fastwire.Request, deadline: float | None) -> bytes:
+        """The response's bytes; BadRequest for a request that cannot be served (bad input, a stale
+        placement, or `deadline`, a time.monotonic() value, already passed)."""
         hosted = self.hosted
-        try:
-            layer, x, slots, weights, check_x = self._parse(request, hosted)
-            if check_x and x.shape[0] <= INLINE_ROWS:  # computed inline below: check first
-                _check_hidden(x, _sum_is_finite(x))
-                check_x = False
-        except BadRequest as e:
-            await context.abort(e.code, str(e))
+        layer, x, slots, weights, check_x = self._parse(request, hosted)
+        if check_x and x.shape[0] <= INLINE_ROWS:  # computed inline below: check first
+            _check_hidden(x, _sum_is_finite(x))
+            check_x = False
         # gRPC's own deadline timer is coarse: a call already late would still be served now and then
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise BadRequest(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts ran")
         # a large output is written straight into the response's bytes
-        buf = fastwire.ResponseBuffer(x.shape, x.dtype) if fastwire.in_place(x.nbytes) else None
+        buf = fastwire.ResponseBuffer(x.shape, x.dtype, request.seq) if fastwire.in_place(x.nbytes) else None
         out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
             # a few rows compute in well under a millisecond: a thread hop would cost more than it saves
@@ -204,13 +202,27 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             # one costs a wasted compute, a good one no wait before it
             x_ok = _sum_is_finite(x) if check_x else True
             y, seconds = await running
-            try:
-                _check_hidden(x, x_ok)
-            except BadRequest as e:
-                await context.abort(e.code, str(e))
+            _check_hidden(x, x_ok)
         if self.on_call is not None:
             self.on_call(request.layer, x.shape[0], request.nbytes, seconds)
-        return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds)
+        return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds, request.seq)
+
+    async def RunExperts(self, request: fastwire.Request, context) -> bytes:
+        remaining = context.time_remaining()
+        try:
+            return await self._answer(request, None if remaining is None else time.monotonic() + remaining)
+        except BadRequest as e:
+            await context.abort(e.code, str(e))
+
+    async def RunExpertsStream(self, requests, context):
+        """Answers each request in turn on this stream, small ones on this loop's thread; a request
+        that fails is answered with its error, and the stream stays open."""
+        async for request in requests:
+            deadline = time.monotonic() + request.deadline_s if request.deadline_s else None
+            try:
+                yield await self._answer(request, deadline)
+            except BadRequest as e:
+                yield fastwire.encode_error(request.seq, e.code.value[0], str(e))
 
     async def Describe(self, request, context):
         slots = [moe_pb2.ExpertSlot(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]
@@ -250,6 +262,8 @@ async def start_expert_server(
     handlers = {
         "RunExperts": grpc.unary_unary_rpc_method_handler(
             servicer.RunExperts, request_deserializer=fastwire.decode_request, response_serializer=None),
+        "RunExpertsStream": grpc.stream_stream_rpc_method_handler(
+            servicer.RunExpertsStream, request_deserializer=fastwire.decode_request, response_serializer=None),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe, request_deserializer=moe_pb2.DescribeRequest.FromString,
             response_serializer=moe_pb2.DescribeResponse.SerializeToString),

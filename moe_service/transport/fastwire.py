@@ -28,7 +28,7 @@ from moe_service.transport.codec import ITEMSIZE, NAMES, CodecError, Raw
 
 SMALL_MESSAGE = 64 << 10  # bytes; below this a tensor's bytes are copied (one C call) rather than viewed
 
-# field numbers from protos/moe/v1/moe.proto
+# protobuf wire types (length-delimited, varint, 64-bit, 32-bit)
 _LD, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 
@@ -125,24 +125,32 @@ def _layer(layer: int) -> bytes:
     return _tag(1, _VARINT) + _varint(layer) if layer else b""  # proto3 omits a zero
 
 
+def _request_tail(seq: int, deadline_s: float) -> bytes:
+    """Fields 5 and 6 (proto3 omits zeros), after the tensors as protobuf orders fields."""
+    tail = _SEQ_TAG + _varint(seq) if seq else b""
+    return tail + _DEADLINE_TAG + struct.pack("<d", deadline_s) if deadline_s else tail
+
+
 def encode_request(layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                   rows: torch.Tensor | None = None) -> bytes:
-    """RunExpertsRequest bytes: hidden [N, D], experts [N, K] ids, weights [N, K]. With `rows` [N],
-    hidden is [T, D] and the message carries hidden[rows], gathered straight into its bytes when
-    large (the gather is then the only copy, instead of a gather and a join)."""
+                   rows: torch.Tensor | None = None, seq: int = 0, deadline_s: float = 0.0) -> bytes:
+    """RunExpertsRequest bytes: hidden [N, D], experts [N, K] ids, weights [N, K], and on a stream
+    the request's `seq` and the seconds left of its deadline. With `rows` [N], hidden is [T, D] and
+    the message carries hidden[rows], gathered straight into its bytes when large (the gather is
+    then the only copy, instead of a gather and a join)."""
+    tail = _request_tail(seq, deadline_s)
     if rows is not None:
         if hidden.dtype in NAMES and hidden.is_cpu and in_place(rows.shape[0] * hidden.shape[1] * hidden.element_size()):
-            return _gathered_request(layer, hidden, rows, experts, weights)
+            return _gathered_request(layer, hidden, rows, experts, weights, tail)
         hidden = hidden[rows]
-    return b"".join([_layer(layer), *_field(2, hidden), *_field(3, experts), *_field(4, weights)])
+    return b"".join([_layer(layer), *_field(2, hidden), *_field(3, experts), *_field(4, weights), tail])
 
 
 def _gathered_request(layer: int, hidden: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
-                      weights: torch.Tensor) -> bytes:
+                      weights: torch.Tensor, request_tail: bytes) -> bytes:
     shape = (rows.shape[0], hidden.shape[1])
     head = _layer(layer) + _header(2, hidden.dtype, shape)
     nbytes = shape[0] * shape[1] * hidden.element_size()
-    tail = [*_field(3, experts), *_field(4, weights)]
+    tail = [*_field(3, experts), *_field(4, weights), request_tail]
     message, mem = _writable_bytes(len(head) + nbytes + sum(len(part) for part in tail))
     mem[: len(head)] = head
     pos = len(head) + nbytes
@@ -154,28 +162,53 @@ def _gathered_request(layer: int, hidden: torch.Tensor, rows: torch.Tensor, expe
 
 
 _SECONDS = _tag(2, _I64)
+_SEQ_TAG, _DEADLINE_TAG = _tag(5, _VARINT), _tag(6, _I64)  # in a request
+_ANSWER_SEQ, _ERROR_CODE, _ERROR = _tag(3, _VARINT), _tag(4, _VARINT), _tag(5, _LD)  # in a response
 
 
-def encode_response(output: torch.Tensor, compute_seconds: float) -> bytes:
-    """RunExpertsResponse bytes: output [N, D]."""
-    seconds = _SECONDS + struct.pack("<d", compute_seconds) if compute_seconds else b""
-    return b"".join([*_field(1, output), seconds])
+def _response_tail(compute_seconds: float, seq: int) -> bytes:
+    tail = _SECONDS + struct.pack("<d", compute_seconds) if compute_seconds else b""
+    return tail + _ANSWER_SEQ + _varint(seq) if seq else tail
+
+
+def encode_response(output: torch.Tensor, compute_seconds: float, seq: int = 0) -> bytes:
+    """RunExpertsResponse bytes: output [N, D], and on a stream the request's seq."""
+    return b"".join([*_field(1, output), _response_tail(compute_seconds, seq)])
+
+
+def encode_error(seq: int, code: int, message: str) -> bytes:
+    """A RunExpertsResponse that answers request `seq` with an error (a grpc.StatusCode number)."""
+    text = message.encode()
+    return (_ANSWER_SEQ + _varint(seq) if seq else b"") + _ERROR_CODE + _varint(code) + _ERROR + _varint(len(text)) + text
 
 
 class ResponseBuffer:
     """A large RunExpertsResponse written in place: the experts write their output [N, D] into
     `output`, a view of the message's own bytes, and `finish` adds the compute time."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, seq: int = 0) -> None:
         header, n, _ = _expected(dtype, tuple(shape))
-        self.message, mem = _writable_bytes(n + 9)
+        self.seq = seq
+        self.message, mem = _writable_bytes(n + len(_response_tail(1.0, seq)))
         mem[: len(header)] = header
         self.output = torch.frombuffer(mem[len(header) : n], dtype=dtype).view(shape)
         self._tail = mem[n:]
 
     def finish(self, compute_seconds: float) -> bytes:
-        self._tail[:] = _SECONDS + struct.pack("<d", compute_seconds)
+        # a zero time would be omitted and change the size: the smallest positive double stands in
+        self._tail[:] = _response_tail(compute_seconds or 5e-324, self.seq)
         return self.message
+
+
+@dataclass(slots=True)
+class Response:
+    """A parsed RunExpertsResponse: the output [N, D], or error_code (a grpc.StatusCode number) and error."""
+
+    output: torch.Tensor | None
+    compute_seconds: float = 0.0
+    seq: int = 0
+    error_code: int = 0
+    error: str = ""
 
 
 class _Reader:
@@ -301,6 +334,8 @@ class Request:
     hidden: Raw | None = None  # [N, D]
     experts: Raw | None = None  # [N, K]
     weights: Raw | None = None  # [N, K]
+    seq: int = 0
+    deadline_s: float = 0.0  # seconds left of the caller's deadline when sent; 0: none
     nbytes: int = 0
     error: str | None = None
 
@@ -319,9 +354,14 @@ def decode_request(data: bytes) -> Request:
             req.hidden, pos = _quick_field(mv, pos, 0x12, "hidden")
             req.experts, pos = _quick_field(mv, pos, 0x1A, "experts")
             req.weights, pos = _quick_field(mv, pos, 0x22, "weights")
+            if pos < len(mv) and mv[pos] == 0x28:
+                req.seq, pos = _uvarint(mv, pos + 1)
+            if pos < len(mv) and mv[pos] == 0x31:
+                req.deadline_s = struct.unpack_from("<d", mv, pos + 1)[0]
+                pos += 9
             if pos != len(mv):
                 raise _Unusual
-        except (_Unusual, IndexError, UnicodeDecodeError):
+        except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
             req = Request(nbytes=len(data))  # start over: the quick walk may have set some fields
             _read_request(mv, req)
     except CodecError as e:
@@ -334,6 +374,10 @@ def _read_request(mv: memoryview, req: Request) -> None:
     for field, wire, value in _Reader(mv).fields():
         if field == 1 and wire == _VARINT:
             req.layer = value
+        elif field == 5 and wire == _VARINT:
+            req.seq = value
+        elif field == 6 and wire == _I64:
+            req.deadline_s = struct.unpack("<d", value)[0]
         elif field in _REQUEST_FIELDS and wire == _LD:
             name = _REQUEST_FIELDS[field]
             setattr(req, name, _raw(value, name))
@@ -342,34 +386,67 @@ def _read_request(mv: memoryview, req: Request) -> None:
             raise CodecError(f"{name} is missing")
 
 
-def decode_response(data: bytes, expect: tuple[torch.dtype, tuple[int, int]] | None = None
-                    ) -> tuple[torch.Tensor, float]:
-    """(output [N, D], compute seconds). `expect`: the output's dtype and shape, those of the rows
-    sent; a response laid out as this module writes it is then read with one comparison."""
+def decode_response(data: bytes, expect: tuple[torch.dtype, tuple[int, int]] | None = None) -> Response:
+    """`expect`: the output's dtype and shape, those of the rows sent; a response laid out as this
+    module writes it is then read with one comparison and a short walk over its tail."""
     if expect is not None:
         dtype, shape = expect
         head, end, numel = _expected(dtype, shape)
-        if numel and data.startswith(head) and (len(data) == end or len(data) == end + 9 and data[end] == 0x11):
-            out = torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(shape)
-            return out, struct.unpack_from("<d", data, end + 1)[0] if len(data) > end else 0.0
+        if numel and data.startswith(head) and len(data) >= end:
+            try:
+                resp = _tail(memoryview(data), end)
+            except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
+                pass
+            else:
+                resp.output = torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(shape)
+                return resp
     mv = memoryview(data)
     try:
-        out, pos = _quick_field(mv, 0, 0x0A, "output")
-        seconds = 0.0
-        if pos < len(mv):
-            if mv[pos] != 0x11 or pos + 9 != len(mv):
-                raise _Unusual
-            seconds = struct.unpack_from("<d", mv, pos + 1)[0]
-        return out.tensor(), seconds
-    except (_Unusual, IndexError, UnicodeDecodeError):
-        pass
-    out = None
-    seconds = 0.0
+        if not mv or mv[0] != 0x0A:  # no output first: an error answer, or another field order
+            resp = _tail(mv, 0)
+        else:
+            out, pos = _quick_field(mv, 0, 0x0A, "output")
+            resp = _tail(mv, pos)
+            resp.output = out.tensor()
+    except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
+        resp = _read_response(mv)
+    if resp.output is None and not resp.error_code:
+        raise CodecError("response has no output tensor")
+    return resp
+
+
+def _tail(mv: memoryview, pos: int) -> Response:
+    """The fields after the output, in field order, as this module and protobuf write them."""
+    resp = Response(None)
+    end = len(mv)
+    if pos < end and mv[pos] == 0x11:
+        resp.compute_seconds = struct.unpack_from("<d", mv, pos + 1)[0]
+        pos += 9
+    if pos < end and mv[pos] == 0x18:
+        resp.seq, pos = _uvarint(mv, pos + 1)
+    if pos < end and mv[pos] == 0x20:
+        resp.error_code, pos = _uvarint(mv, pos + 1)
+    if pos < end and mv[pos] == 0x2A:
+        n, pos = _uvarint(mv, pos + 1)
+        resp.error = bytes(mv[pos : pos + n]).decode("utf-8", errors="replace")
+        pos += n
+    if pos != end:
+        raise _Unusual
+    return resp
+
+
+def _read_response(mv: memoryview) -> Response:
+    """Any valid encoding: fields in any order, unknown fields skipped."""
+    resp = Response(None)
     for field, wire, value in _Reader(mv).fields():
         if field == 1 and wire == _LD:
-            out = _raw(value, "output")
+            resp.output = _raw(value, "output").tensor()
         elif field == 2 and wire == _I64:
-            seconds = struct.unpack("<d", value)[0]
-    if out is None:
-        raise CodecError("response has no output tensor")
-    return out.tensor(), seconds
+            resp.compute_seconds = struct.unpack("<d", value)[0]
+        elif field == 3 and wire == _VARINT:
+            resp.seq = value
+        elif field == 4 and wire == _VARINT:
+            resp.error_code = value
+        elif field == 5 and wire == _LD:
+            resp.error = bytes(value).decode("utf-8", errors="replace")
+    return resp

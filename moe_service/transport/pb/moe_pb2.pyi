@@ -155,24 +155,34 @@ class ModelInfoResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layers: _Optional[int] = ..., moe_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., attention_heads: _Optional[int] = ..., routed_experts_per_layer: _Optional[int] = ..., shared_experts_per_layer: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., topk_method: _Optional[str] = ..., params_total: _Optional[int] = ..., params_active_per_token: _Optional[int] = ..., kv_cache_bytes_per_token: _Optional[int] = ..., dtype: _Optional[str] = ..., max_position_embeddings: _Optional[int] = ..., expert_workers: _Optional[int] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
 
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "experts", "weights")
+    __slots__ = ("layer", "hidden", "experts", "weights", "seq", "deadline_s")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     experts: Tensor
     weights: Tensor
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    seq: int
+    deadline_s: float
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
-    __slots__ = ("output", "compute_seconds")
+    __slots__ = ("output", "compute_seconds", "seq", "error_code", "error")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     compute_seconds: float
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    seq: int
+    error_code: int
+    error: str
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., seq: _Optional[int] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

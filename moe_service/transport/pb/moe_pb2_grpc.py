@@ -212,6 +212,11 @@ class ExpertStub:
                 request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
                 response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
                 _registered_method=True)
+        self.RunExpertsStream = channel.stream_stream(
+                '/moe.v1.Expert/RunExpertsStream',
+                request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
+                response_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/moe.v1.Expert/Describe',
                 request_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.DescribeRequest.SerializeToString,
@@ -233,6 +238,16 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunExpertsStream(self, request_iterator, context):
+        """The same messages on one long-lived stream per (gateway thread, worker), the gateway's data path.
+        Each answer carries its request's `seq`; a request that fails is answered with `error_code` and
+        `error` (the stream stays open), and one whose `deadline_s` has passed when it is read is answered
+        with DEADLINE_EXCEEDED, not computed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Describe(self, request, context):
         """The hosted (layer, expert) slots and the worker's capacity.
         """
@@ -245,6 +260,11 @@ def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RunExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RunExperts,
+                    request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.FromString,
+                    response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.SerializeToString,
+            ),
+            'RunExpertsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunExpertsStream,
                     request_deserializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.FromString,
                     response_serializer=moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.SerializeToString,
             ),
@@ -282,6 +302,33 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/RunExperts',
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
+            moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunExpertsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe.v1.Expert/RunExpertsStream',
             moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsRequest.SerializeToString,
             moe__service_dot_transport_dot_pb_dot_moe__pb2.RunExpertsResponse.FromString,
             options,

@@ -1,9 +1,11 @@
-"""The gateway's failover policy over real expert servers on loopback (no Ray): a lost worker's pairs
-go to other replicas, or wait for a new table, and nothing but the step's own deadline fails a step."""
+"""The gateway's routed experts over real expert servers on loopback (no Ray): the same output as
+in-process through any layout, each thread on its own streams, and the failover policy (a lost
+worker's pairs go to other replicas, or wait for a new table, and only the step's deadline fails a step)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -11,10 +13,11 @@ import torch
 
 from moe_service import load_model
 from moe_service.routing import LayerRoutes
-from moe_service.scheduler import Scheduler, SchedulerConfig, StepDeadline
 from moe_service.engine import Engine
 from moe_service.sampling import SamplingParams
-from moe_service.transport.expert_client import ExpertClient, RemoteExperts, RoutingTable
+from moe_service.scheduler import Scheduler, SchedulerConfig, StepDeadline
+from moe_service.serving.experts import RemoteExperts, RoutingTable
+from moe_service.transport import fastwire
 from moe_service.transport.expert_server import ExpertServicer
 from tests.aio import LoopThread
 from tests.test_transport import layer_inputs, split_experts, start_workers
@@ -39,19 +42,74 @@ def table_of(replicas, servers, version: int = 1) -> RoutingTable:
                         {w: s.address for w, s in servers.items()})
 
 
+@pytest.mark.parametrize("num_workers,replicate", [(1, None), (2, None), (3, {0: [1, 2], 5: [0]}), (4, {3: [0, 1, 2]})])
+def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate):
+    hosts, replicas = split_experts(model, num_workers, replicate)
+    servers = loop.run(start_workers(hosts))
+    stages: list[tuple[str, float]] = []
+    calls: list = []
+    remote = RemoteExperts(table_of(replicas, servers), on_stage=lambda *a: stages.append(a), on_call=calls.append)
+    try:
+        # 37 tokens: every message small; 1200: large ones (tensors viewed, outputs written in place)
+        for layer, T in itertools.product(model.args.moe_layers, (37, 1200)):
+            _, x, w, e = layer_inputs(model, T, seed=layer)
+            want = model.layers[layer].mlp.experts(x, w, e)
+            stages.clear()
+            calls.clear()
+            got = remote.run(layer, x, w, e)
+            assert (got - want).abs().max().item() <= 1e-5
+            assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
+            assert all(c.ok and c.compute_seconds > 0 for c in calls)
+            largest = max(c.bytes_received for c in calls)
+            assert (largest >= fastwire.SMALL_MESSAGE) == (T > 37), largest
+        assert remote.open_addresses() == {s.address for s in servers.values()}  # one stream per worker
+    finally:
+        remote.close()
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
+def test_each_thread_uses_its_own_streams(loop, model):
+    """Two threads call at once (two micro-batches): each writes and reads on its own streams, and
+    both get exact answers."""
+    import threading
+
+    hosts, replicas = split_experts(model, 2)
+    servers = loop.run(start_workers(hosts))
+    remote = RemoteExperts(table_of(replicas, servers))
+    results, mine = {}, {}
+    try:
+        def run(i: int) -> None:
+            layer, x, w, e = layer_inputs(model, 5 + i, seed=i)
+            for _ in range(20):
+                results[i] = (remote.run(layer, x, w, e) - model.layers[layer].mlp.experts(x, w, e)).abs().max()
+            mine[i] = remote.streams()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(v.item() <= 1e-5 for v in results.values()) and len(results) == 2
+        assert mine[0] is not mine[1] and mine[0].loop is not mine[1].loop
+    finally:
+        remote.close()
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
 @pytest.mark.parametrize("T", [4, 40])  # 16 pairs: the small re-plan; 160: the tensor path
 def test_lost_worker_with_replicas_retries_only_its_pairs(loop, model, T):
     E = model.args.n_routed_experts
     # every expert on its home worker e % 3 and on one more, so any one worker can be lost
     hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
     servers = loop.run(start_workers(hosts))
-    client = ExpertClient()
     calls = []
+    remote = RemoteExperts(table_of(replicas, servers), on_call=calls.append)
     try:
-        remote = RemoteExperts(client, table_of(replicas, servers), on_call=calls.append)
         layer, x, w, e = layer_inputs(model, T, seed=T)
         loop.run(servers[2].stop(0))
-        got = loop.run(remote.run(layer, x, w, e))
+        got = remote.run(layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         failed = [c for c in calls if not c.ok]
         assert [c.worker for c in failed] == [2]
@@ -61,7 +119,7 @@ def test_lost_worker_with_replicas_retries_only_its_pairs(loop, model, T):
         assert sum(c.rows for c in retried) >= failed[0].rows
         assert max(c.rows for c in retried) <= failed[0].rows
     finally:
-        loop.run(client.close())
+        remote.close()
         for w in (0, 1):
             loop.run(servers[w].stop(0))
 
@@ -73,28 +131,27 @@ def test_lost_only_replica_waits_for_a_new_table_and_keeps_the_steps_own(loop, m
     hosts, replicas = split_experts(model, 2)
     servers = loop.run(start_workers(hosts))
     restarted = loop.run(start_workers({1: hosts[1]}))[1]
-    client = ExpertClient()
     asked: list[tuple[set, int]] = []
     newer = RoutingTable(2, {l: LayerRoutes(l, r) for l, r in replicas.items()},
                          {0: servers[0].address, 1: restarted.address})
 
-    async def wait_for_table(excluded: set[int], version: int, wait_s: float):
+    def wait_for_table(excluded: set[int], version: int, wait_s: float):
         asked.append((set(excluded), version))
         return newer
 
     calls = []
+    first = table_of(replicas, servers)
+    remote = RemoteExperts(first, wait_for_table=wait_for_table, on_call=calls.append)
     try:
-        first = table_of(replicas, servers)
-        remote = RemoteExperts(client, first, wait_for_table=wait_for_table, on_call=calls.append)
         layer, x, w, e = layer_inputs(model, T, seed=T)
         loop.run(servers[1].stop(0))
-        got = loop.run(remote.run(layer, x, w, e))
+        got = remote.run(layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         assert asked == [({1}, 1)]
         assert remote.table is first, "a call's new table replaced the gateway's mid-step"
         assert any(c.ok and c.retried and c.worker == 1 for c in calls)
     finally:
-        loop.run(client.close())
+        remote.close()
         loop.run(servers[0].stop(0))
         loop.run(restarted.stop(0))
 
@@ -105,23 +162,22 @@ def test_a_worker_that_no_longer_hosts_an_expert_is_a_lost_worker(loop, model):
     E = model.args.n_routed_experts
     hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
     servers = loop.run(start_workers(hosts))
-    client = ExpertClient()
     calls = []
+    remote = RemoteExperts(table_of(replicas, servers), on_call=calls.append)
     try:
-        remote = RemoteExperts(client, table_of(replicas, servers), on_call=calls.append)
         layer, x, w, e = layer_inputs(model, 40)
         servers[1].servicer.set_hosted({})  # worker 1 dropped every replica
-        got = loop.run(remote.run(layer, x, w, e))
+        got = remote.run(layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         assert any(not c.ok and c.worker == 1 for c in calls) and all(c.worker == 0 for c in calls if c.retried)
     finally:
-        loop.run(client.close())
+        remote.close()
         for s in servers.values():
             loop.run(s.stop(0))
 
 
 class HungServicer(ExpertServicer):
-    async def RunExperts(self, request, context):
+    async def _answer(self, request, deadline):
         await asyncio.sleep(30)
 
 
@@ -130,24 +186,25 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
     hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
     servers = loop.run(start_workers(hosts))
     hung = loop.run(start_workers({1: hosts[1]}, servicer_class=HungServicer))[1]
-    client = ExpertClient()
+    hung_too = loop.run(start_workers({0: hosts[0]}, servicer_class=HungServicer))[0]
+    table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
+                         {0: servers[0].address, 1: hung.address})
+    remote = RemoteExperts(table, call_timeout_s=0.3)
+    # every replica hung
+    stuck = RemoteExperts(RoutingTable(1, table.routes, {0: hung_too.address, 1: hung.address}), call_timeout_s=0.3)
     try:
-        table = RoutingTable(1, {l: LayerRoutes(l, r) for l, r in replicas.items()},
-                             {0: servers[0].address, 1: hung.address})
-        remote = RemoteExperts(client, table, call_timeout_s=0.3)
         layer, x, w, e = layer_inputs(model, 8)
-        got = loop.run(remote.run(layer, x, w, e, deadline=time.monotonic() + 20))
+        got = remote.run(layer, x, w, e, deadline=time.monotonic() + 20)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
-        # every replica hung and the step's deadline passes: only then does the step fail
-        only_hung = RoutingTable(1, table.routes, {0: hung.address, 1: hung.address})
-        remote = RemoteExperts(client, only_hung, call_timeout_s=0.3)
+        # with every replica hung, the step fails when its deadline passes, and only then
         t0 = time.monotonic()
         with pytest.raises(StepDeadline):
-            loop.run(remote.run(layer, x, w, e, deadline=t0 + 1.0))
+            stuck.run(layer, x, w, e, deadline=t0 + 1.0)
         assert 0.9 <= time.monotonic() - t0 < 3.0
     finally:
-        loop.run(client.close())
-        for s in (*servers.values(), hung):
+        remote.close()
+        stuck.close()
+        for s in (*servers.values(), hung, hung_too):
             loop.run(s.stop(0))
 
 
@@ -157,7 +214,6 @@ def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, 
     E = model.args.n_routed_experts
     hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
     servers = loop.run(start_workers(hosts))
-    client = ExpertClient()
     state = {"calls": 0, "killed_at": None, "retried": 0}
 
     def on_call(c) -> None:
@@ -165,15 +221,13 @@ def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, 
         state["retried"] += c.retried
         if state["calls"] == 40 and state["killed_at"] is None:
             state["killed_at"] = sched.last_step
-            asyncio.ensure_future(servers[2].stop(0))  # on the loop, while other calls are in flight
+            # on the servers' loop, while other calls are in flight
+            loop.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(servers[2].stop(0)))
 
-    remote = RemoteExperts(client, table_of(replicas, servers), on_call=on_call)
-
-    def backend(deadline):
-        return lambda layer, x, w, e: loop.run(remote.run(layer, x, w, e, deadline))
+    remote = RemoteExperts(table_of(replicas, servers), on_call=on_call)
 
     sched = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=128, prefill_chunk=8, step_token_budget=8,
-                                             micro_batches=2), backend=backend)
+                                             micro_batches=2), backend=remote.backend)
     g = torch.Generator().manual_seed(3)
     prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 5, 21)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -193,6 +247,6 @@ def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, 
             assert tokens == engine.generate([p], params)[0].output, i
         assert state["killed_at"] is not None and state["retried"] and any(mixed)
     finally:
-        loop.run(client.close())
+        remote.close()
         for w in (0, 1):
             loop.run(servers[w].stop(0))
