@@ -99,7 +99,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     elif ns.what == "served":
         from moe_service.bench import served_bench as b
 
-        r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats)
+        r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats, micro_batches=ns.micro_batches)
     elif ns.what == "skewed":
         from moe_service.bench import skewed_bench as b
 
@@ -111,14 +111,18 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _service_config(ns: argparse.Namespace) -> dict:
+    from moe_service.serving.config import overlap_pays
+
     gpus = ns.gpus_per_worker
     if gpus is None:  # auto: a GPU per worker where there are GPUs, CPU workers elsewhere
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
            "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
-           # shared experts overlap the expert calls unless CPU workers share a few cores with the gateway
-           "overlap_shared_experts": gpus > 0 or (os.cpu_count() or 1) > 4,
+           # shared experts and a second micro-batch overlap the expert calls unless CPU workers share a
+           # few cores with the gateway
+           "overlap_shared_experts": overlap_pays(gpus > 0),
+           "scheduler": {"micro_batches": 2 if overlap_pays(gpus > 0) else 1},
            # on a cluster workers advertise their node IP; a local run stays on loopback
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
     if ns.slots_per_worker:
@@ -228,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--micro-batches", type=int, default=None, help="served: the scheduler's micro_batches "
+                       "(default: the service's)")
     bench.set_defaults(fn=cmd_bench)
 
     for name, fn, help_text in (

@@ -92,6 +92,10 @@ def test_each_thread_uses_its_own_streams(loop, model):
             t.join(60)
         assert all(v.item() <= 1e-5 for v in results.values()) and len(results) == 2
         assert mine[0] is not mine[1] and mine[0].loop is not mine[1].loop
+        assert remote.open_addresses() == {servers[0].address, servers[1].address}
+        # a new table without worker 1 (between steps): every thread's stream to it closes
+        remote.switch(RoutingTable(2, remote.table.routes, {0: servers[0].address}))
+        assert remote.open_addresses() == {servers[0].address}
     finally:
         remote.close()
         for s in servers.values():
@@ -250,3 +254,52 @@ def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, 
         remote.close()
         for w in (0, 1):
             loop.run(servers[w].stop(0))
+
+
+class SlowServicer(ExpertServicer):
+    """Answers after a fixed delay and records when each request was in flight on the worker."""
+
+    delay_s = 0.05
+    intervals: list[tuple[float, float]] = []
+
+    async def _answer(self, request, deadline):
+        t0 = time.monotonic()
+        await asyncio.sleep(self.delay_s)
+        out = await super()._answer(request, deadline)
+        self.intervals.append((t0, time.monotonic()))
+        return out
+
+
+def test_ping_pong_keeps_one_micro_batch_on_the_wire_while_the_other_computes(loop, model):
+    """Two decode micro-batches per step, a deliberately slow worker: the worker holds both
+    micro-batches' calls at once (one's expert call is in flight while the other runs attention),
+    so a step costs about one delay per MoE layer, not two, and the tokens equal the in-process ones."""
+    hosts, replicas = split_experts(model, 1)
+    slow = loop.run(start_workers(hosts, servicer_class=SlowServicer))[0]
+    SlowServicer.intervals = []
+    remote = RemoteExperts(table_of(replicas, {0: slow}))
+    sched = Scheduler(model, SchedulerConfig(max_running=4, max_seq_len=64, micro_batches=2), backend=remote.backend)
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1] + torch.randint(3, 512, (4,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    try:
+        for i, p in enumerate(prompts):
+            sched.submit(p, params, events[i].append, timeout_s=60)
+        decode_steps = []
+        while sched.has_work:
+            stats = sched.step()
+            if stats.decode_rows == len(prompts):
+                decode_steps.append(stats.seconds)
+        layers = len(model.args.moe_layers)
+        # serialised, a 4-row decode step in two micro-batches would take 2 x layers x delay
+        assert max(decode_steps) < 1.5 * layers * SlowServicer.delay_s, decode_steps
+        iv = sorted(SlowServicer.intervals)
+        overlapping = sum(b[0] < a[1] for a, b in zip(iv, iv[1:]))
+        assert overlapping >= len(decode_steps) * layers, "the two micro-batches' calls were never in flight together"
+        engine = Engine(model)
+        for i, p in enumerate(prompts):
+            assert [ev[1][0] for ev in events[i] if ev[0] == "token"] == engine.generate([p], params)[0].output
+    finally:
+        remote.close()
+        loop.run(slow.stop(0))

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from ray import serve
 
 from moe_service import load_model
 from moe_service.client import Client
@@ -138,5 +139,9 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
         assert not load.mismatches, load.mismatches[:3]
         with Client(svc.address) as c:  # and the service still answers exactly
             assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
+        # every gateway thread's stream to the removed worker was closed when the table switched
+        left = {w["address"] for w in ray_local.get(ctl.worker_info.remote())}
+        streams = set(serve.get_app_handle("moe").debug_state.remote().result()["expert_streams"])
+        assert streams and streams <= left, (streams, left)
     finally:
         svc.shutdown()

@@ -1,5 +1,7 @@
 """The served path against the in-process model, in one run: prefill and decode throughput, the
-per-MoE-layer dispatch overhead at batch 1, and tokens/s and latency percentiles under 1/8/32 clients."""
+end-to-end cost of a served MoE layer at batch 1 against the floor of a streamed echo (measured
+alternately), with the gateway's stage timers as its breakdown, and tokens/s and latency
+percentiles under 1/8/32 clients."""
 
 from __future__ import annotations
 
@@ -39,11 +41,22 @@ def in_process(preset: str, prompt_tokens: int, decode_batch: int, decode_tokens
     batch = t(lambda: eng.generate(short, many))
     single_prefill = t(lambda: eng.generate(short[:1], one))
     single = t(lambda: eng.generate(short[:1], many))
+    # where a batch-1 decode step's time goes, per MoE layer call: attention and the routed experts,
+    # timed with hooks (the served side has the gateway's stage timers for the same)
+    parts: dict[str, list[float]] = {"attention": [], "routed": []}
+    for layer in model.layers:
+        if layer.is_moe:
+            for name, module in (("attention", layer.self_attn), ("routed", layer.mlp.experts)):
+                module.register_forward_pre_hook(lambda *_, n=name: parts[n].append(-time.perf_counter()))
+                module.register_forward_hook(lambda *_, n=name: parts[n].append(parts[n].pop() + time.perf_counter()))
+    eng.generate(short[:1], many)
     del model, eng
     return {
         "prefill_tokens_per_s": prompt_tokens / prefill,
         "decode_tokens_per_s": decode_batch * (decode_tokens - 1) / (batch - batch_prefill),
         "batch1_step_s": (single - single_prefill) / (decode_tokens - 1),
+        # decode calls only (the first L are the prompt's)
+        "batch1_s_per_layer": {k: statistics.median(v[L:]) for k, v in parts.items()},
         "moe_layers": L,
     }
 
@@ -141,46 +154,42 @@ def _echo_process(queue) -> None:
     asyncio.run(main())
 
 
-def echo_floor(processes: int, nbytes: int, calls: int = 300) -> float:
-    """Median time of `processes` concurrent raw echoes of `nbytes`, one per echo process."""
-    import asyncio
-    import multiprocessing
+class EchoFloor:
+    """Raw echo servers in processes of their own, one per expert worker, reached on persistent
+    streams as the gateway reaches its workers: the floor of one layer's dispatch."""
 
-    import grpc
+    def __init__(self, processes: int) -> None:
+        import multiprocessing
 
-    from moe_service.bench.transport_bench import ECHO_METHOD
-    from moe_service.transport.options import grpc_options
+        from moe_service.bench.transport_bench import StreamEcho
 
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_echo_process, args=(queue,), daemon=True) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    try:
-        ports = [queue.get(timeout=60) for _ in procs]
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        self.procs = [ctx.Process(target=_echo_process, args=(queue,), daemon=True) for _ in range(processes)]
+        for p in self.procs:
+            p.start()
+        self.echo = StreamEcho([queue.get(timeout=60) for _ in self.procs])
 
-        async def run() -> float:
-            chans = [grpc.aio.insecure_channel(f"127.0.0.1:{p}", options=grpc_options()) for p in ports]
-            echo = [c.unary_unary(ECHO_METHOD) for c in chans]
-            blob = bytes(nbytes)
-            times = []
-            for _ in range(calls + 20):
-                t0 = time.perf_counter()
-                await asyncio.gather(*(e(blob, timeout=10) for e in echo))
+    def measure(self, nbytes: int, calls: int = 200) -> list[float]:
+        """Round-trip times of `nbytes` to every echo process at once."""
+        blob = bytes(nbytes)
+        times = []
+        for i in range(calls + 20):  # 20 to warm up
+            t0 = time.perf_counter()
+            self.echo.round_trip(blob)
+            if i >= 20:
                 times.append(time.perf_counter() - t0)
-            for c in chans:
-                await c.close()
-            return statistics.median(times[20:])
+        return times
 
-        return asyncio.run(run())
-    finally:
-        for p in procs:
+    def close(self) -> None:
+        self.echo.close()
+        for p in self.procs:
             p.kill()
             p.join(5)
 
 
 def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, decode_tokens: int, repeats: int,
-           client_counts: tuple[int, ...], concurrency_tokens: int) -> dict:
+           client_counts: tuple[int, ...], concurrency_tokens: int, micro_batches: int | None = None) -> dict:
     import ray
 
     from moe_service.client import Client
@@ -191,7 +200,8 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
     max_running = max(max(client_counts), decode_batch)
     cfg = local_service(model=preset, workers=workers,
                         scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64,
-                                   "prefill_chunk": prompt_tokens, "step_token_budget": 128})
+                                   "prefill_chunk": prompt_tokens, "step_token_budget": 128,
+                                   **({"micro_batches": micro_batches} if micro_batches else {})})
     log(f"[served bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:
@@ -200,31 +210,32 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
         V = open_source(preset).args.vocab_size
         long = _prompts(1, prompt_tokens, V)[0]
         short = _prompts(decode_batch, 32, V, seed=1)
-        with Client(svc.address) as c:
-            c.generate_ids(short[0], max_new_tokens=2)  # warm-up
-            log("[served bench] prefill")
-            prefill = statistics.median([_stream(c, long, 1)[0] for _ in range(repeats)])
-            log("[served bench] batch-1 decode")
-            gaps, d = [], {}
-            for _ in range(repeats):
-                g, delta = _decode_window(svc, c, short[0], decode_tokens)
-                gaps.extend(g)
-                d = {k: d.get(k, 0.0) + v for k, v in delta.items()}
+        H = open_source(preset).args.hidden_size
+        floor = EchoFloor(workers)
+        floors: list[float] = []
+        try:
+            with Client(svc.address) as c:
+                c.generate_ids(short[0], max_new_tokens=2)  # warm-up
+                log("[served bench] prefill")
+                prefill = statistics.median([_stream(c, long, 1)[0] for _ in range(repeats)])
+                log(f"[served bench] batch-1 decode, alternating with a streamed echo to {workers} processes")
+                gaps, d = [], {}
+                for _ in range(repeats):
+                    g, delta = _decode_window(svc, c, short[0], decode_tokens)
+                    gaps.extend(g)
+                    d = {k: d.get(k, 0.0) + v for k, v in delta.items()}
+                    floors.extend(floor.measure(H * 4 + 6 * 8))  # one fp32 row and its (expert, weight) pairs
+        finally:
+            floor.close()
         log(f"[served bench] decode, batch {decode_batch}")
         dec = concurrent(svc.address, short, decode_tokens)
         layer_calls = d.get("countexperts", 0.0) or 1.0  # one expert stage per MoE layer per decode step
-        # the transport's own cost per MoE layer: planning, the wait beyond the slowest worker's
-        # compute (the gateway's "wire" stage, per layer call), and combining
-        overhead = (d.get("sumdispatch", 0) + d.get("sumwire", 0) + d.get("sumcombine", 0)) / layer_calls
-        log(f"[served bench] raw gRPC echo to {workers} processes (the floor of one dispatch)")
-        H = open_source(preset).args.hidden_size
-        floor = echo_floor(workers, H * 4 + 6 * 8)  # one fp32 row and its (expert, weight) pairs
+        stages = {k: d.get("sum" + k, 0) / layer_calls
+                  for k in ("attention", "gating", "dispatch", "experts", "wire", "combine")}
         out = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": dec["decode_tokens_per_s"],
-               "batch1_step_s": statistics.median(gaps), "dispatch_overhead_per_layer_s": overhead,
-               "echo_floor_s": floor, "batch1_layer_calls": layer_calls,
-               "batch1_stage_s_per_layer": {k: d.get("sum" + k, 0) / layer_calls
-                                            for k in ("dispatch", "experts", "wire", "combine")},
-               "batch1_worker_compute_s_per_layer": (d.get("sumexperts", 0) - d.get("sumwire", 0)) / layer_calls, "concurrency": []}
+               "batch1_step_s": statistics.median(gaps), "echo_floor_s": statistics.median(floors),
+               "batch1_layer_calls": layer_calls, "batch1_stage_s_per_layer": stages,
+               "batch1_worker_compute_s_per_layer": stages["experts"] - stages["wire"], "concurrency": []}
         for n in client_counts:
             log(f"[served bench] {n} concurrent clients")
             prompts = _prompts(n, 32, V, seed=100 + n)
@@ -236,18 +247,20 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
 
 def run(preset: str = "bench", workers: int = 2, prompt_tokens: int = 256, decode_batch: int = 8,
         decode_tokens: int = 16, repeats: int = 3, client_counts: tuple[int, ...] = (1, 8, 32),
-        concurrency_tokens: int = 16) -> dict:
+        concurrency_tokens: int = 16, micro_batches: int | None = None) -> dict:
     log(f"[served bench] in-process reference on {preset!r}")
     ref = in_process(preset, prompt_tokens, decode_batch, decode_tokens, repeats)
     srv = served(preset, workers, prompt_tokens, decode_batch, decode_tokens, repeats, client_counts,
-                 concurrency_tokens)
+                 concurrency_tokens, micro_batches)
     L = ref["moe_layers"]
     return {
         "preset": preset, "workers": workers, "threads": torch.get_num_threads(), "in_process": ref, "served": srv,
+        "micro_batches": micro_batches,
         "ratios": {"prefill": srv["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"],
                    "decode": srv["decode_tokens_per_s"] / ref["decode_tokens_per_s"]},
-        "step_difference_per_moe_layer_s": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L,
-        "dispatch_overhead_per_moe_layer_s": srv["dispatch_overhead_per_layer_s"],
+        # the headline: what serving adds to each MoE layer of a batch-1 step, end to end
+        "layer_gap_s": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L,
+        "layer_gap_vs_echo": (srv["batch1_step_s"] - ref["batch1_step_s"]) / L / srv["echo_floor_s"],
         "echo_floor_s": srv["echo_floor_s"],
     }
 
@@ -262,13 +275,17 @@ def format_results(r: dict) -> str:
         f"{'decode tokens/s (8 seqs)':26}{ref['decode_tokens_per_s']:12.1f}{srv['decode_tokens_per_s']:12.1f}"
         f"{r['ratios']['decode']:7.2f}x",
         f"{'batch-1 step (ms)':26}{ref['batch1_step_s'] * 1e3:12.2f}{srv['batch1_step_s'] * 1e3:12.2f}",
-        f"dispatch overhead per MoE layer at batch 1: {r['dispatch_overhead_per_moe_layer_s'] * 1e3:.2f} ms "
-        f"(plan + wait beyond the slowest worker's compute + combine; the slowest worker computed "
-        f"{srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f} ms per layer)",
-        f"the floor: a raw gRPC echo of one token's bytes to {r['workers']} processes at once took "
-        f"{r['echo_floor_s'] * 1e3:.2f} ms ({r['dispatch_overhead_per_moe_layer_s'] / r['echo_floor_s']:.2f}x)",
-        f"batch-1 step difference per MoE layer (served - in-process): "
-        f"{r['step_difference_per_moe_layer_s'] * 1e3:.2f} ms over {ref['moe_layers']} MoE layers",
+        f"end-to-end gap per MoE layer at batch 1 (served - in-process step, over {ref['moe_layers']} MoE layers): "
+        f"{r['layer_gap_s'] * 1e3:.2f} ms = {r['layer_gap_vs_echo']:.2f}x a streamed echo of one token's bytes to "
+        f"{r['workers']} processes ({r['echo_floor_s'] * 1e3:.2f} ms, measured alternately)",
+        "  where it goes, per MoE layer of a batch-1 decode step (in-process: hooks; served: the gateway's stage "
+        "timers):",
+        f"    attention        in-process {ref['batch1_s_per_layer']['attention'] * 1e3:6.2f} ms   served "
+        f"{srv['batch1_stage_s_per_layer']['attention'] * 1e3:6.2f} ms",
+        f"    routed experts   in-process {ref['batch1_s_per_layer']['routed'] * 1e3:6.2f} ms   served "
+        + " + ".join(f"{k} {srv['batch1_stage_s_per_layer'][k] * 1e3:.2f}" for k in ("dispatch", "experts", "combine"))
+        + f" ms (of the experts stage, the slowest worker computed {srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f}"
+        f" ms and the rest, the wire, was {srv['batch1_stage_s_per_layer']['wire'] * 1e3:.2f} ms)",
         "",
         f"{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}{'errors':>8}",
     ]

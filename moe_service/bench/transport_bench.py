@@ -2,7 +2,9 @@
 
 The echo server returns its request bytes unchanged (no protobuf, no tensors): the floor any
 gRPC-based transport pays. RunExperts is timed end to end and with the experts' compute (which the
-server reports) subtracted, so what is compared is the transport's own cost.
+server reports) subtracted, so what is compared is the transport's own cost. Both unary calls and
+the gateway's data path (one message on a persistent stream, written and read by the calling
+thread on its own loop) are measured, each against the echo of its own kind.
 """
 
 from __future__ import annotations
@@ -16,25 +18,105 @@ import torch
 
 from moe_service.bench.common import log
 from moe_service.model.experts import RoutedExperts
-from moe_service.transport.expert_client import ExpertClient
+from moe_service.transport import fastwire
+from moe_service.transport.expert_client import ExpertClient, ExpertStreams
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import grpc_options
 
 ECHO_METHOD = "/bench.Echo/Echo"
+ECHO_STREAM = "/bench.Echo/Stream"
 
 
 async def _start_echo(max_bytes: int) -> tuple[grpc.aio.Server, int]:
     async def echo(request: bytes, context) -> bytes:
         return request
 
+    async def stream(requests, context):
+        async for request in requests:
+            yield request
+
     server = grpc.aio.server(options=grpc_options(max_bytes))
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo),
+                       "Stream": grpc.stream_stream_rpc_method_handler(stream)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
+
+
+class StreamEcho:
+    """The floor of the gateway's data path: raw bytes echoed on one persistent stream per server,
+    driven as ExpertStreams drives its streams (this thread's own loop; write to every stream, then
+    read every answer)."""
+
+    def __init__(self, ports: list[int], max_bytes: int = 64 << 20) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.channels, self.calls = self.loop.run_until_complete(self._open(ports, max_bytes))
+
+    @staticmethod
+    async def _open(ports: list[int], max_bytes: int) -> tuple[list, list]:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}", options=grpc_options(max_bytes)) for p in ports]
+        return channels, [ch.stream_stream(ECHO_STREAM)() for ch in channels]
+
+    def round_trip(self, blob: bytes) -> None:
+        self.loop.run_until_complete(self._gather(*(c.write(blob) for c in self.calls)))
+        self.loop.run_until_complete(self._gather(*(c.read() for c in self.calls)))
+
+    @staticmethod
+    async def _gather(*aws) -> list:
+        return await (aws[0] if len(aws) == 1 else asyncio.gather(*aws))
+
+    def close(self) -> None:
+        async def close() -> None:
+            for c in self.calls:
+                c.cancel()
+            await asyncio.gather(*(c.code() for c in self.calls))  # let each call see its end
+            for ch in self.channels:
+                await ch.close()
+
+        self.loop.run_until_complete(close())
+        self.loop.close()
+
+
+def _stream_one_token(address: str, echo_port: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype,
+                      n: int) -> dict:
+    """One token's RunExperts on a persistent stream (ExpertStreams, as the gateway sends it) against
+    a stream echo of the same bytes, alternating."""
+    streams, echo = ExpertStreams(MAX_BYTES), StreamEcho([echo_port], MAX_BYTES)
+    x = torch.randn(1, hidden).to(dtype)
+    e = torch.randint(0, experts, (1, top_k), dtype=torch.int32)
+    w = torch.rand(1, top_k)
+    blob = fastwire.encode_request(1, x, e, w, seq=1, deadline_s=60.0)
+    rpc, comp, floor = [], [], []
+
+    def run_experts() -> float:
+        seq = streams.next_seq()
+        payload = fastwire.encode_request(1, x, e, w, seq=seq, deadline_s=60.0)
+        deadline = time.monotonic() + 60
+        answer = streams.receive(streams.send([(address, payload, seq, (dtype, (1, hidden)))], deadline), deadline)[0]
+        return answer.compute_seconds
+
+    try:
+        for i in range(n + 20):  # the first 20 of each warm up
+            t0 = time.perf_counter()
+            c = run_experts()
+            t1 = time.perf_counter()
+            echo.round_trip(blob)
+            t2 = time.perf_counter()
+            if i >= 20:
+                rpc.append(t1 - t0)
+                comp.append(c)
+                floor.append(t2 - t1)
+    finally:
+        streams.close()
+        echo.close()
+    transport = statistics.median([t - c for t, c in zip(rpc, comp)])
+    echo_s = statistics.median(floor)
+    return {"rows": 1, "payload_bytes": x.nbytes, "run_experts_s": statistics.median(rpc),
+            "compute_s": statistics.median(comp), "transport_s": transport, "echo_s": echo_s,
+            "overhead_vs_echo": transport / echo_s}
 
 
 async def _time_pair(a, b, n: int) -> tuple[list[float], list[float]]:
@@ -152,6 +234,8 @@ def run(hidden: int = 1024, experts: int = 8, top_k: int = 6, big_rows: int = 40
         for setup, where in (("separate_process", servers), ("same_process", None)):
             log(f"[transport bench] servers in {WHERE[setup]}")
             out[setup] = asyncio.run(_run(hidden, experts, top_k, big_rows, dt, small_n, big_n, where))
+        log(f"[transport bench] the gateway's data path: one token on a persistent stream, {small_n} calls each")
+        out["stream_one_token"] = _stream_one_token(*servers, hidden, experts, top_k, dt, small_n)
     finally:
         proc.terminate()
         proc.join(10)
@@ -171,4 +255,11 @@ def format_results(r: dict) -> str:
             f"transport {b['throughput_GBps']:.2f} GB/s vs echo {b['echo_throughput_GBps']:.2f} GB/s "
             f"-> {b['throughput_GBps']/b['echo_throughput_GBps']:.0%} of the floor",
         ]
+    s = r["stream_one_token"]
+    lines += [
+        "on a persistent stream (the gateway's data path), servers in a separate process:",
+        f"  one-token dispatch:   RunExpertsStream {s['run_experts_s']*1e3:.3f} ms (compute {s['compute_s']*1e3:.3f} ms), "
+        f"transport {s['transport_s']*1e3:.3f} ms vs stream echo {s['echo_s']*1e3:.3f} ms -> "
+        f"{s['overhead_vs_echo']:.2f}x the floor",
+    ]
     return "\n".join(lines)

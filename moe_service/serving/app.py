@@ -6,6 +6,7 @@ Serve config: `import_path: moe_service.serving.app:build_app` with the ServiceC
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import grpc
@@ -121,7 +122,8 @@ class GatewayDeployment:
             for line in f:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
-        return {**self.gateway.scheduler.stats(), "pid": os.getpid(), "rss_bytes": rss}
+        return {**self.gateway.scheduler.stats(), "pid": os.getpid(), "rss_bytes": rss,
+                "expert_streams": sorted(self.gateway.remote.open_addresses())}
 
     def check_health(self) -> None:
         # Serve's own replica health check: a dead engine thread restarts the replica
@@ -137,9 +139,13 @@ class GatewayDeployment:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder: `args` are ServiceConfig fields."""
     cfg = ServiceConfig.from_dict(args)
+    # the gateway waits on the workers for much of a step: an OpenMP thread spinning meanwhile (libgomp's
+    # default) takes a core from CPU workers on the same node (docs/performance.md)
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     options: dict[str, Any] = {
         "name": GATEWAY_NAME,
-        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "resources": dict(cfg.gateway_resources)},
+        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "resources": dict(cfg.gateway_resources),
+                              "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": cfg.scheduler_config().max_running + cfg.scheduler_config().max_queue,
     }
     if cfg.gateway_autoscaling:

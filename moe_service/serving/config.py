@@ -9,6 +9,15 @@ from typing import Any
 from moe_service.scheduler import SchedulerConfig
 
 CONTROLLER_NAME = "moe_controller"
+
+
+def overlap_pays(gpu_workers: bool) -> bool:
+    """Whether work overlapping the expert calls (the shared experts, a second micro-batch's
+    attention) pays: with GPU workers or enough cores, yes; where CPU workers share a few cores with
+    the gateway it slows their compute more than it hides (measured in docs/performance.md)."""
+    import os
+
+    return gpu_workers or (os.cpu_count() or 1) > 4
 NAMESPACE = "moe_service"
 
 

@@ -99,6 +99,16 @@ class RemoteExperts:
         """x [T, D], weights [T, K], experts [T, K] -> [T, D]"""
         return LayerCall(self, layer, x, weights, experts, deadline).finish()
 
+    def switch(self, table: RoutingTable) -> None:
+        """Route later calls with `table`, and close every thread's streams to workers it no longer
+        lists. Between steps only (the gateway's engine thread, while no other thread sends)."""
+        self.table = table
+        addresses = set(table.addresses.values())
+        with self._lock:
+            streams = list(self._all)
+        for s in streams:
+            s.keep_only(addresses)
+
     def open_addresses(self) -> set[str]:
         """Every address some thread holds a stream to (tests check that dropped workers' close)."""
         with self._lock:
@@ -123,8 +133,6 @@ class LayerCall:
         self.deadline = deadline if deadline is not None else float("inf")
         self.table = remote.table
         self.streams = remote.streams()
-        if self.streams.version != self.table.version:  # a new table: streams to dropped workers close
-            self.streams.keep_only(set(self.table.addresses.values()), self.table.version)
         self.pending = experts  # [T, K]: the pairs still owed an answer, -1 elsewhere
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.excluded: set[int] = set()

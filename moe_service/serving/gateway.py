@@ -247,7 +247,7 @@ class Gateway:
     def _switch_table(self, table: RoutingTable) -> None:
         # on the engine thread, between steps only: a step never mixes two placement versions
         if table.version > self.remote.table.version:
-            self.remote.table = table
+            self.remote.switch(table)
 
     # ---- health ------------------------------------------------------------------------------
 

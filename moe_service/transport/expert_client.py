@@ -100,6 +100,7 @@ class Sent:
     expect: tuple[torch.dtype, tuple[int, int]]  # the output's dtype and shape
     error: WireError | None = None  # the write failed: there is nothing to wait for
     answered: float = 0.0  # time.perf_counter() when its answer (or error) was read
+    writing: "asyncio.Task | None" = None
 
 
 class ExpertStreams:
@@ -117,7 +118,6 @@ class ExpertStreams:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, grpc.aio.StreamStreamCall] = {}
         self._seq = itertools.count(1)
-        self.version = -1  # the routing table version whose addresses these streams were pruned to
         self.stale = 0  # answers dropped for carrying another request's seq
 
     @property
@@ -137,9 +137,9 @@ class ExpertStreams:
         """The answer to each request sent, or why there is none, in the same order."""
         return self.loop.run_until_complete(self._receive_all(sent, deadline))
 
-    def keep_only(self, addresses: set[str], version: int) -> None:
-        """Close the streams and channels to workers a new table no longer lists."""
-        self.version = version
+    def keep_only(self, addresses: set[str]) -> None:
+        """Close the streams and channels to workers a new table no longer lists (from any thread
+        while none uses these streams)."""
         gone = [a for a in self._channels if a not in addresses]
         if gone:
             self.loop.run_until_complete(self._close(gone))
@@ -169,8 +169,11 @@ class ExpertStreams:
 
     async def _send_all(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float) -> list[Sent]:
         sent = [Sent(address, seq, expect) for address, _, seq, expect in messages]
-        writes = [self._write(s, payload, deadline) for s, (_, payload, _, _) in zip(sent, messages)]
-        await (writes[0] if len(writes) == 1 else asyncio.gather(*writes))
+        for s, (_, payload, _, _) in zip(sent, messages):
+            s.writing = self.loop.create_task(self._write(s, payload, deadline))
+        # one turn of the loop hands each message to gRPC's core, which sends it; the writes' completions
+        # are taken with the answers, not waited for here (docs/performance.md, data plane)
+        await asyncio.sleep(0)
         return sent
 
     async def _write(self, sent: Sent, payload: bytes, deadline: float) -> None:
@@ -198,6 +201,7 @@ class ExpertStreams:
         return answer
 
     async def _answer(self, sent: Sent, deadline: float) -> fastwire.Response | WireError:
+        await sent.writing
         if sent.error is not None:
             return sent.error
         call = self._streams.get(sent.address)
@@ -225,8 +229,11 @@ class ExpertStreams:
         return resp
 
     async def _close(self, addresses: list[str]) -> None:
+        calls = [self._streams.pop(a) for a in addresses if a in self._streams]
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*(call.code() for call in calls))  # each call sees its end before the loop may close
         for address in addresses:
-            self._reset(address)
             ch = self._channels.pop(address, None)
             if ch is not None:
                 await ch.close()
