@@ -5,10 +5,12 @@
 #   cluster/local-multinode.sh status   # `ray status` of that cluster
 #   cluster/local-multinode.sh down     # `ray stop`: stops EVERY Ray process of this user on this machine
 #
-# The head node (no GPUs) runs Serve, the moe controller and the gateway. Each worker node declares
-# MOE_GPUS_PER_NODE logical GPUs and as many units of the `expert_worker` resource, like the GPU nodes of
-# cluster/aws.yaml and k8s/rayservice.yaml, so expert workers (`worker_resources: {expert_worker: 1}`)
-# land only there. Ray only counts logical GPUs: an expert worker that finds no CUDA device computes on CPU.
+# The head node (no GPUs) runs Serve and the moe controller. A gateway node declares one logical GPU and
+# the `gateway` resource, like the gateway GPU nodes of cluster/aws.yaml and k8s/rayservice.yaml, for the
+# gateway replica (`gateway_gpus: 1`, `gateway_resources: {gateway: 1}`). Each worker node declares
+# MOE_GPUS_PER_NODE logical GPUs and as many units of the `expert_worker` resource, so expert workers
+# (`worker_resources: {expert_worker: 1}`) land only there. Ray only counts logical GPUs: a gateway or an
+# expert worker that finds no CUDA device computes on CPU.
 #
 # Then deploy with either
 #   serve deploy cluster/serve-config.yaml
@@ -34,6 +36,12 @@ up() {
         --metrics-export-port 8080 \
         --min-worker-port 10002 --max-worker-port 10999 \
         --disable-usage-stats
+    ray start --address "$ADDRESS" --node-ip-address "$IP" \
+        --num-cpus 1 --num-gpus 1 --resources '{"gateway": 1}' \
+        --dashboard-agent-listen-port 52465 \
+        --metrics-export-port 8079 \
+        --min-worker-port 20000 --max-worker-port 20999 \
+        --disable-usage-stats
     for i in $(seq 1 "$NODES"); do
         ray start --address "$ADDRESS" --node-ip-address "$IP" \
             --num-cpus 1 --num-gpus "$GPUS" --resources "{\"expert_worker\": $GPUS}" \
@@ -44,7 +52,8 @@ up() {
     done
     cat <<EOF
 
-Ray cluster at $ADDRESS: 1 head node + $NODES worker node(s) with $GPUS logical GPU(s) and $GPUS expert_worker each.
+Ray cluster at $ADDRESS: 1 head node, 1 gateway node (1 logical GPU) + $NODES worker node(s) with $GPUS
+logical GPU(s) and $GPUS expert_worker each.
 Deploy:    serve deploy cluster/serve-config.yaml
      or:   moe-service serve --ray-address auto --workers $((NODES * GPUS)) --gpus-per-worker 1
 gRPC:      127.0.0.1:9000   (moe-service generate --address 127.0.0.1:9000 "hello")

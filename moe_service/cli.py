@@ -100,6 +100,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import served_bench as b
 
         r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats, micro_batches=ns.micro_batches)
+    elif ns.what == "projection":
+        from moe_service.bench import projection as b
+
+        r = b.run()
     elif ns.what == "skewed":
         from moe_service.bench import skewed_bench as b
 
@@ -113,10 +117,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def _service_config(ns: argparse.Namespace) -> dict:
     from moe_service.serving.config import overlap_pays
 
-    gpus = ns.gpus_per_worker
-    if gpus is None:  # auto: a GPU per worker where there are GPUs, CPU workers elsewhere
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    # auto: a GPU per worker and per gateway replica where there are GPUs, the CPU elsewhere
+    auto = 1.0 if torch.cuda.is_available() else 0.0
+    gpus = auto if ns.gpus_per_worker is None else ns.gpus_per_worker
+    gateway_gpus = auto if ns.gateway_gpus is None else ns.gateway_gpus
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
+           "gateway_gpus": gateway_gpus,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
            "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
            # shared experts and a second micro-batch overlap the expert calls unless CPU workers share a
@@ -224,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(fn=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
-    bench.add_argument("what", choices=["model", "transport", "served", "skewed"],
+    bench.add_argument("what", choices=["model", "transport", "served", "skewed", "projection"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
-                            "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing")
+                            "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
+                            "projection: a decode step of DeepSeek-V2(-Lite) on H100/H200, on paper")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)
@@ -260,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(sp)
         sp.add_argument("--workers", type=int, default=2, help="expert worker actors")
         sp.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
+        sp.add_argument("--gateway-gpus", type=float, default=None,
+                        help="GPUs per gateway replica (attention, KV cache, sampling); default: 1 with CUDA, else 0")
         sp.add_argument("--slots-per-worker", type=int, default=None, help="expert replicas per layer per worker")
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")

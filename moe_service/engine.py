@@ -94,13 +94,12 @@ class Engine:
         if max_len > self.args.max_position_embeddings:
             raise ValueError(f"prompt plus max_new_tokens reaches {max_len} tokens; "
                              f"this model accepts at most {self.args.max_position_embeddings}")
-        dtype = self.model.embed_tokens.weight.dtype
-        cache = LatentCache(self.args, len(seqs), max_len, dtype=dtype, device=self.model.embed_tokens.weight.device)
+        w = self.model.embed_tokens.weight
+        dev = w.device
+        cache = LatentCache(self.args, len(seqs), max_len, dtype=w.dtype, device=dev)
         T = max(len(s.prompt) for s in seqs)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
-        lengths = torch.tensor([len(s.prompt) for s in seqs])
+        ids = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in seqs], device=dev)
+        lengths = torch.tensor([len(s.prompt) for s in seqs], device=dev)
         logits = self.model(ids, cache=cache, num_new=lengths, last_only=True, backend=self.backend)
         active = list(range(len(seqs)))
         while True:
@@ -111,9 +110,9 @@ class Engine:
             active = [b for b in active if not seqs[b].finished]
             if not active:
                 return
-            slots = torch.tensor(active)
-            start = torch.tensor([seqs[b].length - 1 for b in active])
-            ids = torch.tensor([[seqs[b].output[-1]] for b in active])
+            slots = torch.tensor(active, device=dev)
+            start = torch.tensor([seqs[b].length - 1 for b in active], device=dev)
+            ids = torch.tensor([[seqs[b].output[-1]] for b in active], device=dev)
             logits = self.model(ids, cache=cache, slots=slots, start=start, last_only=True, backend=self.backend)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:

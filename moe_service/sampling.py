@@ -41,25 +41,31 @@ class SamplingParams:
 
 @dataclass
 class SamplerState:
-    """One sequence's sampler: its parameters and its own random stream."""
+    """One sequence's sampler: its parameters and its own random stream, on the device of the logits
+    it first samples from (seeded identically on any device, though a GPU draws other numbers)."""
 
     params: SamplingParams
-    generator: torch.Generator = field(init=False)
+    seed: int = field(init=False)
+    generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator()
         seed = self.params.seed
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        return self.generator
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
-    """logits [B, V] -> one token per row; each row uses only its own logits and generator."""
-    out: list[int] = []
-    greedy = logits.argmax(dim=-1).tolist()
+    """logits [B, V] -> one token per row; each row uses only its own logits and generator. Every
+    row's choice stays on the logits' device until one copy brings them all to the host."""
+    chosen = logits.argmax(dim=-1)  # [B] greedy
     for b, st in enumerate(states):
         p = st.params
         if p.temperature == 0.0:
-            out.append(greedy[b])
             continue
         row = logits[b].float() / p.temperature
         if p.top_k:
@@ -72,5 +78,5 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
             drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=st.generator).item()))
-    return out
+        chosen[b] = torch.multinomial(probs, 1, generator=st.generator_on(logits.device))[0]
+    return chosen.tolist()

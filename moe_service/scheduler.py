@@ -116,6 +116,7 @@ class Scheduler:
         if config.max_seq_len > self.args.max_position_embeddings:
             config.max_seq_len = self.args.max_position_embeddings
         w = model.embed_tokens.weight
+        self.device = w.device  # the model's: a step's inputs are made there, once per step
         self.cache = LatentCache(self.args, config.max_running, config.max_seq_len, dtype=w.dtype, device=w.device)
         self.lock = threading.Lock()
         self.waiting: deque[Request] = deque()
@@ -294,21 +295,21 @@ class Scheduler:
         return self.backend(None if None in deadlines else max(deadlines))
 
     def _decode(self, reqs: list[Request]) -> None:
-        ids = torch.tensor([[r.output[-1]] for r in reqs])
-        slots = torch.tensor([r.slot for r in reqs])
-        start = torch.tensor([r.length - 1 for r in reqs])
+        dev = self.device
+        ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        start = torch.tensor([r.length - 1 for r in reqs], device=dev)
         logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True,
                             backend=self._backend(reqs), hook=self.hook)
         self._emit_tokens(reqs, logits)
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
         T = max(n for _, n in chunks)
-        ids = torch.zeros(len(chunks), T, dtype=torch.long)
-        for b, (r, n) in enumerate(chunks):
-            ids[b, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
-        slots = torch.tensor([r.slot for r, _ in chunks])
-        start = torch.tensor([r.prefilled for r, _ in chunks])
-        num_new = torch.tensor([n for _, n in chunks])
+        dev = self.device
+        ids = torch.tensor([r.prompt[r.prefilled : r.prefilled + n] + [0] * (T - n) for r, n in chunks], device=dev)
+        slots = torch.tensor([r.slot for r, _ in chunks], device=dev)
+        start = torch.tensor([r.prefilled for r, _ in chunks], device=dev)
+        num_new = torch.tensor([n for _, n in chunks], device=dev)
         logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
                             backend=self._backend([r for r, _ in chunks]), hook=self.hook)
         done = []
@@ -317,7 +318,7 @@ class Scheduler:
             if not r.in_prefill:
                 done.append(b)
         if done:
-            self._emit_tokens([chunks[b][0] for b in done], logits[done])
+            self._emit_tokens([chunks[b][0] for b in done], logits[torch.tensor(done, device=self.device)])
 
 
 class EngineLoop:

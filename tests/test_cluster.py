@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray import serve
 from ray.cluster_utils import Cluster
 
 from moe_service.client import Client
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    nodes = [c.add_node(num_cpus=0, num_gpus=3, resources={"expert_worker": 3}) for _ in range(2)]
+    # room on each node for every expert worker (a node is lost) and the gateway replica
+    nodes = [c.add_node(num_cpus=0, num_gpus=4, resources={"expert_worker": 3}) for _ in range(2)]
     ray.init(address=c.address, namespace="moe_service", log_to_driver=False)
     c.wait_for_nodes()
     yield c, nodes
@@ -47,8 +49,8 @@ def batch():
 def test_multi_node_service_equals_transformers_and_survives_a_node_loss(cluster, checkpoint, batch):
     c, nodes = cluster
     path, hf = checkpoint
-    cfg = service_config(path, workers=3, worker_resources={"expert_worker": 1}, redundant_experts=2,
-                         gateway_resources={"node:__internal_head__": 0.001})
+    # the gateway asks for a (logical) GPU, as on a real cluster: it lands on a GPU node, never the head
+    cfg = service_config(path, workers=3, worker_resources={"expert_worker": 1}, redundant_experts=2, gateway_gpus=1)
     svc = start_service(cfg)
     try:
         infos = ray.get(svc.controller().worker_info.remote())
@@ -56,11 +58,15 @@ def test_multi_node_service_equals_transformers_and_survives_a_node_loss(cluster
         node_of = {p["worker_id"]: p["node_id"] for p in pings}
         worker_nodes = {n.node_id for n in nodes}
         assert set(node_of.values()) <= worker_nodes and len(set(node_of.values())) == 2, "workers not spread"
+        gateway = serve.get_app_handle("moe").debug_state.remote().result()
+        assert gateway["node_id"] in worker_nodes and gateway["node_id"] != c.head_node.node_id
+        assert gateway["device"] == "cpu"  # a logical GPU is no CUDA device: the replica computes on the CPU
         with Client(svc.address) as client:
             check_equal_to_transformers(client, hf, batch)
 
-            # lose the node that hosts the most workers
-            victim_id = max(worker_nodes, key=lambda n: list(node_of.values()).count(n))
+            # lose the node that hosts the most workers, of those the gateway is not on (a lost gateway
+            # replica is Serve's to restart; its streams are lost with it)
+            victim_id = max(worker_nodes - {gateway["node_id"]}, key=lambda n: list(node_of.values()).count(n))
             victim = next(n for n in nodes if n.node_id == victim_id)
             c.remove_node(victim)
             # a request with a short deadline either completes or fails with DEADLINE_EXCEEDED: never hangs

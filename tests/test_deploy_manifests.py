@@ -161,6 +161,10 @@ def check_launcher_wiring(cfg: dict, serve_cfg: dict) -> None:
     if capacity == 0:
         raise ManifestError(f"no node type offers the expert workers' resources {svc.worker_resources}")
     check_worker_capacity(svc, capacity, "the GPU node types")
+    gateways = sum(t.get("max_workers", 1 if name == cfg["head_node_type"] else 0)
+                   * gateways_per_node(svc, t["resources"], t["resources"].get("GPU", 0), t["resources"].get("CPU"))
+                   for name, t in types.items())
+    check_gateway_capacity(svc, gateways, "the node types")
 
 
 def service_config(serve_cfg: dict):
@@ -182,6 +186,27 @@ def workers_per_node(svc, resources: dict, gpus: float, cpus: float | None, name
         raise ManifestError(f"{name}: {fits} expert workers x cpus_per_worker {svc.cpus_per_worker} exceed its "
                             f"{cpus} CPU(s)")
     return fits
+
+
+def gateways_per_node(svc, resources: dict, gpus: float, cpus: float | None) -> int:
+    """How many gateway replicas a node (or pod) offering these Ray resources holds."""
+    wanted = dict(svc.gateway_resources)
+    if not all(resources.get(k, 0) >= v for k, v in wanted.items()):
+        return 0
+    fits = [int(resources[k] // v) for k, v in wanted.items()]
+    if svc.gateway_gpus:
+        fits.append(int(float(gpus) // svc.gateway_gpus))
+    if svc.gateway_num_cpus and cpus is not None:
+        fits.append(int(float(cpus) // svc.gateway_num_cpus))
+    return min(fits) if fits else 1 << 30
+
+
+def check_gateway_capacity(svc, capacity: int, where: str) -> None:
+    most = (svc.gateway_autoscaling or {}).get("max_replicas", svc.gateway_replicas)
+    if capacity < most:
+        raise ManifestError(f"{where} hold at most {capacity} gateway replicas (gateway_gpus {svc.gateway_gpus}, "
+                            f"gateway_num_cpus {svc.gateway_num_cpus}, gateway_resources {svc.gateway_resources}); "
+                            f"the app may want {most}")
 
 
 def check_worker_capacity(svc, capacity: int, where: str) -> None:
@@ -414,12 +439,16 @@ def check_rayservice_wiring(doc: dict, serve_cfg: dict) -> None:
     head_params = cluster["headGroupSpec"]["rayStartParams"]
     if "expert_worker" in ray_resources_param(head_params.get("resources", "{}")):
         raise ManifestError("the head group must not offer `expert_worker`")
-    # gateways need CPUs: the head's, and those of worker pods that offer any (the GPU pods offer none)
-    cpus = ray_cpus(cluster["headGroupSpec"]) + sum(g["maxReplicas"] * ray_cpus(g) for g in cluster["workerGroupSpecs"])
-    most_gateways = (svc.gateway_autoscaling or {}).get("max_replicas", svc.gateway_replicas)
-    if most_gateways * svc.gateway_num_cpus > cpus:
-        raise ManifestError(f"{most_gateways} gateway replicas x gateway_num_cpus {svc.gateway_num_cpus} exceed "
-                            f"the {cpus} CPUs of the head's and the worker groups' Ray nodes")
+    # gateways go where their CPUs, GPUs and resources are: the head (num-gpus 0) or a worker group
+    def pod_gateways(group: dict) -> int:
+        params = group.get("rayStartParams", {})
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        gpus = float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        return gateways_per_node(svc, ray_resources_param(params.get("resources", "{}")), gpus, ray_cpus(group))
+
+    gateways = pod_gateways(cluster["headGroupSpec"]) + sum(
+        g["maxReplicas"] * pod_gateways(g) for g in cluster["workerGroupSpecs"])
+    check_gateway_capacity(svc, gateways, "the head's and the worker groups' Ray nodes")
 
     capacity = 0
     for group in cluster.get("workerGroupSpecs", []):
@@ -709,7 +738,7 @@ def test_strict_crd_schema_keeps_int_or_string():
     assert validator.is_valid({"q": 1}) and validator.is_valid({"q": "1"}) and not validator.is_valid({"q": 1.5})
     assert not validator.is_valid({"q": 1, "extra": 2})
     rs = copy.deepcopy(k8s_object("RayService"))
-    limits = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    limits = _gpu_group(rs)["template"]["spec"]["containers"][0]["resources"]
     limits["limits"]["nvidia.com/gpu"] = 1  # a Kubernetes quantity may be an integer
     limits["requests"]["cpu"] = 8
     check_kuberay_object(rs)
@@ -739,7 +768,8 @@ def _cluster(rs: dict) -> dict:
 
 
 def _gpu_group(rs: dict) -> dict:
-    return _cluster(rs)["workerGroupSpecs"][0]
+    """The expert workers' group."""
+    return next(g for g in _cluster(rs)["workerGroupSpecs"] if g["groupName"] == "gpu-experts")
 
 
 def _rule(doc: dict, name: str) -> dict:
@@ -840,11 +870,15 @@ MUTATIONS = [
      "moe-service/model", ()),
     ("wiring-too-few-gpu-pods", "rayservice", lambda r: _gpu_group(r).update(maxReplicas=6, replicas=4), "at most",
      ()),
-    ("wiring-gateways-exceed-head", "rayservice",
-     _serve_v2(lambda c: _app(c)["args"]["gateway_autoscaling"].__setitem__("max_replicas", 5)), "exceed the 16",
+    ("wiring-gateways-exceed-pods", "rayservice",
+     _serve_v2(lambda c: _app(c)["args"]["gateway_autoscaling"].__setitem__("max_replicas", 5)), "at most 3 gateway",
      ()),
     ("wiring-gpu-limit", "rayservice",
      _serve_v2(lambda c: _app(c)["args"].__setitem__("gpus_per_worker", 2)), "exceed its 1.0 GPU", ()),
+    ("wiring-gateway-gpus-nowhere", "rayservice",
+     lambda r: _cluster(r)["workerGroupSpecs"].pop(0), "at most 0 gateway replicas", ()),
+    ("launcher-gateway-gpus-nowhere", "aws",
+     lambda c: c["available_node_types"].pop("worker.gateway"), "at most 0 gateway replicas", ()),
     # built-in kinds
     ("configmap-misspelt-key", "configmap", lambda d: _rename(d, "data", "dat"), "dat", ()),
     ("configmap-dashboard-not-json", "configmap",

@@ -69,6 +69,24 @@ def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate)
             loop.run(s.stop(0))
 
 
+def test_a_device_gateways_copies_run_on_this_machine_too(loop, model):
+    """A GPU gateway's wire path, staged through host buffers here: per layer call two copies to the
+    host (the routing, the hidden rows) and one back (the combined answer), and the same output."""
+    hosts, replicas = split_experts(model, 2, {0: [1]})
+    servers = loop.run(start_workers(hosts))
+    remote = RemoteExperts(table_of(replicas, servers), stage_always=True)
+    try:
+        layer, x, w, e = layer_inputs(model, 9)
+        for _ in range(3):  # buffers reused call after call
+            got = remote.run(layer, x, w, e)
+            assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert remote.staging().copies == {"to_host": 6, "to_device": 3}
+    finally:
+        remote.close()
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
 def test_each_thread_uses_its_own_streams(loop, model):
     """Two threads call at once (two micro-batches): each writes and reads on its own streams, and
     both get exact answers."""

@@ -63,10 +63,11 @@ def check_equal_to_transformers(client: Client, hf, batch) -> None:
     assert got == hf_greedy(hf, batch[0])
 
 
-@pytest.mark.parametrize("workers,redundant", [(1, 0), (2, 0), (3, 0), (3, 4)])
-def test_served_model_equals_transformers(ray_local, checkpoint, batch, workers, redundant):
+@pytest.mark.parametrize("workers,redundant,device", [(1, 0, None), (2, 0, "cpu"), (3, 0, None), (3, 4, None)])
+def test_served_model_equals_transformers(ray_local, checkpoint, batch, workers, redundant, device):
+    """`device`: the gateway_device setting, the path a GPU gateway takes, here naming the CPU."""
     path, hf = checkpoint
-    svc = start_service(service_config(path, workers=workers, redundant_experts=redundant))
+    svc = start_service(service_config(path, workers=workers, redundant_experts=redundant, gateway_device=device))
     try:
         if redundant:
             table = ray_local.get(svc.controller().table.remote())

@@ -31,6 +31,11 @@ class StepContext:
     num_new: torch.Tensor | None = None  # [B]
     all_valid: bool = True
     plain_causal: bool = False  # no cached prefix, no padding: the mask is exactly causal
+    # made once per step so that no layer waits on the device for them (a host sync per layer):
+    valid_idx: torch.Tensor | None = None  # [N] the real tokens' indices in the flat [B * T]; None if all are
+    new_b: torch.Tensor | None = None  # [N] row of each new token, when rows hold several (for the cache)
+    new_t: torch.Tensor | None = None  # [N] its place in the row
+    identity_slots: bool = False  # row b is cache slot b for every slot: reads need no gather
     hook: "Callable[[str, float], None] | None" = None  # (stage, seconds): optional timing for metrics
 
 
@@ -68,8 +73,8 @@ class MLA(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c), apply_rotary(k_pe, ctx.rot)], dim=-1)  # [B, T, C]
         if ctx.cache is not None:
-            ctx.cache.write(self.layer, ctx.slots, ctx.start, ctx.num_new, latent)
-            latent = ctx.cache.read(self.layer, ctx.slots, ctx.num_keys)  # [B, L, C]
+            ctx.cache.write(self.layer, ctx.slots, ctx.start, latent, ctx.new_b, ctx.new_t)
+            latent = ctx.cache.read(self.layer, ctx.slots, ctx.num_keys, ctx.identity_slots)  # [B, L, C]
         L = latent.shape[1]
 
         # Two exact ways to the same result; pick the one with fewer flops for this step's shape.

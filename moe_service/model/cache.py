@@ -14,7 +14,7 @@ class LatentCache:
 
     def __init__(
         self, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> None:
         self.num_slots, self.max_len, self.dim = num_slots, max_len, args.kv_cache_dim
         self.kv = [
@@ -30,24 +30,20 @@ class LatentCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
 
-    def write(self, layer: int, slots: torch.Tensor, start: torch.Tensor, num_new: torch.Tensor,
-              values: torch.Tensor) -> None:
-        """values [B, T, C]: row b's first num_new[b] tokens go to slot slots[b] at start[b]..."""
-        B, T, _ = values.shape
-        if T == 1:  # decode: one token per row
+    def write(self, layer: int, slots: torch.Tensor, start: torch.Tensor, values: torch.Tensor,
+              b: torch.Tensor | None = None, t: torch.Tensor | None = None) -> None:
+        """values [B, T, C]. One token per row (T == 1): row b's goes to slot slots[b] at start[b].
+        Otherwise the (row b[i], token t[i]) pairs given, to slots[b[i]] at start[b[i]] + t[i]."""
+        if b is None:
             self.kv[layer][slots, start] = values[:, 0]
-            return
-        valid = torch.arange(T, device=values.device)[None, :] < num_new[:, None]
-        b, t = valid.nonzero(as_tuple=True)
-        self.kv[layer][slots[b], start[b] + t] = values[b, t]
+        else:
+            self.kv[layer][slots[b], start[b] + t] = values[b, t]
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> torch.Tensor:
-        """The first `length` positions of each row's slot: [B, length, C]."""
+    def read(self, layer: int, slots: torch.Tensor, length: int, identity: bool = False) -> torch.Tensor:
+        """The first `length` positions of each row's slot: [B, length, C]. `identity`: row b is slot b
+        for every slot, so no gather is needed."""
         kv = self.kv[layer]
-        B = slots.shape[0]
-        if B == kv.shape[0] and bool((slots == torch.arange(B)).all()):
-            return kv[:, :length]  # the common case needs no gather
-        return kv[slots, :length]
+        return kv[:, :length] if identity else kv[slots, :length]
 
     def clear(self, slot: int) -> None:
         for t in self.kv:

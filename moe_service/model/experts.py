@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,27 +23,33 @@ class RoutedExperts(nn.Module):
         self.num_slots, self.dim, self.inter_dim = num_slots, dim, inter_dim
         self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_slots, dim, inter_dim))
-        # the grouped kernel needs every row stride to be a multiple of 16 bytes (fp32: dims % 4 == 0)
-        self._aligned = dim % 4 == 0 and inter_dim % 4 == 0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights [N, K], slots [N, K] (int, -1 = no expert) -> sum_k w*expert(x) [N, D]."""
-        N, K = slots.shape
-        flat, w = slots.reshape(-1).long(), weights.reshape(-1)
-        pairs = None
-        if bool((flat < 0).any()):  # padding columns (a worker's share of a row): drop them
-            pairs = (flat >= 0).nonzero().squeeze(1)
-            flat, w = flat[pairs], w[pairs]
-        order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by slot
-        rows = (order if pairs is None else pairs[order]) // K
-        w = w[order, None]
-        counts = torch.bincount(flat, minlength=self.num_slots)
-        if _GROUPED_MM and x.device.type == "cpu" and x.dtype == torch.float32 and self._aligned:
-            y = self._grouped(x[rows], counts)
+        return self.run(x, group_pairs(weights, slots, self.num_slots).to(x.device))
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
+        """x [N, D] and its (row, expert) pairs grouped by slot (on x's device) -> [N, D]."""
+        if self._use_grouped(x):
+            y = self._grouped(x[g.rows], g.counts)
         else:
-            y = self._looped(x[rows], counts)
-        return torch.zeros_like(x).index_add_(0, rows, (y * w).to(x.dtype))
+            y = self._looped(x[g.rows], g.sizes)
+        return torch.zeros_like(x).index_add_(0, g.rows, (y * g.weights).to(x.dtype))
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        """One grouped GEMM per projection: in fp32 on the host, in bf16 on a CUDA device that has the
+        kernel (sm90 and newer); the per-expert loop elsewhere. The kernel needs 16-byte row strides."""
+        if not (_GROUPED_MM and self._aligned_for(x.dtype)):
+            return False
+        if x.is_cuda:
+            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        return x.dtype == torch.float32
+
+    def _aligned_for(self, dtype: torch.dtype) -> bool:
+        per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+        return self.dim % per_16_bytes == 0 and self.inter_dim % per_16_bytes == 0
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # one grouped GEMM per projection instead of a Python loop over experts (same math, same result)
@@ -50,10 +58,10 @@ class RoutedExperts(nn.Module):
         gate, up = h.split(self.inter_dim, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [P, D]
 
-    def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         out = torch.empty_like(xs)
         start = 0
-        for slot, n in enumerate(counts.tolist()):
+        for slot, n in enumerate(sizes):
             if n == 0:
                 continue
             h = F.linear(xs[start : start + n], self.gate_up_proj[slot])  # [n, 2I]
@@ -64,3 +72,33 @@ class RoutedExperts(nn.Module):
 
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+@dataclass
+class Grouping:
+    """A dispatch's (row, expert) pairs grouped by local slot: what the experts' matmuls need."""
+
+    rows: torch.Tensor  # [P] the row of each pair, pairs in slot order
+    weights: torch.Tensor  # [P, 1] each pair's gate weight (fp32)
+    counts: torch.Tensor  # [S] pairs per slot
+    sizes: list[int]  # the same counts, on the host (the per-expert loop's bounds)
+
+    def to(self, device: torch.device) -> "Grouping":
+        return Grouping(self.rows.to(device), self.weights.to(device), self.counts.to(device), self.sizes)
+
+
+def group_pairs(weights: torch.Tensor, slots: torch.Tensor, num_slots: int) -> Grouping:
+    """weights [N, K], slots [N, K] (-1: no expert in this column) -> the pairs grouped by slot.
+
+    An expert worker groups on the host, where its request arrived, before moving anything to its
+    device; there this costs no device sync."""
+    N, K = slots.shape
+    flat, w = slots.reshape(-1).long(), weights.reshape(-1)
+    pairs = None
+    if bool((flat < 0).any()):  # padding columns (a worker's share of a row): drop them
+        pairs = (flat >= 0).nonzero().squeeze(1)
+        flat, w = flat[pairs], w[pairs]
+    order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by slot
+    rows = (order if pairs is None else pairs[order]) // K
+    counts = torch.bincount(flat, minlength=num_slots)
+    return Grouping(rows, w[order, None], counts, counts.tolist())

@@ -39,16 +39,14 @@ class DecoderLayer(nn.Module):
 
     def ffn_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The normalised tokens the FFN sees, padding dropped: [N, D]."""
-        h = self.post_attention_layernorm(x)
-        return h.reshape(-1, h.shape[-1]) if ctx.all_valid else h[ctx.valid]
+        h = self.post_attention_layernorm(x).reshape(-1, x.shape[-1])
+        return h if ctx.valid_idx is None else h.index_select(0, ctx.valid_idx)
 
     @staticmethod
     def add_ffn_output(x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if ctx.all_valid:
+        if ctx.valid_idx is None:
             return x + y.view_as(x)
-        out = x.clone()
-        out[ctx.valid] += y
-        return out
+        return x.reshape(-1, x.shape[-1]).index_add(0, ctx.valid_idx, y).view_as(x)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, backend: ExpertBackend | None = None) -> torch.Tensor:
         if ctx.hook is not None:
@@ -89,8 +87,8 @@ class Transformer(nn.Module):
         dev = input_ids.device
         start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start.to(dev).long()
         num_new = torch.full((B,), T, dtype=torch.long, device=dev) if num_new is None else num_new.to(dev).long()
-        if cache is not None and slots is None:
-            slots = torch.arange(B, device=dev)
+        if cache is not None:
+            slots = torch.arange(B, device=dev) if slots is None else slots.to(dev)
         t = torch.arange(T, device=dev)
         positions = start[:, None] + t[None, :]  # [B, T]
         valid = t[None, :] < num_new[:, None]
@@ -106,11 +104,20 @@ class Transformer(nn.Module):
                 raise ValueError(f"step reaches position {L}; the KV cache holds at most {cache.max_len} per sequence")
             keys = torch.arange(L, device=dev)[None, None, :]
             mask = keys <= positions[:, :, None]
+        # per step, never per layer: what needs the host to know (a sync on a GPU) is worked out here
         all_valid = bool(valid.all())
         plain_causal = all_valid and L == T and not bool(start.any())
+        valid_idx = None if all_valid else valid.reshape(-1).nonzero().squeeze(1)
+        new_b = new_t = None
+        identity_slots = False
+        if cache is not None:
+            if T > 1:
+                new_b, new_t = valid.nonzero(as_tuple=True)
+            identity_slots = B == cache.num_slots and bool((slots == torch.arange(B, device=dev)).all())
         return StepContext(
             rot=self.rotary(positions), mask=mask, valid=valid, num_keys=L, cache=cache,
             slots=slots, start=start, num_new=num_new, all_valid=all_valid, plain_causal=plain_causal,
+            valid_idx=valid_idx, new_b=new_b, new_t=new_t, identity_slots=identity_slots,
         )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -131,5 +138,5 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, ctx, backend)
         if last_only:
-            x = x[torch.arange(x.shape[0]), ctx.num_new - 1]
+            x = x[torch.arange(x.shape[0], device=x.device), ctx.num_new - 1]
         return self.logits(x)

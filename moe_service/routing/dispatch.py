@@ -169,9 +169,14 @@ def _plan_small(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoute
     return out
 
 
-def combine(num_tokens: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-    """Add each worker's rows `(rows [n], output [n, D])` into a `[T, D]` tensor, in the given order."""
-    out = torch.zeros(num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
+def combine(num_tokens: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Add each worker's rows `(rows [n], output [n, D])` into a `[T, D]` tensor (`out` if given), in
+    the given order."""
+    if out is None:
+        out = torch.zeros(num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
+    else:
+        out.zero_()
     for rows, y in parts:
         out.index_add_(0, rows.to(out.device), y.to(out.dtype))
     return out

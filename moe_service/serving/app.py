@@ -122,8 +122,11 @@ class GatewayDeployment:
             for line in f:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
+        import ray
+
         return {**self.gateway.scheduler.stats(), "pid": os.getpid(), "rss_bytes": rss,
-                "expert_streams": sorted(self.gateway.remote.open_addresses())}
+                "expert_streams": sorted(self.gateway.remote.open_addresses()), "device": str(self.gateway.device),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
         # Serve's own replica health check: a dead engine thread restarts the replica
@@ -144,8 +147,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     options: dict[str, Any] = {
         "name": GATEWAY_NAME,
-        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "resources": dict(cfg.gateway_resources),
-                              "runtime_env": {"env_vars": env}},
+        "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "num_gpus": cfg.gateway_gpus,
+                              "resources": dict(cfg.gateway_resources), "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": cfg.scheduler_config().max_running + cfg.scheduler_config().max_queue,
     }
     if cfg.gateway_autoscaling:

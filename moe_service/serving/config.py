@@ -37,11 +37,13 @@ class ServiceConfig:
     expert_bind_host: str | None = None  # None: the node's IP (clusters); tests use 127.0.0.1
     worker_start_timeout_s: float = 300.0
     health_interval_s: float = 0.5
-    # gateway
+    # gateway (each replica: data-parallel attention with its own KV cache and scheduler)
     gateway_replicas: int = 1
     gateway_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; overrides gateway_replicas
     gateway_num_cpus: float = 1.0
-    gateway_resources: dict[str, float] = field(default_factory=dict)  # e.g. pin to CPU node types
+    gateway_gpus: float = 0.0  # GPUs each replica asks Ray for (fractional allowed: share a node's GPUs)
+    gateway_device: str | None = None  # where a replica computes; None: "cuda" if it sees one, else the CPU
+    gateway_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"gateway": 1} for a node group
     torch_threads: int | None = None  # CPU threads per expert worker; None: Ray's (OMP_NUM_THREADS)
     gateway_torch_threads: int | None = None  # CPU threads per gateway replica; None: Ray's
     # run the gateway's shared experts while the routed ones are on the wire; off when the gateway

@@ -19,6 +19,7 @@ from moe_service.scheduler import StepDeadline
 from moe_service.transport import fastwire
 from moe_service.transport.expert_client import ExpertStreams, Sent
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig
+from moe_service.transport.staging import HostStaging
 
 # T tokens, K experts per token, D hidden
 
@@ -66,8 +67,10 @@ class RemoteExperts:
                  wait_for_table: Callable[[set[int], int, float], RoutingTable | None] | None = None,
                  on_call: Callable[[CallStats], None] | None = None,
                  on_stage: Callable[[str, float], None] | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None,
+                 stage_always: bool = False) -> None:
         self.table = table
+        self.stage_always = stage_always  # tests: run a GPU gateway's copies on a CPU machine
         self.call_timeout_s, self.table_wait_s = call_timeout_s, table_wait_s
         self.wait_for_table = wait_for_table
         self.on_call = on_call
@@ -84,15 +87,21 @@ class RemoteExperts:
         s = getattr(self._local, "streams", None)
         if s is None:
             s = self._local.streams = ExpertStreams(self.max_message_bytes, self.tls)
+            self._local.staging = HostStaging(self.stage_always)
             with self._lock:
                 self._all.append(s)
         return s
+
+    def staging(self) -> HostStaging:
+        """The calling thread's host buffers for a device's tensors (made with its streams)."""
+        self.streams()
+        return self._local.staging
 
     def backend(self, deadline: float | None) -> ExpertBackend:
         """The backend of one micro-batch whose requests' latest deadline is `deadline`: it sends a
         layer's dispatch and answers with a function that waits for (and combines) the answers, so the
         model runs the shared experts meanwhile."""
-        return lambda layer, x, weights, experts: LayerCall(self, layer, x, weights, experts, deadline).finish
+        return lambda layer, x, weights, experts: LayerCall(self, layer, x, weights, experts, deadline)
 
     def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
             deadline: float | None = None) -> torch.Tensor:
@@ -125,14 +134,19 @@ class RemoteExperts:
 
 
 class LayerCall:
-    """One MoE layer's routed experts for one micro-batch: sent on construction, answered by finish()."""
+    """One MoE layer's routed experts for one micro-batch: sent on construction, answered when called.
+
+    Its tensors come to the host first (`HostStaging`: nothing to do on a CPU gateway, two copies on
+    a GPU one); `x`, `weights` and `experts` are those host tensors, and the answer goes back to the
+    gateway's device."""
 
     def __init__(self, remote: RemoteExperts, layer: int, x: torch.Tensor, weights: torch.Tensor,
                  experts: torch.Tensor, deadline: float | None) -> None:
-        self.remote, self.layer, self.x, self.weights, self.experts = remote, layer, x, weights, experts
+        self.remote, self.layer, self.device = remote, layer, x.device
         self.deadline = deadline if deadline is not None else float("inf")
         self.table = remote.table
-        self.streams = remote.streams()
+        self.streams, self.staging = remote.streams(), remote.staging()
+        self.x, self.weights, self.experts = self.staging.to_host(x, weights, experts)
         self.pending = experts  # [T, K]: the pairs still owed an answer, -1 elsewhere
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.excluded: set[int] = set()
@@ -178,8 +192,12 @@ class LayerCall:
         newer = r.wait_for_table(self.excluded, self.table.version, wait)
         return newer if newer is not None and newer.version > self.table.version else self.table
 
+    def __call__(self) -> torch.Tensor:
+        return self.finish()
+
     def finish(self) -> torch.Tensor:
-        """-> [T, D]: the weighted sum of every pair's expert, whichever workers answered."""
+        """-> [T, D] on the gateway's device: the weighted sum of every pair's expert, whichever
+        workers answered."""
         r = self.remote
         while True:
             t_wait = time.perf_counter()
@@ -206,7 +224,8 @@ class LayerCall:
                 # beyond both the slowest worker's compute and what the gateway did meanwhile
                 r.on_stage("wire", max(0.0, t_done - self.t_sent - max(slowest, t_wait - self.t_sent)))
             if not bool(lost.any()):
-                out = combine(self.x.shape[0], self.parts, self.x)
+                out = combine(self.x.shape[0], self.parts, self.x, self.staging.answer_buffer(self.x, self.device))
+                out = self.staging.to_device(out, self.device)
                 if r.on_stage is not None:
                     r.on_stage("combine", time.perf_counter() - t_done)
                 return out

@@ -86,7 +86,9 @@ class Gateway:
             torch.set_num_threads(cfg.gateway_torch_threads)
         keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
         source = open_source(cfg.model)
-        self.model = load_model(source, dtype=DTYPES[cfg.dtype], with_routed_experts=False)
+        # the device a replica sees decides where it computes (Ray's logical GPUs, as in the tests, are not one)
+        self.device = torch.device(cfg.gateway_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(source, dtype=DTYPES[cfg.dtype], device=self.device, with_routed_experts=False)
         self.source_reads = list(source.reads)  # tests check that no routed expert was read
         self.args = self.model.args
         self.tokenizer = load_tokenizer(cfg.model, self.args)
@@ -131,12 +133,12 @@ class Gateway:
 
         def experts(layer: int, x: torch.Tensor, weights: torch.Tensor,
                     experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
-            counts = torch.bincount(experts.reshape(-1), minlength=self.args.n_routed_experts)
+            call = send(layer, x, weights, experts)
+            counts = torch.bincount(call.experts.reshape(-1), minlength=self.args.n_routed_experts)  # on the host
             with self.counts_lock:
                 self.counts[self.layer_index[layer]] += counts
-            answer = send(layer, x, weights, experts)
             # with `overlap_shared_experts` the model runs the shared experts while the workers compute
-            return answer if self.cfg.overlap_shared_experts else answer()
+            return call if self.cfg.overlap_shared_experts else call()
 
         return experts
 
@@ -366,10 +368,9 @@ class Gateway:
         if targets and any(not 0 <= t < V for ts in targets for t in ts):
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"targets hold a token id outside [0, {V})")
         T = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-        lengths = torch.tensor([len(s) for s in seqs])
+        dev = self.device
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=dev)
+        lengths = torch.tensor([len(s) for s in seqs], device=dev)
 
         backend = self._backend(time.monotonic() + (timeout_s or self.cfg.request_timeout_s))
 
@@ -382,9 +383,7 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts answered") from None
         resp = moe_pb2.ForwardResponse(lengths=[len(s) for s in seqs])
         if targets:
-            tgt = torch.zeros(len(seqs), T, dtype=torch.long)
-            for b, t in enumerate(targets):
-                tgt[b, : len(t)] = torch.tensor(t)
+            tgt = torch.tensor([t + [0] * (T - len(t)) for t in targets], device=dev)
             lp = logits.log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
             encode(lp, resp.target_logprobs)
         else:

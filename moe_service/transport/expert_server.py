@@ -12,10 +12,8 @@ from typing import Callable
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from moe_service.model.experts import RoutedExperts
+from moe_service.model.experts import RoutedExperts, group_pairs
 from moe_service.transport import fastwire
 from moe_service.transport.codec import Raw
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
@@ -175,7 +173,10 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """-> (output [N, D] in x's dtype, written into `out` if given; seconds)"""
         t0 = time.perf_counter()
-        y = layer.experts(x.to(self.device, self.dtype), weights.to(self.device), slots.to(self.device))
+        # grouped here, where the request arrived: on a GPU worker nothing then waits on the device
+        # before the experts run
+        grouping = group_pairs(weights, slots, layer.experts.num_slots).to(self.device)
+        y = layer.experts.run(x.to(self.device, self.dtype), grouping)
         y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
         return y, time.perf_counter() - t0
 
@@ -237,7 +238,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: "health.aio.HealthServicer"
     servicer: ExpertServicer
 
     @property
@@ -245,6 +246,8 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", EXPERT_SERVICE):
             await self.health.set(name, status)
@@ -257,6 +260,10 @@ async def start_expert_server(
     servicer: ExpertServicer, host: str = "127.0.0.1", port: int = 0, tls: TLSConfig | None = None,
 ) -> RunningServer:
     """Starts the server (port 0 picks a free port) and marks it SERVING."""
+    # here rather than at the top: the servicer alone (a GPU check's bare server) needs neither
+    from grpc_health.v1 import health, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     server = grpc.aio.server(options=grpc_options(servicer.max_message_bytes))
     # RunExperts (de)serialises with fastwire (protobuf bytes without protobuf's copies); Describe as generated
     handlers = {

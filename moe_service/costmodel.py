@@ -1,0 +1,101 @@
+"""Roofline cost model: how long a piece of work takes on a device, from the bytes it must read and
+the FLOPs it must do, max(bytes / bandwidth, FLOPs / peak). Pure arithmetic over datasheet numbers;
+everything it produces is a projection, labelled so wherever it is shown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_service.model.args import ModelArgs
+
+BF16 = 2  # bytes per value
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bandwidth: float  # bytes/s
+    bf16_flops: float  # dense FLOP/s
+    source: str
+
+    def seconds(self, nbytes: float, flops: float) -> float:
+        return max(nbytes / self.memory_bandwidth, flops / self.bf16_flops)
+
+
+DEVICES = {
+    "H100": Device("H100 SXM5 80GB", 3.35e12, 989e12, "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s, "
+                   "BF16 989 TFLOPS dense"),
+    "H200": Device("H200 SXM 141GB", 4.8e12, 989e12, "NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s, "
+                   "BF16 989 TFLOPS dense"),
+}
+
+# real checkpoints' shapes (config.json), for projections only: no weights behind them
+SHAPES = {
+    "DeepSeek-V2-Lite": ModelArgs(name="DeepSeek-V2-Lite"),  # ModelArgs' defaults are V2-Lite's
+    "DeepSeek-V2": ModelArgs(
+        name="DeepSeek-V2", hidden_size=5120, num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1536, intermediate_size=12288,
+        vocab_size=102400, topk_method="group_limited_greedy", n_group=8, topk_group=3, first_k_dense_replace=1),
+}
+
+
+def expert_bytes(args: ModelArgs, itemsize: int = BF16) -> int:
+    """One routed expert's weights (gate, up and down projections)."""
+    return 3 * args.hidden_size * args.moe_intermediate_size * itemsize
+
+
+def dense_params(args: ModelArgs) -> int:
+    """What a gateway holds: everything but the routed experts."""
+    from moe_service.model.summary import summarize
+
+    routed = len(args.moe_layers) * args.n_routed_experts * 3 * args.hidden_size * args.moe_intermediate_size
+    return int(summarize(args)["params_total"]) - routed
+
+
+def touched_experts(args: ModelArgs, tokens: int) -> float:
+    """Expected distinct experts a layer's `tokens` route to, with uniform routing."""
+    E, K = args.n_routed_experts, args.num_experts_per_tok
+    return E * (1 - (1 - K / E) ** tokens)
+
+
+def gateway_step_seconds(args: ModelArgs, device: Device, batch: int, context: int) -> float:
+    """One decode step of the dense part for `batch` sequences of `context` tokens: every dense weight
+    and each sequence's latent KV cache read once; 2 FLOPs per weight per token, plus attention."""
+    import torch
+
+    from moe_service.model.summary import summarize
+
+    kv_bytes = summarize(args, torch.bfloat16)["kv_cache_bytes_per_token"]
+    nbytes = dense_params(args) * BF16 + batch * context * kv_bytes
+    attn = 2 * args.num_attention_heads * context * (2 * args.kv_lora_rank + args.qk_rope_head_dim)
+    flops = batch * (2 * dense_params(args) + args.num_hidden_layers * attn)
+    return device.seconds(nbytes, flops)
+
+
+def expert_layer_seconds(args: ModelArgs, device: Device, tokens: int, workers: int) -> float:
+    """One MoE layer's routed experts on `workers` devices, balanced: the slowest worker reads its share
+    of the touched experts' weights and does its share of the FLOPs."""
+    per_worker = max(touched_experts(args, tokens) / workers, min(1.0, touched_experts(args, tokens)))
+    flops = 2 * tokens * args.num_experts_per_tok * expert_bytes(args, 1) / workers
+    return device.seconds(per_worker * expert_bytes(args), flops)
+
+
+def dispatch_layer_seconds(args: ModelArgs, tokens: int, software_s: float, rtt_s: float, link_bytes_s: float) -> float:
+    """One layer's call to the workers: the software's own cost (measured), the network's round trip,
+    and the hidden rows both ways over the gateway's link."""
+    return software_s + rtt_s + 2 * tokens * args.hidden_size * BF16 / link_bytes_s
+
+
+def project_decode_step(args: ModelArgs, device: Device, batch: int, context: int, workers: int,
+                        software_s: float, rtt_s: float = 50e-6, link_bytes_s: float = 12.5e9) -> dict[str, float]:
+    """One decode step of `batch` sequences, term by term (projected, not measured)."""
+    L = len(args.moe_layers)
+    terms = {
+        "gateway_s": gateway_step_seconds(args, device, batch, context),
+        "dispatch_s": L * dispatch_layer_seconds(args, batch, software_s, rtt_s, link_bytes_s),
+        "experts_s": L * expert_layer_seconds(args, device, batch, workers),
+    }
+    terms["step_s"] = sum(terms.values())
+    terms["dominant"] = max(("gateway_s", "dispatch_s", "experts_s"), key=terms.get)
+    return terms
