@@ -96,6 +96,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import transport_bench as b
 
         r = b.run()
+    elif ns.what == "served" and ns.overload:
+        from moe_service.bench import overload as b
+
+        r = b.run(ns.preset, workers=ns.workers, out_dir=ns.out)
     elif ns.what == "served":
         from moe_service.bench import served_bench as b
 
@@ -110,7 +114,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         r = b.run(ns.preset if ns.preset.endswith("-skewed") else ns.preset + "-skewed", workers=ns.workers,
                   out_dir=ns.out)
     print(b.format_results(r))
-    print(f"results: {save_results(ns.what, r, ns.out)}")
+    print(f"results: {save_results('overload' if getattr(ns, 'overload', False) else ns.what, r, ns.out)}")
     return 0
 
 
@@ -143,12 +147,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     import ray
 
     from moe_service.serving.local import start_service
+    from moe_service.serving.proxy_limits import RUNTIME_ENV as PROXY_RUNTIME_ENV
 
     config = _service_config(ns)
     if ns.ray_address:
-        ray.init(address=ns.ray_address, namespace="moe_service")
+        ray.init(address=ns.ray_address, namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
     else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service")
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service",
+                 runtime_env=PROXY_RUNTIME_ENV)
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
     svc = start_service(config, grpc_port=ns.port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
@@ -239,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--overload", action="store_true", help="served: bursts at 1x, 2x, 4x and 8x capacity "
+                       "instead (use --preset tiny): goodput, refusals, latency, memory, a plot")
     bench.add_argument("--micro-batches", type=int, default=None, help="served: the scheduler's micro_batches "
                        "(default: the service's)")
     bench.set_defaults(fn=cmd_bench)

@@ -38,6 +38,13 @@ class GatewayMetrics:
                              buckets=FAST_BUCKETS, registry=r)
         self.duration = Histogram("moe_request_duration_seconds", "Whole request, arrival to last token.",
                                   buckets=SLOW_BUCKETS, registry=r)
+        self.rejected = Counter("moe_rejected_requests", "Requests refused at admission, by cause: queue_full, "
+                                "kv_capacity, prompt_too_long, invalid.", ["cause"], registry=r)
+        self.rejection = Histogram("moe_rejection_seconds", "From a request's arrival at the gateway to its refusal.",
+                                   buckets=FAST_BUCKETS, registry=r)
+        self.loop_lag = Histogram("moe_event_loop_lag_seconds", "How late the gateway replica's event loop runs a "
+                                  "timer (a blocked loop delays every stream and Serve's probes).",
+                                  buckets=FAST_BUCKETS, registry=r)
         # steps
         self.stage = Histogram("moe_step_stage_seconds", "Time per stage of one forward step (summed over layers).",
                                ["stage"], buckets=FAST_BUCKETS, registry=r)
@@ -117,6 +124,23 @@ class ControllerMetrics:
         self.rebalance_seconds = Histogram("moe_rebalance_duration_seconds", "Time to apply a new placement.",
                                            buckets=SLOW_BUCKETS, registry=r)
         self.version = Gauge("moe_placement_version", "Version of the placement table.", registry=r)
+
+
+def quantile(histogram: Histogram, q: float) -> float:
+    """The q-quantile of an unlabelled histogram, as Prometheus's histogram_quantile estimates it from the
+    buckets (linear within the bucket); 0 with no observations."""
+    buckets = [(float(s.labels["le"]), s.value) for s in histogram.collect()[0].samples if s.name.endswith("_bucket")]
+    total = buckets[-1][1] if buckets else 0.0
+    if total == 0:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
 
 
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -26,12 +26,12 @@ from moe_service.tokenizer import Tokenizer
 
 
 class Rejected(Exception):
-    """A request refused at the door. `kind` maps to a gRPC status:
-    'invalid' -> INVALID_ARGUMENT, 'exhausted' -> RESOURCE_EXHAUSTED."""
+    """A request refused at the door. `kind` maps to a gRPC status ('invalid' -> INVALID_ARGUMENT,
+    'exhausted' -> RESOURCE_EXHAUSTED); `cause` is what metrics count it as."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, cause: str = "invalid") -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.cause = kind, cause
 
 
 @dataclass
@@ -39,7 +39,9 @@ class SchedulerConfig:
     max_running: int = 32  # sequences in flight at once (KV cache slots)
     max_seq_len: int = 2048  # prompt + generated tokens of one sequence
     kv_capacity_tokens: int | None = None  # tokens reservable in the cache; default slots x max_seq_len
-    max_queue: int = 256  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
+    # waiting requests beyond which new ones get RESOURCE_EXHAUSTED at once; with max_running, what a
+    # replica admits (a burst of 300 fits the defaults)
+    max_queue: int = 512
     max_prompt_tokens: int | None = None  # default max_seq_len - 1
     max_new_tokens: int = 1024
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
@@ -134,7 +136,8 @@ class Scheduler:
         if not prompt:
             raise Rejected("invalid", "prompt is empty; give text or at least one token id")
         if len(prompt) > c.prompt_limit:
-            raise Rejected("invalid", f"prompt has {len(prompt)} tokens; this service accepts at most {c.prompt_limit}")
+            raise Rejected("invalid", f"prompt has {len(prompt)} tokens; this service accepts at most {c.prompt_limit}",
+                           "prompt_too_long")
         bad = next((t for t in prompt if not 0 <= t < V), None)
         if bad is not None:
             raise Rejected("invalid", f"prompt has token id {bad}; token ids are in [0, {V})")
@@ -145,9 +148,10 @@ class Scheduler:
         need = len(prompt) + params.max_new_tokens
         if need > c.max_seq_len:
             raise Rejected("invalid", f"prompt ({len(prompt)}) plus max_new_tokens ({params.max_new_tokens}) is {need} "
-                                      f"tokens; a sequence may hold at most {c.max_seq_len}")
+                                      f"tokens; a sequence may hold at most {c.max_seq_len}", "prompt_too_long")
         if need > c.capacity:
-            raise Rejected("exhausted", f"request needs {need} KV cache tokens; the cache holds {c.capacity}")
+            raise Rejected("exhausted", f"request needs {need} KV cache tokens; the cache holds {c.capacity}",
+                           "kv_capacity")
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
                timeout_s: float | None = None) -> Request:
@@ -157,7 +161,9 @@ class Scheduler:
                       deadline=time.monotonic() + timeout_s if timeout_s else None)
         with self.lock:
             if len(self.waiting) >= self.config.max_queue:
-                raise Rejected("exhausted", f"the waiting queue is full ({self.config.max_queue} requests); retry later")
+                raise Rejected("exhausted", f"the waiting queue is full ({self.config.max_queue} requests waiting, "
+                                            f"{self.config.max_running} running: scheduler.max_queue and "
+                                            "scheduler.max_running)", "queue_full")
             self.waiting.append(req)
         return req
 

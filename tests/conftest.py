@@ -16,7 +16,10 @@ def ray_local():
     """A local Ray instance declaring logical GPUs, shut down (with Serve) when the module ends."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False)
+    from moe_service.serving.proxy_limits import RUNTIME_ENV
+
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False,
+             runtime_env=RUNTIME_ENV)
     yield ray
     try:
         from ray import serve

@@ -107,7 +107,7 @@ def test_full_queue_rejects_at_once(model):
     s.submit(prompt(4), p, Collector())
     with pytest.raises(Rejected) as err:
         s.submit(prompt(4), p, Collector())
-    assert err.value.kind == "exhausted" and "queue is full (2 requests)" in str(err.value)
+    assert err.value.kind == "exhausted" and "queue is full (2 requests waiting" in str(err.value)
 
 
 @pytest.mark.parametrize("bad,words", [

@@ -196,7 +196,10 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
     from moe_service.serving.local import start_service
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
+        from moe_service.serving.proxy_limits import RUNTIME_ENV
+
+        ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False,
+                 runtime_env=RUNTIME_ENV)
     max_running = max(max(client_counts), decode_batch)
     cfg = local_service(model=preset, workers=workers,
                         scheduler={"max_running": max_running, "max_seq_len": prompt_tokens + 64,

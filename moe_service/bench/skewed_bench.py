@@ -25,7 +25,10 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt
     from moe_service.serving.local import start_service
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False)
+        from moe_service.serving.proxy_limits import RUNTIME_ENV
+
+        ray.init(num_cpus=2, num_gpus=workers, include_dashboard=False, namespace="moe_service", log_to_driver=False,
+                 runtime_env=RUNTIME_ENV)
     args = open_source(preset).args
     cfg = local_service(model=preset, workers=workers, load_report_interval_s=0.5, load_window_s=600,
                         # one prefill step takes every prompt (vLLM's max_num_batched_tokens is of this order)

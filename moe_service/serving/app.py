@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from ray import serve
 
+from moe_service.metrics import quantile
 from moe_service.serving.config import ServiceConfig
 from moe_service.serving.controller import get_or_create_controller
 from moe_service.serving.gateway import ControllerLink, Gateway, GatewayError
@@ -51,6 +52,8 @@ def _fail(grpc_context, e: GatewayError):
     if grpc_context is not None:
         grpc_context.set_code(e.code)
         grpc_context.set_details(e.message)
+        if e.retry_after_ms is not None:
+            grpc_context.set_trailing_metadata([("grpc-retry-pushback-ms", str(e.retry_after_ms))])
     raise e
 
 
@@ -124,7 +127,10 @@ class GatewayDeployment:
                     rss = int(line.split()[1]) * 1024
         import ray
 
+        m = self.gateway.metrics
         return {**self.gateway.scheduler.stats(), "pid": os.getpid(), "rss_bytes": rss,
+                "rejection_p99_s": quantile(m.rejection, 0.99), "loop_lag_p99_s": quantile(m.loop_lag, 0.99),
+                "rejected": sum(s.value for s in m.rejected.collect()[0].samples if s.name.endswith("_total")),
                 "expert_streams": sorted(self.gateway.remote.open_addresses()), "device": str(self.gateway.device),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
@@ -142,6 +148,7 @@ class GatewayDeployment:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder: `args` are ServiceConfig fields."""
     cfg = ServiceConfig.from_dict(args)
+    sched = cfg.scheduler_config()
     # the gateway waits on the workers for much of a step: an OpenMP thread spinning meanwhile (libgomp's
     # default) takes a core from CPU workers on the same node (docs/performance.md)
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -149,7 +156,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "name": GATEWAY_NAME,
         "ray_actor_options": {"num_cpus": cfg.gateway_num_cpus, "num_gpus": cfg.gateway_gpus,
                               "resources": dict(cfg.gateway_resources), "runtime_env": {"env_vars": env}},
-        "max_ongoing_requests": cfg.scheduler_config().max_running + cfg.scheduler_config().max_queue,
+        # Admission is the gateway's: it runs max_running, queues max_queue and refuses the rest at once
+        # with RESOURCE_EXHAUSTED and a retry hint. Serve sends a replica up to twice that, so requests
+        # being refused never wait in the proxy; past that (every replica full) the proxy queues at most
+        # max_queue more and refuses the rest, also as RESOURCE_EXHAUSTED.
+        "max_ongoing_requests": 2 * (sched.max_running + sched.max_queue),
+        "max_queued_requests": sched.max_queue,
     }
     if cfg.gateway_autoscaling:
         options["autoscaling_config"] = cfg.gateway_autoscaling

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -38,14 +39,15 @@ MAX_FORWARD_TOKENS = 8192
 
 
 class GatewayError(Exception):
-    """An error for the client: a gRPC status and a message that says what is allowed."""
+    """An error for the client: a gRPC status and a message that says what is allowed; with
+    `retry_after_ms`, when a retry may succeed (sent as gRPC's grpc-retry-pushback-ms trailer)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
 
     def __reduce__(self):  # Serve ships exceptions between processes
-        return (GatewayError, (self.code, self.message))
+        return (GatewayError, (self.code, self.message, self.retry_after_ms))
 
 
 def _node_ip() -> str:
@@ -106,6 +108,7 @@ class Gateway:
         self.latest: RoutingTable | None = None
         self.table_cond = threading.Condition()
         self.tasks: list[asyncio.Task] = []
+        self.completions: deque[float] = deque(maxlen=4096)  # when recent requests finished (retry hints)
         self.closed = False
 
     async def start(self) -> None:
@@ -123,7 +126,7 @@ class Gateway:
         m.kv_capacity.set(c.capacity)
         self.engine = EngineLoop(self.scheduler, after_step=self._after_step)
         self.loop = asyncio.get_running_loop()
-        self.tasks = [self.loop.create_task(self._poll_table()), self.loop.create_task(self._report_load())]
+        self.tasks = [self.loop.create_task(t) for t in (self._poll_table(), self._report_load(), self._watch_loop())]
 
     # ---- the expert backend (on the thread that computes a micro-batch) -------------------------
 
@@ -215,6 +218,13 @@ class Gateway:
             except Exception:  # the controller restarting: these counts are lost, the next ones arrive
                 pass
 
+    async def _watch_loop(self, period_s: float = 0.05) -> None:
+        """How late this loop runs a timer: every stream's tokens and the control tasks wait as long."""
+        while not self.closed:
+            t0 = time.monotonic()
+            await asyncio.sleep(period_s)  # the measuring period
+            self.metrics.loop_lag.observe(max(0.0, time.monotonic() - t0 - period_s))
+
     async def _fetch_ready_table(self) -> dict:
         t = await self.controller.table()
         while not t["ready"]:
@@ -298,8 +308,28 @@ class Gateway:
             seed=p.seed if p.HasField("seed") else None, stop_token_ids=tuple(p.stop_token_ids),
             stop_strings=tuple(p.stop_strings), ignore_eos=p.ignore_eos)
 
+    def _rejected(self, e: Rejected, arrived: float) -> GatewayError:
+        """Counts a refused request, and says when to retry one refused for lack of room."""
+        code = STATUS_OF[e.kind]
+        m = self.metrics
+        m.requests.labels("Generate", code.name).inc()
+        m.rejected.labels(e.cause).inc()
+        m.rejection.observe(time.monotonic() - arrived)
+        retry = None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # the time the requests waiting now take to start, at the recent rate of completions
+            now = time.monotonic()
+            recent = sum(1 for t in self.completions if t > now - 10.0) / 10.0
+            waiting = self.scheduler.stats()["waiting"]
+            retry = int(min(30_000, max(100, 1000 * (waiting + 1) / recent))) if recent else 1000
+            # the trailer is gRPC's retry pushback; Serve's proxy forwards trailers only with a stream's
+            # results, so the hint is in the message as well
+            return GatewayError(code, f"{e} (retry in about {retry} ms)", retry)
+        return GatewayError(code, str(e))
+
     async def generate(self, request: moe_pb2.GenerateRequest,
                        timeout_s: float | None = None) -> AsyncIterator[moe_pb2.GenerateResponse]:
+        arrived = time.monotonic()
         if self.closed or self.table_info["draining"]:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the service is draining; send requests elsewhere")
         # while experts are being replaced requests are still taken: steps wait (within the expert
@@ -315,8 +345,7 @@ class Gateway:
         try:
             req = self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s)
         except Rejected as e:
-            m.requests.labels("Generate", STATUS_OF[e.kind].name).inc()
-            raise GatewayError(STATUS_OF[e.kind], str(e)) from None
+            raise self._rejected(e, arrived) from None
         m.prompt_tokens.inc(len(prompt))
         t_start = last = time.monotonic()
         code = grpc.StatusCode.CANCELLED
@@ -333,6 +362,7 @@ class Gateway:
                 elif kind == "finish":
                     reason, usage = payload
                     code = grpc.StatusCode.OK
+                    self.completions.append(now)
                     m.duration.observe(now - t_start)
                     yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage))
                     return

@@ -75,6 +75,9 @@ def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0
     http_port = http_port or free_port()
     serve.start(
         proxy_location=proxy_location,
+        # a line per request in the proxy's and the replica's logs costs their event loops more than the
+        # request itself under a burst; metrics count every request (moe_requests_total)
+        logging_config={"enable_access_log": False},
         http_options=HTTPOptions(host=host, port=http_port),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  request_timeout_s=request_timeout_s),
