@@ -146,15 +146,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     import ray
 
-    from moe_service.serving.local import start_service
+    from moe_service.serving.local import check_cluster_auth, start_service
     from moe_service.serving.proxy_limits import RUNTIME_ENV as PROXY_RUNTIME_ENV
 
     config = _service_config(ns)
     if ns.ray_address:
+        check_cluster_auth(ns.ray_address)  # fails at once, naming RAY_AUTH_MODE and the token
         ray.init(address=ns.ray_address, namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
-    else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, namespace="moe_service",
-                 runtime_env=PROXY_RUNTIME_ENV)
+    else:  # always a Ray of its own, whatever cluster an earlier `ray start` left recorded
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
     svc = start_service(config, grpc_port=ns.port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
@@ -297,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.fn(ns)
     except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from moe_service.serving.local import ClusterAuthError
+
+        if not isinstance(e, ClusterAuthError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,15 @@ def check_launcher_config(cfg: dict) -> None:
         raise ManifestError(f"head_node_type {cfg['head_node_type']!r} is not one of {sorted(types)}")
     if "expert_worker" in types[cfg["head_node_type"]]["resources"]:
         raise ManifestError("the head node type must not offer `expert_worker`: experts belong on GPU nodes")
+    # token authentication on every node, with a token kept outside the repository
+    run_options = " ".join((cfg.get("docker") or {}).get("run_options", []))
+    if "RAY_AUTH_MODE=token" not in run_options or "RAY_AUTH_TOKEN_PATH=" not in run_options:
+        raise ManifestError("docker.run_options must set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH on every node")
+    token_path = run_options.split("RAY_AUTH_TOKEN_PATH=", 1)[1].split()[0]
+    source = (cfg.get("file_mounts") or {}).get(token_path)
+    if source is None or not source.startswith(("~", "/")):
+        raise ManifestError(f"file_mounts must copy the auth token to {token_path} from outside the repository "
+                            f"(a path from ~ or /), got {source!r}")
     gpu_types = [n for n, t in types.items() if t["resources"].get("expert_worker") and t["resources"].get("GPU")]
     if not gpu_types:
         raise ManifestError("no node type offers both GPUs and the `expert_worker` resource")
@@ -434,6 +443,8 @@ def check_rayservice_wiring(doc: dict, serve_cfg: dict) -> None:
         if ports.get(name) != port:
             raise ManifestError(f"head container: port named {name!r} must be {port} "
                                 f"(the head's ports: {ports})")
+    if (cluster.get("authOptions") or {}).get("mode") != "token":
+        raise ManifestError("rayClusterConfig.authOptions.mode must be token: Ray's token authentication")
     if not cluster.get("enableInTreeAutoscaling"):
         raise ManifestError("enableInTreeAutoscaling must be true: GPU pods are added for pending expert workers")
     head_params = cluster["headGroupSpec"]["rayStartParams"]
@@ -877,6 +888,11 @@ MUTATIONS = [
      _serve_v2(lambda c: _app(c)["args"].__setitem__("gpus_per_worker", 2)), "exceed its 1.0 GPU", ()),
     ("wiring-gateway-gpus-nowhere", "rayservice",
      lambda r: _cluster(r)["workerGroupSpecs"].pop(0), "at most 0 gateway replicas", ()),
+    ("wiring-no-token-auth", "rayservice", lambda r: _cluster(r).pop("authOptions"), "authOptions.mode", ()),
+    ("launcher-no-token-auth", "aws", lambda c: c["docker"]["run_options"].remove("-e RAY_AUTH_MODE=token"),
+     "RAY_AUTH_MODE=token", ()),
+    ("launcher-token-in-repo", "aws", lambda c: c["file_mounts"].__setitem__("/home/ray/.ray/auth_token", "auth_token"),
+     "outside the repository", ()),
     ("launcher-gateway-gpus-nowhere", "aws",
      lambda c: c["available_node_types"].pop("worker.gateway"), "at most 0 gateway replicas", ()),
     # built-in kinds

@@ -67,6 +67,41 @@ class LocalService:
         serve.shutdown()
 
 
+class ClusterAuthError(RuntimeError):
+    """The Ray cluster refused this process's credentials."""
+
+
+def check_cluster_auth(address: str, timeout_s: float = 5.0) -> None:
+    """Asks the cluster's GCS one question with the credentials ray.init would send, and fails at once,
+    naming what to set, if the cluster refuses them (ray.init itself retries for a while and then
+    reports only that it could not connect). An address that does not answer is left to ray.init."""
+    import os
+    from pathlib import Path
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = canonicalize_bootstrap_address(address) or address
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if mode == "token" and not token and Path(path).is_file():
+        token = Path(path).read_text().strip()
+    metadata = [("authorization", f"Bearer {token}")] if mode == "token" and token else []
+    with grpc.insecure_channel(target) as ch:
+        try:
+            ch.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return
+            have = (f"RAY_AUTH_MODE is {mode!r}" if mode != "token" else
+                    "RAY_AUTH_MODE is 'token', but the token sent is not the cluster's" if token else
+                    f"RAY_AUTH_MODE is 'token', but no token was found (RAY_AUTH_TOKEN, or the file {path})")
+            raise ClusterAuthError(
+                f"the Ray cluster at {target} uses token authentication and refused this client: {have}. Set "
+                "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (for "
+                "cluster/local-multinode.sh: eval \"$(cluster/local-multinode.sh env)\")") from None
+
+
 def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
                   request_timeout_s: float | None = None, wait: bool = True,
                   proxy_location: str = "HeadOnly") -> LocalService:
