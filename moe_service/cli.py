@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from moe_service.model.args import DTYPES
 
 
 def _model_source(ns: argparse.Namespace) -> str:
@@ -135,8 +135,8 @@ def _service_config(ns: argparse.Namespace) -> dict:
            "scheduler": {"micro_batches": 2 if overlap_pays(gpus > 0) else 1},
            # on a cluster workers advertise their node IP; a local run stays on loopback
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
-    if ns.slots_per_worker:
-        cfg["slots_per_worker"] = ns.slots_per_worker
+    if ns.replicas_per_worker:
+        cfg["replicas_per_worker"] = ns.replicas_per_worker
     return cfg
 
 
@@ -195,7 +195,7 @@ def _demo_generation(address: str, api_key: str | None) -> None:
 
 
 def cmd_placement(ns: argparse.Namespace) -> int:
-    from moe_service.ops import fetch, format_hottest, format_placement
+    from moe_service.views import fetch, format_hottest, format_placement
 
     s = fetch(ns.controller, "/stats", timeout=10)
     print(json.dumps(s, indent=2) if ns.json else f"{format_placement(s)}\n\n{format_hottest(s)}")
@@ -203,15 +203,16 @@ def cmd_placement(ns: argparse.Namespace) -> int:
 
 
 def cmd_rebalance(ns: argparse.Namespace) -> int:
-    from moe_service.ops import fetch, format_rebalance
+    from moe_service.views import fetch, format_rebalance
 
-    r = fetch(ns.controller, "/rebalance" + ("?dry_run=1" if ns.dry_run else ""), method="POST")
+    r = fetch(ns.controller, "/rebalance" + ("?dry_run=1" if ns.dry_run else ""), method="POST",
+              api_key=ns.api_key or os.environ.get("MOE_SERVICE_ADMIN_API_KEY") or os.environ.get("MOE_SERVICE_API_KEY"))
     print(json.dumps(r, indent=2) if ns.json else format_rebalance(r))
     return 0
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
-    from moe_service.ops import stats_screen
+    from moe_service.views import stats_screen
 
     stats_screen(ns.controller, ns.interval, ns.iterations)
     return 0
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true")
         if name == "rebalance":
             sp.add_argument("--dry-run", action="store_true", help="print the plan and its balancedness only")
+            sp.add_argument("--api-key", default=None, help="the admin key (default: $MOE_SERVICE_ADMIN_API_KEY, "
+                            "else $MOE_SERVICE_API_KEY)")
         if name == "stats":
             sp.add_argument("--interval", type=float, default=2.0)
             sp.add_argument("--iterations", type=int, default=None, help="frames to draw (default: until Ctrl-C)")
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
         sp.add_argument("--gateway-gpus", type=float, default=None,
                         help="GPUs per gateway replica (attention, KV cache, sampling); default: 1 with CUDA, else 0")
-        sp.add_argument("--slots-per-worker", type=int, default=None, help="expert replicas per layer per worker")
+        sp.add_argument("--replicas-per-worker", type=int, default=None, help="expert replicas per layer per worker")
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
         sp.add_argument("--host", default="127.0.0.1")

@@ -15,6 +15,18 @@ from moe_service.sampling import SamplerState, SamplingParams, sample
 from moe_service.tokenizer import Detokenizer, Tokenizer
 
 
+def check_tokens(ids: list[int], vocab_size: int, limit: int, what: str = "prompt") -> None:
+    """The one check of a token sequence from a client: not empty, at most `limit` tokens, every id in
+    the vocabulary. ValueError naming what was wrong and what is allowed."""
+    if not ids:
+        raise ValueError(f"{what} is empty; give text or at least one token id")
+    if len(ids) > limit:
+        raise ValueError(f"{what} has {len(ids)} tokens; this service accepts at most {limit}")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{what} has token id {bad}; token ids are in [0, {vocab_size})")
+
+
 @dataclass
 class Sequence:
     """One request's state: what it asked for, what it has produced, whether it is done."""
@@ -77,11 +89,7 @@ class Engine:
         self.args = model.args
 
     def _new(self, prompt: list[int], params: SamplingParams) -> Sequence:
-        if not prompt:
-            raise ValueError("prompt is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"prompt has token id {bad[0]}; token ids are in [0, {self.args.vocab_size})")
+        check_tokens(prompt, self.args.vocab_size, self.args.max_position_embeddings)
         params.validate(self.args.vocab_size)
         detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
         return Sequence(prompt, params, self.args.eos_token_id, detok)

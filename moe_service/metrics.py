@@ -76,7 +76,7 @@ class GatewayMetrics:
         # routing
         self.routed = Counter("moe_routed_tokens", "(token, expert) pairs routed, per MoE layer and expert.",
                               ["layer", "expert"] if expert_series == "expert" else ["layer"], registry=r)
-        self.tokens_processed = Counter("moe_moe_layer_tokens", "Tokens through each MoE layer's gate.", ["layer"],
+        self.layer_tokens = Counter("moe_layer_tokens", "Tokens through each MoE layer's gate.", ["layer"],
                                         registry=r)
 
     def observe_routing(self, layer: int, counts: list[int]) -> None:
@@ -143,7 +143,14 @@ def quantile(histogram: Histogram, q: float) -> float:
     return lower
 
 
-def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:
-    """Serves the registry at http://host:port/metrics on a daemon thread; returns the port."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    return server.server_port
+def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1",
+                  ports: tuple[int, int] | None = None) -> int:
+    """Serves the registry at http://host:port/metrics on a daemon thread; returns the port: the first
+    free one of `ports` (inclusive; a NetworkPolicy can name them), or any free one."""
+    for port in range(ports[0], ports[1] + 1) if ports else (0,):
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+            return server.server_port
+        except OSError:  # taken: try the next
+            continue
+    raise OSError(f"no free port for /metrics in {ports[0]}-{ports[1]} on {host}")

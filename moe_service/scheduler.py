@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from moe_service.engine import Sequence
+from moe_service.engine import Sequence, check_tokens
 from moe_service.model.cache import LatentCache
 from moe_service.model.moe import ExpertBackend
 from moe_service.model.transformer import Transformer
@@ -133,14 +133,10 @@ class Scheduler:
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         c, V = self.config, self.args.vocab_size
-        if not prompt:
-            raise Rejected("invalid", "prompt is empty; give text or at least one token id")
-        if len(prompt) > c.prompt_limit:
-            raise Rejected("invalid", f"prompt has {len(prompt)} tokens; this service accepts at most {c.prompt_limit}",
-                           "prompt_too_long")
-        bad = next((t for t in prompt if not 0 <= t < V), None)
-        if bad is not None:
-            raise Rejected("invalid", f"prompt has token id {bad}; token ids are in [0, {V})")
+        try:
+            check_tokens(prompt, V, c.prompt_limit)
+        except ValueError as e:
+            raise Rejected("invalid", str(e), "prompt_too_long" if len(prompt) > c.prompt_limit else "invalid") from None
         try:
             params.validate(V, c.max_new_tokens)
         except ValueError as e:

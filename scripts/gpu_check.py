@@ -140,7 +140,7 @@ def _server(queue, device: str, dims: dict, seed: int) -> None:
         torch.nn.init.normal_(module.down_proj, std=0.02)
         servicer = ExpertServicer({1: HostedLayer.build(module, list(range(dims["experts"])), dims["experts"])},
                                   worker_id="gpu-check", hidden_size=dims["hidden"], num_experts=dims["experts"],
-                                  slots_per_layer=dims["experts"])
+                                  replicas_per_layer=dims["experts"])
         server = grpc.aio.server(options=grpc_options())
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EXPERT_SERVICE, {
             "RunExpertsStream": grpc.stream_stream_rpc_method_handler(

@@ -37,7 +37,8 @@ KUBERAY = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay-
 KUBERAY_CRDS = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 PROMTOOL = shutil.which("promtool")
 KUBECTL = shutil.which("kubectl")
-BUILTIN_KINDS = {"Namespace", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "ServiceAccount"}
+BUILTIN_KINDS = {"Namespace", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "ServiceAccount",
+                 "NetworkPolicy"}
 MONITORING_KINDS = {"PodMonitor", "ScrapeConfig", "PrometheusRule"}
 SD_PORT_NAME = "moe-sd"  # the head container port of the controller's Prometheus http_sd endpoint
 
@@ -653,6 +654,36 @@ def test_builtin_kinds_validate():
     assert {"Namespace", "ConfigMap", "PersistentVolumeClaim"} <= {d["kind"] for d in docs}
     for doc in docs:
         check_builtin(doc)
+
+
+def test_network_policy_opens_what_the_service_serves_and_no_more():
+    """Every Ray pod is selected; Prometheus may reach exactly the metrics ports the RayService configures;
+    the internal planes (expert workers' gRPC) are open only inside the RayService."""
+    policy = k8s_object("NetworkPolicy")
+    check_builtin(policy)
+    rs = k8s_object("RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"a Ray pod the policy does not cover: {labels}"
+    svc = service_config(serve_config_of(rs))
+    assert svc.expert_port_range and svc.metrics_port_range, "fixed port ranges let the policy name the ports"
+    rules = policy["spec"]["ingress"]
+    own = [r for r in rules if r.get("from") == [{"podSelector": {"matchLabels": selector}}]]
+    assert own and "ports" not in own[0], "traffic between the RayService's pods (Ray's own) must stay open"
+
+    def opened(rule: dict) -> set[int]:
+        return {p for x in rule.get("ports", []) for p in range(x["port"], x.get("endPort", x["port"]) + 1)}
+
+    prometheus = next(r for r in rules if any("namespaceSelector" in f and f["namespaceSelector"]["matchLabels"].get(
+        "kubernetes.io/metadata.name") == "monitoring" for f in r.get("from", [])))
+    metrics = set(range(svc.metrics_port_range[0], svc.metrics_port_range[1] + 1)) | {8080, svc.sd_port}
+    assert opened(prometheus) == metrics
+    to_anyone = set().union(*(opened(r) for r in rules if "from" not in r))
+    assert to_anyone == {9000, 8000}, "only the client API is open to every source"
+    experts = set(range(svc.expert_port_range[0], svc.expert_port_range[1] + 1))
+    assert not experts & set().union(*(opened(r) for r in rules if r not in own))
 
 
 def test_grafana_dashboard_configmap():

@@ -59,6 +59,8 @@ def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate)
             got = remote.run(layer, x, w, e)
             assert (got - want).abs().max().item() <= 1e-5
             assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
+            seen = dict(stages)  # the wire's share of the experts stage: a part of it, never more
+            assert 0 <= seen["wire"] <= seen["experts"]
             assert all(c.ok and c.compute_seconds > 0 for c in calls)
             largest = max(c.bytes_received for c in calls)
             assert (largest >= fastwire.SMALL_MESSAGE) == (T > 37), largest

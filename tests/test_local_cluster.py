@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,32 +20,13 @@ from moe_service import load_model
 from moe_service.client import Client
 from moe_service.engine import Engine
 from moe_service.sampling import SamplingParams
+from moe_service.serving.local import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local-multinode.sh"
 BIN = Path(sys.executable).parent
 PROMPT = [1, 5, 9, 33]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_block(n: int) -> int:
-    """A base port with the n ports from it free."""
-    for _ in range(50):
-        base = random.randrange(30000, 60000 - n, 100)
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free block of ports")
 
 
 def run(cmd: list[str], env: dict, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
@@ -110,7 +89,7 @@ import ray
 ray.init(address="{address}", namespace="moe_service", log_to_driver=False)
 ctl = ray.get_actor("moe_controller", namespace="moe_service")
 ray.get(ctl.shutdown.remote())
-ray.kill(ctl)
+ray.kill(ctl, no_restart=True)
 """
 
 
@@ -124,7 +103,7 @@ def check_placement_and_tokens(env: dict, address: str, grpc_address: str, want:
 
 def test_local_cluster_with_token_auth(tmp_path):
     ports = {"MOE_RAY_PORT": free_port(), "MOE_DASHBOARD_PORT": free_port(), "MOE_CLIENT_PORT": free_port(),
-             "MOE_PORT_BASE": free_block(300)}
+             "MOE_PORT_BASE": free_port(block=300)}
     temp = f"/tmp/moe-ray-test-{os.getpid()}"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     base.update({k: str(v) for k, v in ports.items()}, MOE_WORKER_NODES="1", MOE_GPUS_PER_NODE="2",

@@ -75,8 +75,8 @@ def assert_valid(p: Placement) -> None:
     assert counts.shape == (p.num_layers, p.num_experts)
     assert (counts >= 1).all(), "an expert lost its last replica"
     assert (counts <= p.num_workers).all()
-    assert (p.used_slots() <= p.slots_per_worker).all(), "a worker exceeds its slots"
-    assert p.used_slots().sum() == counts.sum()
+    assert (p.used_replicas() <= p.replicas_per_worker).all(), "a worker exceeds its slots"
+    assert p.used_replicas().sum() == counts.sum()
     assert np.allclose(p.fractions.sum(axis=2), 1.0, atol=1e-9)
     assert (p.fractions >= 0).all() and (p.fractions[~p.hosts] == 0).all()
     for layer in range(p.num_layers):
@@ -99,7 +99,7 @@ def _drift(load: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def test_invariants_on_random_loads(cases: list[Case]) -> None:
     for c in cases:
         assert (c.placement.num_layers, c.placement.num_experts) == c.load.shape
-        assert c.placement.num_workers == c.workers and c.placement.slots_per_worker == c.slots
+        assert c.placement.num_workers == c.workers and c.placement.replicas_per_worker == c.slots
         assert_valid(c.placement)
 
 
@@ -138,7 +138,7 @@ def test_hot_experts_get_more_replicas(cases: list[Case]) -> None:
             assert counts[layer, hottest] >= np.median(counts[layer])
 
 
-def test_few_slots_per_worker_still_valid_and_better_than_round_robin() -> None:
+def test_few_replicas_per_worker_still_valid_and_better_than_round_robin() -> None:
     scarce = _make_cases(99, 40, min_experts_per_worker=0)
     scarce = [c for c in scarce if c.slots <= 4]
     assert len(scarce) >= 5
@@ -217,7 +217,7 @@ def test_slot_count_change(cases: list[Case]) -> None:
         if c.workers * slots < 1.25 * c.experts:
             continue
         again = plan(c.load, c.workers, slots, current=c.placement)
-        assert again.slots_per_worker == slots
+        assert again.replicas_per_worker == slots
         assert_valid(again)
         assert again.balancedness(c.load).min() >= QUALITY
 
@@ -237,7 +237,7 @@ def test_repeated_drift_stays_balanced() -> None:
     p = plan(load, 16, _slots(160, 16))
     for _ in range(6):
         load = _drift(load, rng)
-        again = plan(load, 16, p.slots_per_worker, current=p)
+        again = plan(load, 16, p.replicas_per_worker, current=p)
         assert again.balancedness(load).min() >= QUALITY
         assert again.moves_from(p) <= 0.10 * again.num_replicas
         p = again
@@ -272,7 +272,7 @@ def test_queries_agree_with_each_other(cases: list[Case]) -> None:
     pairs = {w: p.hosted(w) for w in range(p.num_workers)}
     for w, hosted in pairs.items():
         assert hosted == sorted(hosted)
-        assert len(hosted) <= LAYERS * p.slots_per_worker
+        assert len(hosted) <= LAYERS * p.replicas_per_worker
     for layer in range(LAYERS):
         for expert in range(p.num_experts):
             assert p.replicas(layer, expert) == [w for w in pairs if (layer, expert) in pairs[w]]
@@ -297,7 +297,7 @@ def test_moves_from_counts_new_replicas_only() -> None:
     hosts = np.array(a.hosts)
     hosts[0, 0, 1] = True  # expert 0 gains a replica on worker 1
     fractions = hosts / hosts.sum(axis=2, keepdims=True)
-    b = Placement(hosts=hosts, fractions=fractions, slots_per_worker=3)
+    b = Placement(hosts=hosts, fractions=fractions, replicas_per_worker=3)
     assert b.moves_from(a) == 1
     assert a.moves_from(b) == 0  # dropping a replica transfers nothing
     wider = Placement.round_robin(1, 4, 3, 3)  # 0, 3 on worker 0; 1 on worker 1; 2 on new worker 2
@@ -324,7 +324,7 @@ def test_placement_is_immutable(cases: list[Case]) -> None:
     with pytest.raises(ValueError):
         p.hosts[0, 0, 0] = not p.hosts[0, 0, 0]
     with pytest.raises(AttributeError):
-        p.slots_per_worker = 3  # type: ignore[misc]
+        p.replicas_per_worker = 3  # type: ignore[misc]
 
 
 def test_zipf_load() -> None:
@@ -348,7 +348,7 @@ def test_zipf_load() -> None:
         ((np.array([[1.0, -2.0]]), 1, 2), r"non-negative, got -2.0 at layer 0, expert 1"),
         ((np.array([[1.0, np.nan]]), 1, 2), r"NaN or infinite"),
         ((np.ones((2, 4)), 0, 4), r"num_workers must be a positive int, got 0"),
-        ((np.ones((2, 4)), 2, 2.5), r"slots_per_worker must be a positive int, got 2.5"),
+        ((np.ones((2, 4)), 2, 2.5), r"replicas_per_worker must be a positive int, got 2.5"),
         (([["a"]], 1, 1), r"numeric"),
     ],
 )
@@ -372,15 +372,15 @@ def test_placement_rejects_broken_layouts() -> None:
     with pytest.raises(ValueError, match="expert 3 of layer 0 has no replica"):
         missing = hosts.copy()
         missing[0, 3] = False
-        Placement(hosts=missing, fractions=missing.astype(float), slots_per_worker=2)
+        Placement(hosts=missing, fractions=missing.astype(float), replicas_per_worker=2)
     with pytest.raises(ValueError, match="worker 0 holds 3 replicas in layer 0, more than its 2 slots"):
         crowded = hosts.copy()
         crowded[0, 1, 0] = True
-        Placement(hosts=crowded, fractions=crowded / crowded.sum(axis=2, keepdims=True), slots_per_worker=2)
+        Placement(hosts=crowded, fractions=crowded / crowded.sum(axis=2, keepdims=True), replicas_per_worker=2)
     with pytest.raises(ValueError, match="sum to"):
-        Placement(hosts=hosts, fractions=fractions * 0.5, slots_per_worker=2)
+        Placement(hosts=hosts, fractions=fractions * 0.5, replicas_per_worker=2)
     with pytest.raises(ValueError, match="zero where no replica"):
-        Placement(hosts=hosts, fractions=fractions + 0.25 * ~hosts, slots_per_worker=2)
+        Placement(hosts=hosts, fractions=fractions + 0.25 * ~hosts, replicas_per_worker=2)
     with pytest.raises(ValueError, match="not enough slots"):
         Placement.round_robin(1, 10, 3, 3)
     with pytest.raises(ValueError, match=r"load has shape \(1, 5\), expected"):

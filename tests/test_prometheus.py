@@ -99,6 +99,7 @@ def test_prometheus_sees_every_process_and_the_right_numbers(service, prometheus
     eventually(prometheus, 'sum(moe_requests_total{method="Generate",code="OK"})', len(prompts))
     eventually(prometheus, "sum(moe_generated_tokens_total)", sum(generated))
     eventually(prometheus, "sum(moe_routed_tokens_total)", tokens * top_k * moe_layers)
-    eventually(prometheus, "sum(moe_moe_layer_tokens_total) * %d - sum(moe_routed_tokens_total)" % top_k, 0)
+    # each gate saw every token: counted from the gate's input, apart from the routed pairs above
+    eventually(prometheus, "sum(moe_layer_tokens_total)", tokens * moe_layers)
     eventually(prometheus, "sum(moe_worker_up)", 2)
     eventually(prometheus, "count(moe_expert_rpc_seconds_count)", 2)  # the gateway sees both workers

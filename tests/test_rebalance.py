@@ -13,7 +13,7 @@ from ray import serve
 from moe_service import load_model
 from moe_service.client import Client
 from moe_service.engine import Engine
-from moe_service.ops import fetch
+from moe_service.views import fetch
 from moe_service.sampling import SamplingParams
 from moe_service.serving.local import start_service
 
@@ -119,7 +119,7 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
     # a tiny target: any traffic is overload for one worker; no traffic is underload for two
     auto = dict(min_workers=1, max_workers=2, target_load_per_worker=1.0, upscale_delay_s=0.5,
                 downscale_delay_s=1.0, look_back_period_s=0.5)
-    svc = start_service(config(workers=1, autoscaling=auto, slots_per_worker=16))
+    svc = start_service(config(workers=1, autoscaling=auto, replicas_per_worker=16))
     ctl = svc.controller()
     try:
         load = Load(svc.address, prompts, reference, clients=2)
@@ -145,3 +145,53 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
         assert streams and streams <= left, (streams, left)
     finally:
         svc.shutdown()
+
+
+def test_losing_the_controller_stops_no_traffic_and_reloads_nothing(ray_local, prompts_and_reference):
+    """The controller is killed during streams and again while idle: Ray restarts it, it adopts the running
+    workers (no expert is loaded again), gateways keep serving on their table meanwhile, and afterwards a
+    rebalance and a worker loss are handled as before."""
+    prompts, reference = prompts_and_reference
+    svc = start_service(config())
+    ctl = svc.controller()
+
+    def loads() -> dict[str, int]:
+        out = {}
+        for w in ray_local.get(ctl.worker_info.remote()):
+            actor = ray_local.get_actor(w["actor_name"], namespace="moe_service")
+            out[w["address"]] = ray_local.get(actor.ping.remote())["loads"]
+        return out
+
+    try:
+        before = loads()
+        load = Load(svc.address, prompts, reference, clients=2)
+        try:
+            load.wait_for(3)
+            ray_local.kill(ctl, no_restart=False)  # during streams
+            load.wait_for(6)  # the streams go on meanwhile
+            assert loads() == before, "the restarted controller reloaded or replaced a worker"
+        finally:
+            load.finish()
+        assert not load.errors, load.errors[:3]
+        assert not load.mismatches, load.mismatches[:3]
+        ray_local.kill(ctl, no_restart=False)  # idle
+        with Client(svc.address) as c:
+            assert c.generate_ids(prompts[1], max_new_tokens=24, ignore_eos=True) == reference[1]
+        assert loads() == before
+        # and the control plane still works: a rebalance, a worker lost and replaced
+        http = ray_local.get(ctl.http_address.remote())
+        assert fetch(http, "/rebalance", method="POST")["applied"]
+        victim = ray_local.get(ctl.worker_info.remote())[0]
+        ray_local.kill(ray_local.get_actor(victim["actor_name"], namespace="moe_service"))
+        deadline = time.monotonic() + 60
+        while True:
+            w = ray_local.get(ctl.worker_info.remote())[0]
+            if w["generation"] > victim["generation"] and w["healthy"]:
+                break
+            assert time.monotonic() < deadline, "the lost worker was not replaced"
+            ray_local.get(ctl.wait_for_table.remote(0, 1.0))  # follows the table's versions
+        with Client(svc.address) as c:
+            assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
+    finally:
+        svc.shutdown()
+    assert not [n for n in ray_local.util.list_named_actors() if "_worker_" in n], "shutdown left workers running"

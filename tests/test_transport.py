@@ -97,7 +97,7 @@ async def start_workers(hosts, max_message_bytes=64 << 20, servicer_class=Expert
     for w, pairs in hosts.items():
         hosted = {l: HostedLayer.build(m, ids, args.n_routed_experts) for l, (m, ids) in load_experts(PRESET, pairs).items()}
         servicer = servicer_class(hosted, worker_id=f"w{w}", hidden_size=args.hidden_size,
-                                  num_experts=args.n_routed_experts, slots_per_layer=args.n_routed_experts,
+                                  num_experts=args.n_routed_experts, replicas_per_layer=args.n_routed_experts,
                                   max_message_bytes=max_message_bytes)
         servers[w] = await start_expert_server(servicer)
     return servers
@@ -195,7 +195,7 @@ def test_nan_in_a_large_dispatch_is_rejected_and_the_server_keeps_serving(loop):
     torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
     torch.nn.init.normal_(experts.down_proj, std=0.02)
     servicer = ExpertServicer({1: HostedLayer.build(experts, [0, 1], 2)}, worker_id="w", hidden_size=D,
-                              num_experts=2, slots_per_layer=2)
+                              num_experts=2, replicas_per_layer=2)
     server = loop.run(start_expert_server(servicer))
     client = ExpertClient()
     try:
@@ -247,7 +247,7 @@ def test_health_describe_and_reflection(loop, model, one_worker):
             h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="moe.v1.Expert"))
             assert h.status == health_pb2.HealthCheckResponse.SERVING
             d = await moe_pb2_grpc.ExpertStub(ch).Describe(moe_pb2.DescribeRequest())
-            pairs = {(s.layer, s.expert) for s in d.slots}
+            pairs = {(s.layer, s.expert) for s in d.hosted}
             assert pairs == {(l, e) for l in model.args.moe_layers for e in range(model.args.n_routed_experts)}
             assert d.worker_id == "w0" and d.max_message_bytes == 256 << 10
             stream = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
@@ -277,6 +277,15 @@ def certs(tmp_path_factory):
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
         "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+    # a gateway's client certificate from the same CA, and one from a CA the workers do not trust
+    for name, ca in (("client", "ca"), ("stranger", "other-ca")):
+        if not (d / f"{ca}.crt").exists():
+            run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={ca}",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "1", "-out", f"{name}.crt")
     return d
 
 
@@ -287,7 +296,7 @@ def test_tls_on_the_expert_channel(loop, model, certs):
     args = model.args
     hosted = {l: HostedLayer.build(m, ids, args.n_routed_experts) for l, (m, ids) in load_experts(PRESET, hosts[0]).items()}
     servicer = ExpertServicer(hosted, worker_id="tls", hidden_size=args.hidden_size,
-                              num_experts=args.n_routed_experts, slots_per_layer=args.n_routed_experts)
+                              num_experts=args.n_routed_experts, replicas_per_layer=args.n_routed_experts)
     server_tls = TLSConfig(cert_file=str(certs / "server.crt"), key_file=str(certs / "server.key"))
     server = loop.run(start_expert_server(servicer, tls=server_tls))
     layer, x, w, e = layer_inputs(model, 8)
@@ -301,6 +310,38 @@ def test_tls_on_the_expert_channel(loop, model, certs):
             loop.run(plain.run(server.address, layer, x, e.to(torch.int32), w, timeout=5))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         loop.run(plain.close())
+    finally:
+        loop.run(server.stop(0))
+
+
+def test_mutual_tls_refuses_clients_without_a_trusted_certificate(loop, model, certs):
+    """With a CA configured the worker requires a client certificate from it: a gateway without one, or
+    with one from another CA, is refused at the handshake, and no expert runs for it."""
+    from moe_service.transport.options import TLSConfig
+
+    hosts, _ = split_experts(model, 1)
+    args = model.args
+    hosted = {l: HostedLayer.build(m, ids, args.n_routed_experts) for l, (m, ids) in load_experts(PRESET, hosts[0]).items()}
+    ran = []
+    servicer = ExpertServicer(hosted, worker_id="mtls", hidden_size=args.hidden_size, num_experts=args.n_routed_experts,
+                              replicas_per_layer=args.n_routed_experts, on_call=lambda *a: ran.append(a))
+    server = loop.run(start_expert_server(servicer, tls=TLSConfig(str(certs / "server.crt"), str(certs / "server.key"),
+                                                                  str(certs / "ca.crt"))))
+    layer, x, w, e = layer_inputs(model, 4)
+    try:
+        for who, tls in (("no certificate", TLSConfig(ca_file=str(certs / "ca.crt"))),
+                         ("another CA's certificate", TLSConfig(str(certs / "stranger.crt"), str(certs / "stranger.key"),
+                                                                str(certs / "ca.crt")))):
+            client = ExpertClient(tls=tls)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                loop.run(client.run(server.address, layer, x, e.to(torch.int32), w, timeout=5))
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED), who
+            loop.run(client.close())
+        assert not ran, "an expert ran for a client the worker does not trust"
+        trusted = ExpertClient(tls=TLSConfig(str(certs / "client.crt"), str(certs / "client.key"), str(certs / "ca.crt")))
+        out, _ = loop.run(trusted.run(server.address, layer, x, e.to(torch.int32), w, timeout=10))
+        assert (out - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5 and len(ran) == 1
+        loop.run(trusted.close())
     finally:
         loop.run(server.stop(0))
 

@@ -12,16 +12,16 @@ from moe_service.bench.served_bench import _gateway_metrics, _prompts, concurren
 
 
 def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt_tokens: int = 256,
-        new_tokens: int = 4, rounds: int = 3, out_dir: str | Path = "bench-results", spare_slots: bool = True) -> dict:
+        new_tokens: int = 4, rounds: int = 3, out_dir: str | Path = "bench-results", spare_replicas: bool = True) -> dict:
     """Throughput is prompt plus generated tokens per second on a prefill-heavy workload: there every
     routed token costs its share of the expert FLOPs, which is what balancing routed tokens evens out.
     (A decode step of a few sequences costs a worker the expert weights it reads, whatever the token
-    count: docs/performance.md.) `spare_slots=False` gives each worker exactly its share of the
+    count: docs/performance.md.) `spare_replicas=False` gives each worker exactly its share of the
     experts, so a rebalance can only move experts, never replicate them."""
     import ray
 
     from moe_service.checkpoint import open_source
-    from moe_service.ops import fetch
+    from moe_service.views import fetch
     from moe_service.serving.local import start_service
 
     if not ray.is_initialized():
@@ -34,8 +34,8 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt
                         # one prefill step takes every prompt (vLLM's max_num_batched_tokens is of this order)
                         scheduler={"max_running": clients, "max_seq_len": prompt_tokens + new_tokens,
                                    "step_token_budget": clients * prompt_tokens, "prefill_chunk": prompt_tokens})
-    if not spare_slots:
-        cfg["slots_per_worker"] = -(-args.n_routed_experts // workers)
+    if not spare_replicas:
+        cfg["replicas_per_worker"] = -(-args.n_routed_experts // workers)
     log(f"[skewed bench] starting the service: {workers} workers, preset {preset!r}")
     svc = start_service(cfg)
     try:

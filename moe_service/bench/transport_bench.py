@@ -145,7 +145,7 @@ async def _start_servers(hidden: int, experts: int) -> tuple[list, str, int]:
     torch.nn.init.normal_(module.gate_up_proj, std=0.02)
     torch.nn.init.normal_(module.down_proj, std=0.02)
     servicer = ExpertServicer({1: HostedLayer.build(module, list(range(experts)), experts)}, worker_id="bench",
-                              hidden_size=hidden, num_experts=experts, slots_per_layer=experts,
+                              hidden_size=hidden, num_experts=experts, replicas_per_layer=experts,
                               max_message_bytes=MAX_BYTES)
     expert_server = await start_expert_server(servicer)
     echo_server, echo_port = await _start_echo(MAX_BYTES)

@@ -70,13 +70,22 @@ def load_model(
     return model.eval()
 
 
+@torch.no_grad()
 def fill_experts(src: TensorSource, experts: RoutedExperts, pairs: list[tuple[int, int]], dtype: torch.dtype,
-                  bar: Progress | None = None) -> None:
-    for slot, (layer, expert) in enumerate(pairs):
+                 bar: Progress | None = None, kept: tuple[RoutedExperts, list[int]] | None = None) -> None:
+    """Local expert i of `experts` becomes expert pairs[i]: copied from `kept` (a module and the expert id
+    of each of its local experts) where it is there, read from the source otherwise."""
+    old, old_ids = kept if kept is not None else (None, [])
+    for i, (layer, expert) in enumerate(pairs):
+        if expert in old_ids:
+            j = old_ids.index(expert)
+            experts.gate_up_proj.data[i].copy_(old.gate_up_proj.data[j])
+            experts.down_proj.data[i].copy_(old.down_proj.data[j])
+            continue
         for param_name, names in expert_hf_names(layer, expert).items():
             rows = torch.cat([_fetch(src, n, dtype) for n in names], dim=0)
             param = getattr(experts, param_name)
-            param.data[slot].copy_(rows)
+            param.data[i].copy_(rows)
             if bar is not None:
                 bar.advance(rows.numel() * rows.element_size())
 
@@ -85,8 +94,10 @@ def fill_experts(src: TensorSource, experts: RoutedExperts, pairs: list[tuple[in
 def load_experts(
     source: "str | Path | TensorSource", pairs: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", progress: bool = False,
+    kept: dict[int, tuple[RoutedExperts, list[int]]] | None = None,
 ) -> dict[int, tuple[RoutedExperts, list[int]]]:
-    """The routed experts one worker hosts: layer -> (experts module, expert id of each local slot)."""
+    """The routed experts one worker hosts: layer -> (experts module, expert id of each local index).
+    What `kept` already holds (the worker's current layers) is copied from there, not read again."""
     src = open_source(source)
     args = src.args
     by_layer: dict[int, list[int]] = {}
@@ -101,7 +112,7 @@ def load_experts(
     out = {}
     for layer, experts in by_layer.items():
         module = RoutedExperts(len(experts), args.hidden_size, args.moe_intermediate_size).to(device=device, dtype=dtype)
-        fill_experts(src, module, [(layer, e) for e in experts], dtype, bar)
+        fill_experts(src, module, [(layer, e) for e in experts], dtype, bar, (kept or {}).get(layer))
         out[layer] = (module.eval(), experts)
     bar.close()
     return out

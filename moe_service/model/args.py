@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+# the dtypes a model is served in, by the names configs and the command line use
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v2",)
 SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy")
 

@@ -22,10 +22,6 @@ class LatentCache:
             for _ in range(args.num_hidden_layers)
         ]
 
-    @staticmethod
-    def bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.float32) -> int:
-        return args.num_hidden_layers * args.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)

@@ -8,30 +8,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# N rows (tokens), K experts per row, S hosted expert slots, D hidden, I expert intermediate
+# N rows (tokens), K experts per row, S experts held (local index s), D hidden, I expert intermediate
 
 
 class RoutedExperts(nn.Module):
     """A set of SwiGLU experts stored stacked: `gate_up_proj [S, 2I, D]`, `down_proj [S, D, I]`.
 
-    In-process, slot s is expert s. On an expert worker the slots are whatever (layer, expert)
+    In-process, local expert s is expert s. On an expert worker the local experts are whatever (layer, expert)
     replicas the placement gives it; the math is the same, which is what keeps the service exact.
     """
 
-    def __init__(self, num_slots: int, dim: int, inter_dim: int) -> None:
+    def __init__(self, num_local: int, dim: int, inter_dim: int) -> None:
         super().__init__()
-        self.num_slots, self.dim, self.inter_dim = num_slots, dim, inter_dim
-        self.gate_up_proj = nn.Parameter(torch.empty(num_slots, 2 * inter_dim, dim))
-        self.down_proj = nn.Parameter(torch.empty(num_slots, dim, inter_dim))
+        self.num_local, self.dim, self.inter_dim = num_local, dim, inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_local, dim, inter_dim))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights [N, K], slots [N, K] (int, -1 = no expert) -> sum_k w*expert(x) [N, D]."""
-        return self.run(x, group_pairs(weights, slots, self.num_slots).to(x.device))
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights [N, K], local [N, K] (int, -1 = no expert) -> sum_k w*expert(x) [N, D]."""
+        return self.run(x, group_pairs(weights, local, self.num_local).to(x.device))
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, g: "Grouping") -> torch.Tensor:
-        """x [N, D] and its (row, expert) pairs grouped by slot (on x's device) -> [N, D]."""
+        """x [N, D] and its (row, expert) pairs grouped by local index (on x's device) -> [N, D]."""
         if self._use_grouped(x):
             y = self._grouped(x[g.rows], g.counts)
         else:
@@ -61,12 +61,12 @@ class RoutedExperts(nn.Module):
     def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         out = torch.empty_like(xs)
         start = 0
-        for slot, n in enumerate(sizes):
+        for i, n in enumerate(sizes):
             if n == 0:
                 continue
-            h = F.linear(xs[start : start + n], self.gate_up_proj[slot])  # [n, 2I]
+            h = F.linear(xs[start : start + n], self.gate_up_proj[i])  # [n, 2I]
             gate, up = h.split(self.inter_dim, dim=-1)
-            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[slot])
+            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[i])
             start += n
         return out
 
@@ -76,29 +76,29 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 @dataclass
 class Grouping:
-    """A dispatch's (row, expert) pairs grouped by local slot: what the experts' matmuls need."""
+    """A dispatch's (row, expert) pairs grouped by local index: what the experts' matmuls need."""
 
-    rows: torch.Tensor  # [P] the row of each pair, pairs in slot order
+    rows: torch.Tensor  # [P] the row of each pair, pairs in local-index order
     weights: torch.Tensor  # [P, 1] each pair's gate weight (fp32)
-    counts: torch.Tensor  # [S] pairs per slot
+    counts: torch.Tensor  # [S] pairs per local expert
     sizes: list[int]  # the same counts, on the host (the per-expert loop's bounds)
 
     def to(self, device: torch.device) -> "Grouping":
         return Grouping(self.rows.to(device), self.weights.to(device), self.counts.to(device), self.sizes)
 
 
-def group_pairs(weights: torch.Tensor, slots: torch.Tensor, num_slots: int) -> Grouping:
-    """weights [N, K], slots [N, K] (-1: no expert in this column) -> the pairs grouped by slot.
+def group_pairs(weights: torch.Tensor, local: torch.Tensor, num_local: int) -> Grouping:
+    """weights [N, K], local [N, K] (-1: no expert in this column) -> the pairs grouped by local index.
 
     An expert worker groups on the host, where its request arrived, before moving anything to its
     device; there this costs no device sync."""
-    N, K = slots.shape
-    flat, w = slots.reshape(-1).long(), weights.reshape(-1)
+    N, K = local.shape
+    flat, w = local.reshape(-1).long(), weights.reshape(-1)
     pairs = None
     if bool((flat < 0).any()):  # padding columns (a worker's share of a row): drop them
         pairs = (flat >= 0).nonzero().squeeze(1)
         flat, w = flat[pairs], w[pairs]
-    order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by slot
+    order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by local index
     rows = (order if pairs is None else pairs[order]) // K
-    counts = torch.bincount(flat, minlength=num_slots)
+    counts = torch.bincount(flat, minlength=num_local)
     return Grouping(rows, w[order, None], counts, counts.tolist())

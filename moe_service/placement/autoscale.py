@@ -39,27 +39,17 @@ class AutoscaleSettings:
     downscale_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("min_workers", "max_workers"):
-            value = getattr(self, name)
+        for name, value in (("min_workers", self.min_workers), ("max_workers", self.max_workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.max_workers < self.min_workers:
-            raise ValueError(
-                f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})"
-            )
-        if not (math.isfinite(self.target_load_per_worker) and self.target_load_per_worker > 0):
-            raise ValueError(
-                f"target_load_per_worker must be finite and > 0, got {self.target_load_per_worker!r}"
-            )
-        for name in ("upscale_delay_s", "downscale_delay_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        if not (math.isfinite(self.look_back_period_s) and self.look_back_period_s > 0):
-            raise ValueError(f"look_back_period_s must be finite and > 0, got {self.look_back_period_s!r}")
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        for name in ("target_load_per_worker", "upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            value, delay = getattr(self, name), name.endswith("delay_s")  # a delay may be 0, the others not
+            if not (math.isfinite(value) and (value >= 0 if delay else value > 0)):
+                raise ValueError(f"{name} must be finite and {'>=' if delay else '>'} 0, got {value!r}")
         for name in ("upscale_tolerance", "downscale_tolerance"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
+            if not 0 <= (value := getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 

@@ -1,202 +1,230 @@
-"""``plan()``: choose a placement for a load, optionally starting from the current one."""
+"""``plan()``: choose a placement for a load, optionally starting from the current one.
+
+With hosts fixed, the token split minimising a layer's busiest worker is the LP
+
+    min t   s.t.   sum_w x[e, w] = load[e],   sum_e x[e, w] <= t,   x >= 0
+
+over the hosted pairs (e, w). A small second term charges each worker's load
+above the target cap (mean / target): min-max splits are often degenerate, and
+this one leaves as few workers at the cap as it can, so a replica edit that
+relieves one of several equally tight groups of workers shows as progress.
+"""
 
 from __future__ import annotations
 
+import heapq
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment, linprog
 
-from .chain import chain_hosts
-from .improve import improve
-from .loads import as_load, effective_load
-from .matching import align_workers
-from .packing import pack_replicas
-from .placement import Placement, check_sizes
-from .replicas import replica_counts
-from .splits import optimal_fractions
+from .placement import Placement, as_load, check_sizes
 
 DEFAULT_MIN_BALANCEDNESS = 0.97
-# Split refinement stops once every layer is this balanced: closer to perfect
-# changes nothing a gateway would notice.
-_GOOD_ENOUGH = 0.999
+_OVER_WEIGHT = 0.1  # of the summed load above the cap, relative to the peak: small, so the peak comes first
+_TRIES = 3  # experts per step, and workers per expert, the local search tries
 
 
 def plan(
-    load: Any,
-    num_workers: int,
-    slots_per_worker: int,
-    current: Placement | None = None,
-    *,
+    load: Any, num_workers: int, replicas_per_worker: int, current: Placement | None = None, *,
     min_balancedness: float = DEFAULT_MIN_BALANCEDNESS,
 ) -> Placement:
     """Placement of ``load`` ``[L, E]`` (token counts) on ``num_workers`` workers.
 
-    Every expert gets at least one replica, replicas of an expert sit on
-    distinct workers and no worker holds more than ``slots_per_worker``
-    replicas in a layer. Hot experts get extra replicas and the token split
-    over replicas (``Placement.share``) is chosen to minimise each layer's
-    busiest worker. Layers whose load is all zero are planned as uniform.
-    Layers still under ``min_balancedness`` after construction get local
-    search. On Zipf-skewed loads with >= 25% spare slots and >= 5 slots per
-    worker every layer reaches 0.97 (the tests check this on many loads); with
-    fewer slots per worker that is not always possible (1 slot per worker
-    leaves no room to split a hot expert), and the result is best effort.
+    Every expert gets a replica, an expert's replicas sit on distinct workers,
+    no worker holds more than ``replicas_per_worker`` replicas in a layer, and the
+    token split over replicas (``Placement.share``) minimises each layer's
+    busiest worker. Layers are planned independently, all-zero ones as uniform.
+    On Zipf-skewed loads with >= 25% spare slots and >= 5 slots per worker every
+    layer reaches ``min_balancedness`` 0.97 (the tests check this on many loads);
+    with fewer it is best effort (1 slot per worker leaves no room to split).
 
-    With ``current``, layers whose current replicas still reach
-    ``min_balancedness`` once the splits are re-optimised keep them unchanged;
-    other layers add as few replicas as local search needs, and only fall back
-    to a fresh layout (relabelled to overlap the current one) when that fails.
-    ``current`` may have a different worker count (removed workers are the
-    highest ids; their replicas move) or slot count.
+    With ``current``, a layer whose replicas still reach ``min_balancedness``
+    once re-split keeps them; otherwise local search adds a few replicas, and a
+    fresh layout (relabelled to overlap the current one) is the last resort.
+    ``current`` may have another slot or worker count (removed workers are the
+    highest ids; their replicas move).
     """
     arr = as_load(load)
     num_layers, num_experts = arr.shape
-    check_sizes(num_layers, num_experts, num_workers, slots_per_worker)
+    check_sizes(num_layers, num_experts, num_workers, replicas_per_worker)
     if not 0.0 < min_balancedness <= 1.0:
         raise ValueError(f"min_balancedness must be in (0, 1], got {min_balancedness}")
-    eff = effective_load(arr)
-    if current is None:
-        hosts, fractions = fresh_layout(eff, num_workers, slots_per_worker, min_balancedness)
-    else:
-        if (current.num_layers, current.num_experts) != (num_layers, num_experts):
-            raise ValueError(
-                f"current placement is {current.num_layers} layers x {current.num_experts} "
-                f"experts but load is {num_layers} x {num_experts}"
-            )
-        hosts, fractions = _replan(eff, num_workers, slots_per_worker, current, min_balancedness)
-    return Placement(hosts=hosts, fractions=fractions, slots_per_worker=slots_per_worker)
+    if current is not None and (current.num_layers, current.num_experts) != arr.shape:
+        raise ValueError(f"current placement is {current.num_layers} layers x {current.num_experts} experts "
+                         f"but load is {num_layers} x {num_experts}")
+    hosts = np.zeros((num_layers, num_experts, num_workers), dtype=bool)
+    fractions = np.zeros(hosts.shape)
+    # A layer that saw no tokens gives no signal: plan it as if every expert were equally hot.
+    for layer, row in enumerate(np.where(arr.sum(axis=1, keepdims=True) > 0, arr, 1.0)):
+        if current is None:
+            hosts[layer], split = _fresh(row, num_workers, replicas_per_worker, min_balancedness)
+        else:
+            old = (current.hosts[layer], current.fractions[layer])
+            hosts[layer], split = _replan(row, *old, num_workers, replicas_per_worker, min_balancedness)
+        fractions[layer] = split.fractions
+    return Placement(hosts=hosts, fractions=fractions, replicas_per_worker=replicas_per_worker)
 
 
-def fresh_layout(
-    load: np.ndarray, num_workers: int, slots_per_worker: int, target: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hosts and fractions ``[L, E, W]`` for ``load`` ``[L, E]`` (no zero rows), from scratch.
-
-    Two constructions, each followed by split refinement, and the better one
-    per layer: EPLB replica counts packed longest-first (good when slots are
-    scarce), and the wrap-around chain (good when one expert needs many
-    workers, as the chain keeps every worker connected through split experts).
-    Layers still under ``target`` get local search.
-    """
-    total_slots = num_workers * slots_per_worker
-    counts = replica_counts(load, num_workers, total_slots)
-    lpt_hosts = pack_replicas(load, counts, num_workers, slots_per_worker)
-    lpt_frac = optimal_fractions(load, lpt_hosts, good_enough=_GOOD_ENOUGH)
-    chain_h, chain_f = chain_hosts(load, num_workers, slots_per_worker)
-    chain_f = optimal_fractions(load, chain_h, init=chain_f, good_enough=_GOOD_ENOUGH)
-    # Ties (both perfect, up to rounding) keep the EPLB layout and its replicas.
-    use_chain = _balancedness(load, chain_f) > _balancedness(load, lpt_frac) + 1e-9
-    hosts = np.where(use_chain[:, None, None], chain_h, lpt_hosts)
-    fractions = np.where(use_chain[:, None, None], chain_f, lpt_frac)
-    bad = np.flatnonzero(_balancedness(load, fractions) < target)
-    if bad.size:
-        hosts[bad], fractions[bad] = improve(
-            load[bad], hosts[bad], fractions[bad], slots_per_worker, target, total_slots
-        )
-    return hosts, fractions
+def _fresh(row: np.ndarray, num_workers: int, replicas_per_worker: int, target: float) -> tuple[np.ndarray, Split]:
+    """One layer from scratch: EPLB replica counts, packed longest first, then local search."""
+    num_experts = row.size
+    counts = np.ones(num_experts, dtype=np.int64)
+    # Each spare slot goes to the expert with the most tokens per replica (EPLB), ties to the lowest id.
+    for _ in range(min(num_workers * replicas_per_worker, num_experts * num_workers) - num_experts):
+        counts[np.argmax(np.where(counts < num_workers, row / counts, -np.inf))] += 1
+    # Replicas heaviest first, an expert's onto the lightest distinct workers with a free slot.
+    # A replica that finds none is dropped; every expert keeps one, as replicas fill the slots.
+    hosts = np.zeros((num_experts, num_workers), dtype=bool)
+    heap = [(0.0, 0, w) for w in range(num_workers)]  # (tokens, used slots, worker)
+    per_replica = row / counts
+    for expert in np.argsort(-per_replica, kind="stable").tolist():
+        taken = [heapq.heappop(heap) for _ in range(min(counts[expert], len(heap)))]
+        for tokens, used, worker in taken:
+            hosts[expert, worker] = True
+            if used + 1 < replicas_per_worker:
+                heapq.heappush(heap, (tokens + per_replica[expert], used + 1, worker))
+    return _improve(row, hosts, replicas_per_worker, target, budget=num_workers * replicas_per_worker)
 
 
 def _replan(
-    load: np.ndarray, num_workers: int, slots_per_worker: int, current: Placement, target: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hosts and fractions ``[L, E, W]`` close to ``current`` (few new replicas)."""
-    before = _resize(current.hosts, num_workers)  # [L, E, W] what workers hold now
-    hosts, init = _repair(load, before, _resize(current.fractions, num_workers), slots_per_worker)
-    fractions = optimal_fractions(load, hosts, init=init, good_enough=_GOOD_ENOUGH)
-    bad = np.flatnonzero(_balancedness(load, fractions) < target)
-    if bad.size == 0:
-        return hosts, fractions
-    # Local search adds a replica or two per edit; allow about 10% of a
-    # layer's slots before considering a fresh layout, but at least enough to
-    # fill an added worker.
-    budget = max(slots_per_worker, math.ceil(0.1 * num_workers * slots_per_worker))
-    hosts[bad], fractions[bad] = improve(
-        load[bad], hosts[bad], fractions[bad], slots_per_worker, target, budget
-    )
-    still = bad[_balancedness(load[bad], fractions[bad]) < target]
-    if still.size == 0:
-        return hosts, fractions
-    new_hosts, new_frac = fresh_layout(load[still], num_workers, slots_per_worker, target)
-    new_bal = _balancedness(load[still], new_frac)
-    old_bal = _balancedness(load[still], fractions[still])
-    for i, layer in enumerate(still):
-        # Only a layout that reaches the target, or clearly beats the repaired
-        # one, is worth re-shuffling most of the layer's replicas.
-        if new_bal[i] >= target or new_bal[i] > old_bal[i] + 0.01:
-            perm = align_workers(new_hosts[i], before[layer])
-            hosts[layer] = new_hosts[i][:, perm]
-            fractions[layer] = new_frac[i][:, perm]
-    return hosts, fractions
+    row: np.ndarray, old_hosts: np.ndarray, old_fractions: np.ndarray, num_workers: int, replicas_per_worker: int,
+    target: float,
+) -> tuple[np.ndarray, Split]:
+    """One layer close to its current ``[E, W']`` hosts and fractions (few new replicas)."""
+    pad = ((0, 0), (0, max(0, num_workers - old_hosts.shape[1])))  # removed workers are the highest ids
+    before = np.pad(old_hosts[:, :num_workers], pad)
+    hosts = _repair(row, before.copy(), np.pad(old_fractions[:, :num_workers], pad), replicas_per_worker)
+    # Allow about 10% of the layer's slots in new replicas, but enough to fill an added worker.
+    budget = max(replicas_per_worker, math.ceil(0.1 * num_workers * replicas_per_worker))
+    hosts, split = _improve(row, hosts, replicas_per_worker, target, budget)
+    if split.balancedness >= target:
+        return hosts, split
+    new_hosts, new = _fresh(row, num_workers, replicas_per_worker, target)
+    # Re-shuffling most of the layer is only worth it for the target or a clear gain.
+    if new.balancedness < target and new.balancedness <= split.balancedness + 0.01:
+        return hosts, split
+    # Workers are interchangeable: relabel the new layout to keep most replicas in place.
+    overlap = before.T.astype(np.int64) @ new_hosts.astype(np.int64)  # [old worker, new worker]
+    _, perm = linear_sum_assignment(overlap, maximize=True)
+    return new_hosts[:, perm], new._replace(fractions=new.fractions[:, perm], worker_load=new.worker_load[perm])
 
 
-def _resize(arr: np.ndarray, num_workers: int) -> np.ndarray:
-    """``[L, E, W']`` -> ``[L, E, num_workers]``: drop the highest workers or add empty ones."""
-    out = np.zeros(arr.shape[:2] + (num_workers,), dtype=arr.dtype)
-    keep = min(num_workers, arr.shape[2])
-    out[:, :, :keep] = arr[:, :, :keep]
-    return out
+def _repair(row: np.ndarray, hosts: np.ndarray, fractions: np.ndarray, replicas_per_worker: int) -> np.ndarray:
+    """``hosts`` ``[E, W]``, edited in place to fit the slots with every expert hosted.
 
-
-def _repair(
-    load: np.ndarray, hosts: np.ndarray, fractions: np.ndarray, slots_per_worker: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Make ``hosts`` ``[L, E, W]`` valid for ``slots_per_worker``: trim over-full
-    workers, re-home experts left without a replica and seed empty workers.
-    Returns hosts and the warm-start fractions (rows no longer summing to 1 get
-    reset later)."""
-    hosts = hosts.copy()
-    over = hosts.sum(axis=1) > slots_per_worker  # [L, W]
-    orphan = ~hosts.any(axis=2)  # [L, E]
-    empty = ~hosts.any(axis=1)  # [L, W]
-    for layer in np.flatnonzero(over.any(axis=1) | orphan.any(axis=1) | empty.any(axis=1)):
-        _repair_layer(load[layer], hosts[layer], fractions[layer], slots_per_worker)
-    return hosts, np.where(hosts, fractions, 0.0)
-
-
-def _repair_layer(
-    load_row: np.ndarray, hosts: np.ndarray, fractions: np.ndarray, slots_per_worker: int
-) -> None:
-    """In-place :func:`_repair` of one layer's ``[E, W]`` hosts."""
-    served = load_row[:, None] * np.where(hosts, fractions, 0.0)  # [E, W] tokens
-    for worker in np.flatnonzero(hosts.sum(axis=0) > slots_per_worker):
-        while hosts[:, worker].sum() > slots_per_worker:
+    Over-full workers drop the replicas that served the fewest tokens, those of
+    replicated experts first; experts left without one, heaviest first, go to
+    the least-loaded worker with a free slot.
+    """
+    tokens = row[:, None] * np.where(hosts, fractions, 0.0)  # [E, W]
+    for worker in np.flatnonzero(hosts.sum(axis=0) > replicas_per_worker):
+        while hosts[:, worker].sum() > replicas_per_worker:
             here = np.flatnonzero(hosts[:, worker])
-            redundant = here[hosts[here].sum(axis=1) >= 2]
-            # Drop redundant replicas first (their experts stay hosted), the
-            # least-used first; otherwise evict the lightest expert to re-home.
-            pool = redundant if redundant.size else here
-            hosts[pool[np.argmin(served[pool, worker])], worker] = False
-    counts = hosts.sum(axis=1)
-    est = (load_row[:, None] * hosts / np.maximum(counts, 1)[:, None]).sum(axis=0)  # [W]
-    for expert in np.argsort(-load_row, kind="stable"):
-        if counts[expert]:
+            single = hosts[here].sum(axis=1) < 2
+            hosts[here[np.lexsort((tokens[here, worker], single))[0]], worker] = False
+    for expert in np.argsort(-row, kind="stable"):
+        if hosts[expert].any():
             continue
-        free = hosts.sum(axis=0) < slots_per_worker
-        if not free.any():
-            # Every slot is taken yet an expert is missing, so some expert has
-            # a spare replica: drop the least-used one on the lightest worker.
-            spare = hosts & (counts >= 2)[:, None]
-            worker = int(np.argmin(np.where(spare.any(axis=0), est, np.inf)))
-            pool = np.flatnonzero(spare[:, worker])
-            drop = pool[np.argmin(served[pool, worker])]
-            hosts[drop, worker] = False
-            counts[drop] -= 1
-            free[worker] = True
-        worker = int(np.argmin(np.where(free, est, np.inf)))
+        if (hosts.sum(axis=0) >= replicas_per_worker).all():
+            # Every slot is taken yet an expert is missing, so some expert has a spare replica.
+            spare = hosts & (hosts.sum(axis=1) >= 2)[:, None]
+            hosts[np.unravel_index(np.argmin(np.where(spare, tokens, np.inf)), hosts.shape)] = False
+        free = hosts.sum(axis=0) < replicas_per_worker
+        worker = np.argmin(np.where(free, (tokens * hosts).sum(axis=0), np.inf))
         hosts[expert, worker] = True
-        counts[expert] = 1
-        est[worker] += load_row[expert]
-    # Seed each empty (e.g. newly added) worker with a replica of the expert
-    # with the most tokens per replica, so the split refinement can pour load
-    # onto it at once; local search tops it up if that is not enough.
-    for worker in np.flatnonzero(~hosts.any(axis=0)):
-        expert = int(np.argmax(np.where(counts < hosts.shape[1], load_row / (counts + 1), -np.inf)))
-        hosts[expert, worker] = True
-        counts[expert] += 1
+        tokens[expert, worker] = row[expert]
+    return hosts
 
 
-def _balancedness(load: np.ndarray, fractions: np.ndarray) -> np.ndarray:
-    """Mean / max worker load per layer, ``[L]``, for ``load`` ``[L, E]`` (no zero rows)."""
-    per_worker = np.einsum("le,lew->lw", load, fractions)
-    return per_worker.mean(axis=1) / per_worker.max(axis=1)
+class Split(NamedTuple):
+    """An LP solution for one layer; loads are in units of the mean worker load."""
+
+    fractions: np.ndarray  # [E, W]
+    objective: float
+    price: np.ndarray  # [E] how much the objective rises per unit of an expert's load
+    worker_load: np.ndarray  # [W]
+
+    @property
+    def balancedness(self) -> float:
+        return float(self.worker_load.mean() / self.worker_load.max())
+
+
+def _solve(load_row: np.ndarray, hosts: np.ndarray, target: float) -> Split:
+    """Min-max split of ``load_row`` ``[E]`` (positive sum) over ``hosts`` ``[E, W]`` (every expert hosted)."""
+    num_experts, num_workers = hosts.shape
+    expert, worker = np.nonzero(hosts)  # one variable per replica
+    n, ids = expert.size, np.arange(num_workers)
+    # Columns: tokens per replica [n], the peak t, each worker's load above the cap [W].
+    rows = np.concatenate([worker, num_workers + worker, ids, num_workers + ids])
+    cols = np.concatenate([np.arange(n), np.arange(n), np.full(num_workers, n), n + 1 + ids])
+    values = np.concatenate([np.ones(2 * n), -np.ones(2 * num_workers)])
+    width = n + 1 + num_workers
+    a_ub = sp.csr_matrix((values, (rows, cols)), shape=(2 * num_workers, width))
+    b_ub = np.concatenate([np.zeros(num_workers), np.full(num_workers, 1.0 / target)])
+    a_eq = sp.csr_matrix((np.ones(n), (expert, np.arange(n))), shape=(num_experts, width))
+    cost = np.concatenate([np.zeros(n), [1.0], np.full(num_workers, _OVER_WEIGHT / num_workers)])
+    # Scaled so the mean worker load is 1, which keeps the solver's tolerances meaningful.
+    b_eq = load_row * (num_workers / load_row.sum())
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"split LP failed: {res.message}")
+    tokens = np.zeros(hosts.shape)
+    tokens[expert, worker] = np.clip(res.x[:n], 0.0, None)
+    total = tokens.sum(axis=1, keepdims=True)
+    # An expert without tokens keeps an equal split; the choice is immaterial.
+    fractions = np.where(total > 0, tokens / np.where(total > 0, total, 1.0), hosts / hosts.sum(1, keepdims=True))
+    return Split(fractions, float(res.fun), res.eqlin.marginals, tokens.sum(axis=0))
+
+
+def _improve(
+    load_row: np.ndarray, hosts: np.ndarray, replicas_per_worker: int, target: float, budget: int
+) -> tuple[np.ndarray, Split]:
+    """Hosts ``[E, W]`` and their split after adding at most ``budget`` replicas to ``hosts``.
+
+    Each step takes the first of :func:`_edits` that lowers the LP objective;
+    it stops at ``target`` balancedness, at the budget or when no edit helps.
+    """
+    best = _solve(load_row, hosts, target)
+    for _ in range(budget):
+        if best.balancedness >= target:
+            break
+        for cand in _edits(load_row, hosts, best, replicas_per_worker):
+            split = _solve(load_row, cand, target)
+            if split.objective < best.objective - 1e-9:
+                hosts, best = cand, split
+                break
+        else:
+            break
+    return hosts, best
+
+
+def _edits(load_row: np.ndarray, hosts: np.ndarray, split: Split, replicas_per_worker: int) -> Iterator[np.ndarray]:
+    """Candidate hosts ``[E, W]``, each with one replica added, most promising first.
+
+    The replica is for one of the experts the LP prices highest (those confining
+    load to the tightest workers), on a worker not at the peak, preferring one
+    with a free slot; otherwise that worker drops the replica of another
+    replicated expert that serves the fewest tokens.
+    """
+    counts, used = hosts.sum(axis=1), hosts.sum(axis=0)  # [E], [W]
+    tokens = load_row[:, None] * split.fractions
+    spare = hosts & (counts >= 2)[:, None]
+    # Tokens lost by freeing a slot on each worker (-1: a slot is free already).
+    free_cost = np.where(used < replicas_per_worker, -1.0, np.where(spare, tokens, np.inf).min(axis=0))
+    at_peak = split.worker_load >= split.worker_load.max() * (1 - 1e-9)
+    for expert in np.argsort(-load_row * split.price, kind="stable")[:_TRIES]:
+        if load_row[expert] * split.price[expert] <= 1e-12:
+            return
+        key = np.where(hosts[expert] | at_peak, np.inf, free_cost)
+        for worker in np.lexsort((split.worker_load, key))[:_TRIES]:  # cheapest slot, then lightest worker
+            if not np.isfinite(key[worker]):
+                break
+            cand = hosts.copy()
+            cand[expert, worker] = True
+            if used[worker] >= replicas_per_worker:
+                cand[np.argmin(np.where(spare[:, worker], tokens[:, worker], np.inf)), worker] = False
+            yield cand

@@ -41,9 +41,10 @@ class LayerRoutes:
                 reps.append([])
                 shares.append([])
                 continue
-            total = sum(s for _, s in kept) or 1.0
+            total = sum(s for _, s in kept)
             reps.append([w for w, _ in kept])
-            shares.append([s / total if total else 1.0 / len(kept) for _, s in kept])
+            # the kept replicas' shares, renormalised (all of them zero: an equal split)
+            shares.append([s / total for _, s in kept] if total else [1.0 / len(kept)] * len(kept))
         return LayerRoutes(self.layer, reps, shares)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moe_service.scheduler import SchedulerConfig
+from moe_service.transport.options import TLSConfig
 
 CONTROLLER_NAME = "moe_controller"
 
@@ -31,10 +35,14 @@ class ServiceConfig:
     gpus_per_worker: float = 1.0  # fractional allowed; 0 runs workers on CPU-only nodes
     cpus_per_worker: float = 0.0
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"expert_worker": 1}
-    slots_per_worker: int | None = None  # replicas per layer per worker; default: all experts once + 25%
+    replicas_per_worker: int | None = None  # replicas per layer per worker; default: all experts once + 25%
     redundant_experts: int = 0  # per layer, replicate this many experts on a second worker at start
     spread_workers: bool = True  # place workers on different nodes when possible
     expert_bind_host: str | None = None  # None: the node's IP (clusters); tests use 127.0.0.1
+    # fixed port ranges (inclusive) for the workers' gRPC servers and every process's /metrics, so a
+    # NetworkPolicy can name them (k8s/networkpolicy.yaml); None: any free port
+    expert_port_range: tuple[int, int] | None = None
+    metrics_port_range: tuple[int, int] | None = None
     worker_start_timeout_s: float = 300.0
     health_interval_s: float = 0.5
     # gateway (each replica: data-parallel attention with its own KV cache and scheduler)
@@ -54,15 +62,23 @@ class ServiceConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
     # metrics (each process serves its own /metrics; the controller serves http_sd at sd_port)
     expert_metrics: str = "expert"  # per-(layer, expert) series: "expert", "layer" (coarsened) or "off"
-    sd_port: int = 9095  # controller's HTTP: /targets (Prometheus http_sd), /metrics, /stats, /placement; 0 = free
+    sd_port: int = 9095  # controller's HTTP: /targets (Prometheus http_sd), /metrics, /stats, /rebalance; 0 = free
     # load tracking, rebalancing and worker autoscaling
     load_window_s: float = 60.0  # routed-token counts older than this are forgotten
     load_report_interval_s: float = 1.0  # gateways send their counts this often
     rebalance_interval_s: float = 60.0  # 0: rebalance only on demand
     rebalance_min_gain: float = 0.05  # apply a new placement only if balancedness improves this much
     autoscaling: dict[str, Any] | None = None  # AutoscaleSettings fields (min_workers, max_workers, ...)
-    # security (client-facing API key; TLS for the internal expert channels)
+    confirm_timeout_s: float = 30.0  # a rebalance waits this long for gateways before dropping old replicas
+    gateway_recent_s: float = 10.0  # ... for the gateways that reported this recently
+    # security. The client API key and the admin key (POST /rebalance; default: the API key) come from
+    # here, from a file (*_file, e.g. a mounted Kubernetes Secret) or from the environment
+    # (MOE_SERVICE_API_KEY, MOE_SERVICE_ADMIN_API_KEY); prefer the last two, since these settings are
+    # shown by Serve. TLS of the internal expert channels is on when any tls_* is set, and then needs all.
     api_key: str | None = None
+    api_key_file: str | None = None
+    admin_api_key: str | None = None
+    admin_api_key_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
@@ -74,14 +90,47 @@ class ServiceConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown service settings {unknown}; known: {sorted(known)}")
+        for name in ("expert_port_range", "metrics_port_range"):
+            if d.get(name) is not None:
+                lo, hi = d[name]
+                if not 0 < lo <= hi < 65536:
+                    raise ValueError(f"{name} must be [first, last] ports with 0 < first <= last < 65536, got {d[name]}")
+                d[name] = (int(lo), int(hi))
         cfg = cls(**d)
         cfg.scheduler_config()  # validate early
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+        cfg.tls()  # a partial TLS configuration fails here, on every side
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as shown to operators (`/stats`, logs): keys never."""
+        d = self.to_dict()
+        for name in ("api_key", "admin_api_key"):
+            if d[name]:
+                d[name] = "<redacted>"
+        return d
+
+    def tls(self) -> TLSConfig | None:
+        """The internal channels' TLS: every process builds it here, so gateways and workers can never
+        disagree on whether it is on. Partial settings are an error, not plaintext on one side."""
+        files = {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file, "tls_ca_file": self.tls_ca_file}
+        if not any(files.values()):
+            return None
+        missing = [k for k, v in files.items() if not v]
+        if missing:
+            raise ValueError(f"TLS for the expert channels needs tls_cert_file, tls_key_file and tls_ca_file "
+                             f"(mutual TLS); {missing} missing")
+        return TLSConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+
+    def resolved_api_key(self) -> str | None:
+        return _secret(self.api_key, self.api_key_file, "MOE_SERVICE_API_KEY")
+
+    def resolved_admin_key(self) -> str | None:
+        return _secret(self.admin_api_key, self.admin_api_key_file, "MOE_SERVICE_ADMIN_API_KEY") or self.resolved_api_key()
 
     def scheduler_config(self) -> SchedulerConfig:
         known = {f.name for f in dataclasses.fields(SchedulerConfig)}
@@ -89,3 +138,16 @@ class ServiceConfig:
         if unknown:
             raise ValueError(f"unknown scheduler settings {unknown}; known: {sorted(known)}")
         return SchedulerConfig(**self.scheduler)
+
+
+def _secret(value: str | None, file: str | None, env: str) -> str | None:
+    if value:
+        return value
+    if file:
+        return Path(file).read_text().strip() or None
+    return os.environ.get(env) or None
+
+
+def key_matches(presented: str, key: str) -> bool:
+    """`presented` is an `authorization` header value; compared in constant time."""
+    return hmac.compare_digest(presented.encode(), f"Bearer {key}".encode())

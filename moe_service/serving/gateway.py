@@ -17,21 +17,21 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from moe_service.checkpoint import load_model, open_source
+from moe_service.engine import check_tokens
 from moe_service.metrics import GatewayMetrics, serve_metrics
+from moe_service.model.args import DTYPES
 from moe_service.model.moe import ExpertBackend
 from moe_service.model.summary import summarize
 from moe_service.routing import LayerRoutes
 from moe_service.sampling import SamplingParams
 from moe_service.scheduler import EngineLoop, Rejected, Scheduler, StepDeadline
-from moe_service.serving.config import ServiceConfig
+from moe_service.serving.config import ServiceConfig, key_matches
 from moe_service.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
 from moe_service.serving.experts import CallStats, RemoteExperts, RoutingTable
 from moe_service.transport.memory import keep_large_buffers
-from moe_service.transport.options import TLSConfig
 from moe_service.transport.pb import moe_pb2
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATUS_OF = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
              "deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "unavailable": grpc.StatusCode.UNAVAILABLE,
              "cancelled": grpc.StatusCode.CANCELLED, "internal": grpc.StatusCode.INTERNAL, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
@@ -99,11 +99,14 @@ class Gateway:
         self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics)
         host = cfg.expert_bind_host or _node_ip()
         self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
-        # routed (token, expert) pairs per MoE layer since the last report to the controller
+        # routed (token, expert) pairs per MoE layer since the last report to the controller, and the tokens
+        # through each layer's gate (counted apart: the metric checks the routing, not a copy of it)
         self.layer_index = {layer: i for i, layer in enumerate(self.args.moe_layers)}
         self.counts = torch.zeros(len(self.args.moe_layers), self.args.n_routed_experts, dtype=torch.long)
+        self.layer_tokens = [0] * len(self.args.moe_layers)
         self.counts_lock = threading.Lock()
-        self.tls = TLSConfig(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_ca_file else None
+        self.tls = cfg.tls()
+        self.api_key = cfg.resolved_api_key()
         # the newest table the controller published (a step's own table is self.remote.table)
         self.latest: RoutingTable | None = None
         self.table_cond = threading.Condition()
@@ -140,6 +143,7 @@ class Gateway:
             counts = torch.bincount(call.experts.reshape(-1), minlength=self.args.n_routed_experts)  # on the host
             with self.counts_lock:
                 self.counts[self.layer_index[layer]] += counts
+                self.layer_tokens[self.layer_index[layer]] += x.shape[0]
             # with `overlap_shared_experts` the model runs the shared experts while the workers compute
             return call if self.cfg.overlap_shared_experts else call()
 
@@ -206,12 +210,12 @@ class Gateway:
             first = False
             with self.counts_lock:
                 counts, self.counts = self.counts, torch.zeros_like(self.counts)
-            # routing metrics from the same counts, here rather than per layer on the step's hot path
-            K = self.args.num_experts_per_tok
-            for layer, row in zip(self.args.moe_layers, counts.tolist()):
-                if any(row):
+                tokens, self.layer_tokens = self.layer_tokens, [0] * len(self.layer_tokens)
+            # routing metrics, here rather than per layer on the step's hot path
+            for layer, row, n in zip(self.args.moe_layers, counts.tolist(), tokens):
+                if n:
                     self.metrics.observe_routing(layer, row)
-                    self.metrics.tokens_processed.labels(str(layer)).inc(sum(row) // K)  # K pairs per token
+                    self.metrics.layer_tokens.labels(str(layer)).inc(n)
             try:
                 await self.controller.report_load(self.replica_id, counts.tolist(), self.remote.table.version,
                                                   self.metrics_address)
@@ -283,10 +287,10 @@ class Gateway:
     # ---- client RPCs -------------------------------------------------------------------------
 
     def check_auth(self, metadata: list[tuple[str, str]]) -> None:
-        if not self.cfg.api_key:
+        if not self.api_key:
             return
         for k, v in metadata:
-            if k.lower() == "authorization" and v == f"Bearer {self.cfg.api_key}":
+            if k.lower() == "authorization" and key_matches(v, self.api_key):
                 return
         raise GatewayError(grpc.StatusCode.UNAUTHENTICATED,
                            "missing or wrong API key: send metadata 'authorization: Bearer <key>'")
@@ -385,13 +389,10 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"sequences hold {total} tokens; Forward accepts at most {MAX_FORWARD_TOKENS}")
         for i, s in enumerate(seqs):
-            bad = next((t for t in s if not 0 <= t < V), None)
-            if bad is not None:
-                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"sequences[{i}] has token id {bad}; token ids are in [0, {V})")
-            if len(s) > self.args.max_position_embeddings:
-                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"sequences[{i}] has {len(s)} tokens; at most {self.args.max_position_embeddings}")
+            try:
+                check_tokens(s, V, self.args.max_position_embeddings, f"sequences[{i}]")
+            except ValueError as e:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         targets = [list(t.ids) for t in request.targets]
         if targets and (len(targets) != len(seqs) or any(len(t) != len(s) for t, s in zip(targets, seqs))):
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "targets must match sequences one to one, same lengths")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from dataclasses import dataclass
@@ -17,10 +18,25 @@ from moe_service.serving.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(block: int = 1) -> int:
+    """A port that is free now (or the first of `block` consecutive free ones), for a server that binds it
+    later: Serve's proxies and Ray's nodes take a number, not a socket. Drawn from below the kernel's
+    ephemeral range, because a port the kernel hands out (bind to 0) can be taken as the source port of
+    any outgoing connection before the server binds it, and with Ray's many connections that happens."""
+    try:
+        first_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    for _ in range(100):
+        base = random.randrange(10000, max(first_ephemeral - block, 10001))
+        try:
+            for port in range(base, base + block):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {block} free consecutive port(s) found in 10000..{first_ephemeral - 1}")
 
 
 @dataclass
@@ -61,7 +77,7 @@ class LocalService:
         try:
             ctl = self.controller()
             ray.get(ctl.shutdown.remote(), timeout=30)
-            ray.kill(ctl)
+            ray.kill(ctl, no_restart=True)  # it is restartable: this one is meant
         except ValueError:
             pass
         serve.shutdown()

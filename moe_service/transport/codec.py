@@ -9,15 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_service.model.args import DTYPES as MODEL_DTYPES
 from moe_service.transport.pb import moe_pb2
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
+# what the wire carries: the model's dtypes, and the ids' integers
+DTYPES: dict[str, torch.dtype] = {**MODEL_DTYPES, "int32": torch.int32, "int64": torch.int64}
 NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
 MAX_DIMS = 8

@@ -13,13 +13,14 @@ from typing import Callable
 import grpc
 import torch
 
+from moe_service.model.args import DTYPES
 from moe_service.model.experts import RoutedExperts, group_pairs
 from moe_service.transport import fastwire
 from moe_service.transport.codec import Raw
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, grpc_options
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 
-FLOAT_NAMES = ("float32", "bfloat16", "float16")
+FLOAT_NAMES = tuple(DTYPES)
 EXPERT_SERVICE = "moe.v1.Expert"
 INLINE_ROWS = 8
 SMALL_PAIRS = 64  # (row, expert) pairs up to which ids are checked as Python lists (see fastwire on why)
@@ -27,21 +28,21 @@ SMALL_PAIRS = 64  # (row, expert) pairs up to which ids are checked as Python li
 
 @dataclass
 class HostedLayer:
-    """One layer's experts on this worker: the module and which expert each local slot holds."""
+    """One layer's experts on this worker: the module and which expert each local index holds."""
 
     experts: RoutedExperts
     expert_ids: list[int]
-    slot_of: torch.Tensor  # [E_layer + 2] local slot of each expert id, -2 if not hosted (see build)
-    slot_list: list[int]  # the same as a list
+    local_of: torch.Tensor  # [E_layer + 2] local index of each expert id, -2 if not hosted (see build)
+    local_list: list[int]  # the same as a list
 
     @classmethod
     def build(cls, experts: RoutedExperts, expert_ids: list[int], num_experts: int) -> "HostedLayer":
-        # index e < num_experts: e's local slot or -2 (not hosted); num_experts: -2 (an id out of
+        # index e < num_experts: e's local index or -2 (not hosted); num_experts: -2 (an id out of
         # range, clamped here); num_experts + 1, reached as -1: -1 (no expert in this column)
-        slot_of = torch.full((num_experts + 2,), -2, dtype=torch.long)
-        slot_of[-1] = -1
-        slot_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
-        return cls(experts, list(expert_ids), slot_of, slot_of.tolist())
+        local_of = torch.full((num_experts + 2,), -2, dtype=torch.long)
+        local_of[-1] = -1
+        local_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
+        return cls(experts, list(expert_ids), local_of, local_of.tolist())
 
 
 # the byte of each element that holds the sign and the exponent's top bits, and the mask that
@@ -88,12 +89,12 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
 
     def __init__(
         self, hosted: dict[int, HostedLayer], *, worker_id: str, hidden_size: int, num_experts: int,
-        slots_per_layer: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        replicas_per_layer: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_call: Callable[[int, int, int, float], None] | None = None,
     ) -> None:
         self.hosted = hosted
         self.worker_id, self.hidden_size, self.num_experts = worker_id, hidden_size, num_experts
-        self.slots_per_layer, self.max_message_bytes = slots_per_layer, max_message_bytes
+        self.replicas_per_layer, self.max_message_bytes = replicas_per_layer, max_message_bytes
         self.on_call = on_call  # (layer, rows, bytes in, compute seconds) for metrics
         # one compute thread: experts are matmul-bound and torch already uses every core per op
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
@@ -106,7 +107,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
 
     def _parse(self, request: fastwire.Request, hosted: dict[int, HostedLayer]
                ) -> tuple[HostedLayer, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """-> (layer, hidden [N, D], slots [N, K] (local slot or -1), weights [N, K], whether hidden
+        """-> (layer, hidden [N, D], local [N, K] (local index or -1), weights [N, K], whether hidden
         is still to be checked for NaN/Inf: a large one is, by RunExperts, while the experts run)"""
         inv = grpc.StatusCode.INVALID_ARGUMENT
         if request.error is not None:
@@ -135,17 +136,17 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         xt, wt = x.tensor(), weights.tensor()
         if experts.numel <= SMALL_PAIRS:
             # a decode step: ids and weights checked in plain Python, no tensor op
-            slots = self._small_slots(request.layer, layer, experts.values(), experts.shape)
+            local = self._small_local(request.layer, layer, experts.values(), experts.shape)
             weights_ok = math.isfinite(sum(weights.values()))
         else:
-            slots = self._slots(request.layer, layer, experts.tensor())
+            local = self._local_ids(request.layer, layer, experts.tensor())
             weights_ok = math.isfinite(float(wt.sum()))
         small = len(x.data) < fastwire.SMALL_MESSAGE
         if small:
             _check_hidden(xt, _finite_by_bytes(x))
         if not weights_ok and not _all_finite(wt):
             raise BadRequest(inv, "weights contains NaN or Inf")
-        return layer, xt, slots, wt, not small
+        return layer, xt, local, wt, not small
 
     def _bad_id(self, layer_id: int, layer: HostedLayer, bad: int) -> BadRequest:
         if bad < -1 or bad >= self.num_experts:
@@ -155,27 +156,27 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                           f"experts has expert {bad} of layer {layer_id}, which worker {self.worker_id} "
                           f"does not host (hosted: {layer.expert_ids})")
 
-    def _small_slots(self, layer_id: int, layer: HostedLayer, ids: list[int], shape: list[int]) -> torch.Tensor:
-        table, n = layer.slot_list, self.num_experts
-        slots = array("q", [table[e] if -1 <= e < n else -2 for e in ids])
-        if min(slots) < -1:  # out of range, or an expert this worker does not host
-            raise self._bad_id(layer_id, layer, next(e for e, s in zip(ids, slots) if s < -1))
-        return torch.frombuffer(slots, dtype=torch.int64).view(shape)
+    def _small_local(self, layer_id: int, layer: HostedLayer, ids: list[int], shape: list[int]) -> torch.Tensor:
+        table, n = layer.local_list, self.num_experts
+        local = array("q", [table[e] if -1 <= e < n else -2 for e in ids])
+        if min(local) < -1:  # out of range, or an expert this worker does not host
+            raise self._bad_id(layer_id, layer, next(e for e, s in zip(ids, local) if s < -1))
+        return torch.frombuffer(local, dtype=torch.int64).view(shape)
 
-    def _slots(self, layer_id: int, layer: HostedLayer, e: torch.Tensor) -> torch.Tensor:
+    def _local_ids(self, layer_id: int, layer: HostedLayer, e: torch.Tensor) -> torch.Tensor:
         # ids below -1 and from num_experts up are clamped onto the table's "bad" entry, -2
-        slots = layer.slot_of[e.clamp(-2, self.num_experts)]
-        if int(slots.min()) < -1:  # out of range, or an expert this worker does not host
-            raise self._bad_id(layer_id, layer, int(e[slots < -1][0]))
-        return slots
+        local = layer.local_of[e.clamp(-2, self.num_experts)]
+        if int(local.min()) < -1:  # out of range, or an expert this worker does not host
+            raise self._bad_id(layer_id, layer, int(e[local < -1][0]))
+        return local
 
-    def _compute(self, layer: HostedLayer, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+    def _compute(self, layer: HostedLayer, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """-> (output [N, D] in x's dtype, written into `out` if given; seconds)"""
         t0 = time.perf_counter()
         # grouped here, where the request arrived: on a GPU worker nothing then waits on the device
         # before the experts run
-        grouping = group_pairs(weights, slots, layer.experts.num_slots).to(self.device)
+        grouping = group_pairs(weights, local, layer.experts.num_local).to(self.device)
         y = layer.experts.run(x.to(self.device, self.dtype), grouping)
         y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
         return y, time.perf_counter() - t0
@@ -184,7 +185,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         """The response's bytes; BadRequest for a request that cannot be served (bad input, a stale
         placement, or `deadline`, a time.monotonic() value, already passed)."""
         hosted = self.hosted
-        layer, x, slots, weights, check_x = self._parse(request, hosted)
+        layer, x, local, weights, check_x = self._parse(request, hosted)
         if check_x and x.shape[0] <= INLINE_ROWS:  # computed inline below: check first
             _check_hidden(x, _sum_is_finite(x))
             check_x = False
@@ -196,9 +197,9 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
             # a few rows compute in well under a millisecond: a thread hop would cost more than it saves
-            y, seconds = self._compute(layer, x, slots, weights, out)
+            y, seconds = self._compute(layer, x, local, weights, out)
         else:
-            running = asyncio.get_running_loop().run_in_executor(self.pool, self._compute, layer, x, slots, weights, out)
+            running = asyncio.get_running_loop().run_in_executor(self.pool, self._compute, layer, x, local, weights, out)
             # a large hidden is summed meanwhile, on this thread (the sum releases the GIL): a bad
             # one costs a wasted compute, a good one no wait before it
             x_ok = _sum_is_finite(x) if check_x else True
@@ -226,9 +227,9 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                 yield fastwire.encode_error(request.seq, e.code.value[0], str(e))
 
     async def Describe(self, request, context):
-        slots = [moe_pb2.ExpertSlot(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]
+        hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]
         return moe_pb2.DescribeResponse(
-            worker_id=self.worker_id, slots=slots, slots_per_layer=self.slots_per_layer,
+            worker_id=self.worker_id, hosted=hosted, replicas_per_layer=self.replicas_per_layer,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             max_message_bytes=self.max_message_bytes,
         )
@@ -257,9 +258,11 @@ class RunningServer:
 
 
 async def start_expert_server(
-    servicer: ExpertServicer, host: str = "127.0.0.1", port: int = 0, tls: TLSConfig | None = None,
+    servicer: ExpertServicer, host: str = "127.0.0.1", ports: tuple[int, int] | None = None,
+    tls: TLSConfig | None = None,
 ) -> RunningServer:
-    """Starts the server (port 0 picks a free port) and marks it SERVING."""
+    """Starts the server on the first free port of `ports` (inclusive), or any free port, and marks it
+    SERVING."""
     # here rather than at the top: the servicer alone (a GPU check's bare server) needs neither
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
@@ -280,8 +283,17 @@ async def start_expert_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (moe_pb2.DESCRIPTOR.services_by_name["Expert"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    addr = f"{host}:{port}"
-    bound = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
+    bound = 0
+    for port in range(ports[0], ports[1] + 1) if ports else (0,):
+        addr = f"{host}:{port}"
+        try:
+            bound = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
+        except RuntimeError:  # taken (newer gRPC raises, older returns 0)
+            bound = 0
+        if bound:
+            break
+    if not bound:
+        raise OSError(f"no free port for the expert server in {ports} on {host}")
     await server.start()
     running = RunningServer(server, bound, health_servicer, servicer)
     await running.set_serving(True)

@@ -1,17 +1,11 @@
 """RunExperts on the wire without protobuf's copies or objects, byte-compatible with moe.v1 protobuf.
 
-Python protobuf copies a tensor's bytes four times per hop (into the message, out at
-SerializeToString, into the parsed message, out again at `.data`). Here a message is written as
-small cached headers around the tensors' bytes, joined once, and read by slicing a memoryview of
-the received bytes, so a large tensor decodes with no copy at all. The encoding is plain protobuf:
-any client or server using the generated moe_pb2 classes interoperates (the tests send both kinds).
-
-A decode step's small message is what the per-call cost is made of. Between two RPCs the code of
-every library it touches has left the CPU's caches, so each distinct call into protobuf or torch
-costs tens of microseconds however little it does. So the path makes few: cached headers and one C
-call for a tensor's bytes to write; to read, a straight walk over the layout protobuf and this
-module write (any other valid layout is read field by field), yielding checked `Raw` bytes that
-become tensors only where needed.
+A message is written as cached headers around the tensors' bytes, joined once, and read by slicing a
+memoryview of the received bytes, so a large tensor decodes with no copy. The encoding is plain
+protobuf: clients and servers using the generated moe_pb2 classes interoperate (the tests send both).
+Reading walks the layout protobuf and this module write; any other valid layout is read field by
+field, yielding checked `Raw` bytes that become tensors only where needed. Why the small path makes
+so few calls, with the measurements: docs/performance.md, "Transport".
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Process memory settings for moving multi-MB messages: keep freed buffers for reuse.
 
-glibc serves every allocation above its mmap threshold (128 KiB to start, adapting up to 32 MiB)
-with a fresh mmap and returns it with munmap when freed. A large dispatch allocates several such
-buffers per call on each side (gRPC's received bytes, the joined request, the response), so each
-call pays their page faults and unmapping again: on the development VM a raw gRPC echo of 8 MiB
-took 33-42 ms that way and 24-27 ms with the buffers kept, and a handler that answers with newly
-allocated bytes paid 8-12 ms more than one that answers with its request's (2 ms more when kept).
-
-The cost is the usual one of a serving process's allocator (jemalloc and tcmalloc do the same):
-freed memory stays in the process, so its RSS is its high-water mark. Buffers above 32 MiB,
-glibc's ceiling for the threshold, are still mapped per use.
+glibc maps every allocation above its mmap threshold afresh and unmaps it when freed, so each large
+dispatch would pay page faults for each of its message buffers. Raising the threshold to glibc's
+32 MiB ceiling keeps them, as jemalloc and tcmalloc do: a process's RSS is then its high-water mark.
+Measurements: docs/performance.md, "Transport" (Allocator).
 """
 
 from __future__ import annotations

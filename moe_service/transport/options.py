@@ -10,11 +10,6 @@ import grpc
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # 256 MiB: 4096 rows x hidden 7168 in fp32 is 117 MiB
 
 
-def message_size_for(max_rows: int, hidden_size: int, itemsize: int = 4, top_k: int = 8) -> int:
-    """A limit that fits the largest dispatch: rows x (hidden + 2 x top_k) values, plus headroom."""
-    return int(max_rows * (hidden_size * itemsize + 8 * top_k) * 1.25) + (1 << 20)
-
-
 def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),

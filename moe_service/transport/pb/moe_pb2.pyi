@@ -188,7 +188,7 @@ class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class ExpertSlot(_message.Message):
+class HostedExpert(_message.Message):
     __slots__ = ("layer", "expert")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -197,17 +197,17 @@ class ExpertSlot(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "slots", "slots_per_layer", "device", "dtype", "max_message_bytes")
+    __slots__ = ("worker_id", "hosted", "replicas_per_layer", "device", "dtype", "max_message_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    SLOTS_FIELD_NUMBER: _ClassVar[int]
-    SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    slots: _containers.RepeatedCompositeFieldContainer[ExpertSlot]
-    slots_per_layer: int
+    hosted: _containers.RepeatedCompositeFieldContainer[HostedExpert]
+    replicas_per_layer: int
     device: str
     dtype: str
     max_message_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[ExpertSlot, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[HostedExpert, _Mapping]]] = ..., replicas_per_layer: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

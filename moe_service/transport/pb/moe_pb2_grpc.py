@@ -249,7 +249,7 @@ class ExpertServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Describe(self, request, context):
-        """The hosted (layer, expert) slots and the worker's capacity.
+        """The hosted (layer, expert) replicas and the worker's capacity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

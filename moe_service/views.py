@@ -8,8 +8,11 @@ import time
 import urllib.request
 
 
-def fetch(address: str, path: str, method: str = "GET", timeout: float = 600.0) -> dict:
-    req = urllib.request.Request(f"http://{address}{path}", method=method, data=b"" if method == "POST" else None)
+def fetch(address: str, path: str, method: str = "GET", timeout: float = 600.0, api_key: str | None = None) -> dict:
+    """The controller's JSON answer; `api_key` is the admin key that changing state (POST) needs."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(f"http://{address}{path}", method=method, data=b"" if method == "POST" else None,
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r)
 
@@ -54,11 +57,6 @@ def format_rebalance(r: dict) -> str:
              f"{r['moves'] if r['moves'] is not None else 'n/a'} replica moves, over {r['load_tokens']:.0f} tokens",
              f"balancedness mean {mean(before):.3f} -> {mean(after):.3f} (min {min(before, default=1):.3f} -> "
              f"{min(after, default=1):.3f})"]
-    placement = r.get("placement")
-    if placement:
-        reps = placement.get("replica_counts") or None
-        if reps is not None:
-            lines.append(f"replicas per layer: {[sum(l) for l in reps]}")
     return "\n".join(lines)
 
 

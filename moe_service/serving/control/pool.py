@@ -1,0 +1,140 @@
+"""The expert workers: start, watch, restart, load and stop them, through an injected launcher (Ray's
+in the service, a fake in the protocol tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+log = logging.getLogger("moe_service.controller")
+
+Pairs = list[tuple[int, int]]  # (layer, expert) replicas a worker hosts
+
+
+class WorkerLost(Exception):
+    """The worker's process is gone (or does not answer)."""
+
+
+@dataclass
+class Started:
+    handle: Any
+    address: str  # its gRPC server, host:port
+    metrics: str  # its /metrics, host:port
+
+
+@dataclass
+class Found(Started):
+    """A worker found running (after a controller restart): what it hosts, as it says."""
+
+    worker_id: int = 0
+    generation: int = 0
+    pairs: Pairs = field(default_factory=list)
+
+
+class Launcher(Protocol):
+    async def start(self, worker_id: int, generation: int, pairs: Pairs) -> Started: ...
+    async def load(self, handle: Any, pairs: Pairs) -> None: ...
+    async def ping(self, handle: Any) -> None: ...  # WorkerLost if gone
+    async def stop(self, handle: Any) -> None: ...
+    async def running(self) -> list[Found]: ...  # the service's workers alive now
+
+
+@dataclass
+class Worker:
+    """One worker id; the process behind it changes when it is restarted."""
+
+    worker_id: int
+    pairs: Pairs
+    handle: Any = None
+    address: str | None = None
+    metrics: str | None = None
+    generation: int = 0
+    restarts: int = 0
+    healthy: bool = False
+
+
+class WorkerPool:
+    """`changed()` is called (and awaited) whenever the set of healthy workers or their addresses change:
+    the controller publishes a new table then."""
+
+    def __init__(self, launcher: Launcher, changed: Callable[[], Awaitable[None]], retry_s: float = 1.0) -> None:
+        self.launcher, self.changed, self.retry_s = launcher, changed, retry_s
+        self.workers: dict[int, Worker] = {}
+        self.closed = False
+
+    def healthy_addresses(self) -> dict[int, str]:
+        return {w: s.address for w, s in self.workers.items() if s.healthy and s.address}
+
+    async def start(self, worker_id: int, pairs: Pairs, generation: int = 0) -> Worker:
+        """A new worker hosting `pairs`, after `generation` (one that ran before); raises if it does not start."""
+        worker = self.workers[worker_id] = Worker(worker_id, sorted(pairs), generation=generation)
+        await self._launch(worker)
+        return worker
+
+    def adopt(self, found: Found) -> None:
+        """A worker that was already running (the controller restarted): nothing is reloaded."""
+        self.workers[found.worker_id] = Worker(found.worker_id, sorted(map(tuple, found.pairs)), found.handle,
+                                               found.address, found.metrics, found.generation, healthy=True)
+
+    async def _launch(self, worker: Worker) -> None:
+        worker.generation += 1
+        pairs = list(worker.pairs)
+        started = await self.launcher.start(worker.worker_id, worker.generation, pairs)
+        worker.handle, worker.address, worker.metrics = started.handle, started.address, started.metrics
+        if worker.pairs != pairs:  # a rebalance changed what it should host while it started
+            await self.launcher.load(worker.handle, worker.pairs)
+        worker.healthy = True
+
+    async def check(self, worker: Worker) -> None:
+        """Pings the worker; if it is gone, marks it down (published at once) and restarts it with the
+        replicas it should host, until it is up or removed."""
+        if worker.handle is None or not worker.healthy:
+            return
+        try:
+            await self.launcher.ping(worker.handle)
+            return
+        except WorkerLost as e:
+            if not worker.healthy or self.workers.get(worker.worker_id) is not worker:
+                return  # another check got here first, or the worker was removed meanwhile
+            log.warning("expert worker %s is gone (%s); restarting it", worker.worker_id, e)
+        worker.healthy = False
+        await self.changed()  # gateways stop routing to it right away
+        while not self.closed and self.workers.get(worker.worker_id) is worker:
+            try:
+                await self._launch(worker)
+                worker.restarts += 1
+                await self.changed()
+                return
+            except Exception as e:  # the replacement did not start: try again
+                log.error("restarting expert worker %s failed: %s", worker.worker_id, e)
+                await asyncio.sleep(self.retry_s)  # a retry period
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(w) for w in list(self.workers.values())))
+
+    async def load(self, wanted: dict[int, Pairs]) -> None:
+        """Each listed worker hosts exactly those pairs from now on. One that died meanwhile is not an
+        error: `pairs` says what its replacement hosts, and the watch restarts it."""
+        calls = []
+        for w, pairs in wanted.items():
+            worker = self.workers[w]
+            pairs = sorted(map(tuple, pairs))
+            if pairs != worker.pairs:
+                worker.pairs = pairs
+                if worker.healthy:
+                    calls.append(self.launcher.load(worker.handle, pairs))
+        for r in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(r, BaseException) and not isinstance(r, WorkerLost):
+                raise r
+
+    async def remove(self, worker_id: int) -> None:
+        worker = self.workers.pop(worker_id)
+        if worker.handle is not None:
+            await self.launcher.stop(worker.handle)
+
+    async def stop_all(self) -> None:
+        self.closed = True
+        for w in list(self.workers):
+            await self.remove(w)

@@ -1,0 +1,293 @@
+"""The control plane's protocol without Ray: the controller with a fake launcher and fake gateways.
+A gateway never finds a replica gone that the table it routes with names; rebalances survive gateways
+that never confirm, workers that die while loading, each other, and autoscaling; a restarted controller
+takes over the running workers without reloading any, above every version a gateway holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+
+from moe_service.serving.control.pool import Found, Started, WorkerLost
+from moe_service.serving.controller import Controller
+
+CONFIG = dict(model="tiny", workers=3, expert_bind_host="127.0.0.1", sd_port=0, rebalance_interval_s=0,
+              health_interval_s=0.05, confirm_timeout_s=0.5, gateway_recent_s=5.0, rebalance_min_gain=0.0)
+
+
+class FakeWorker:
+    def __init__(self, worker_id: int, generation: int, pairs) -> None:
+        self.worker_id, self.generation, self.pairs = worker_id, generation, set(map(tuple, pairs))
+        self.alive, self.loads = True, 0
+        self.address = f"fake-{worker_id}-g{generation}-{id(self)}:1"  # a new process, a new address
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.workers: list[FakeWorker] = []
+        self.die_on_next_load = False  # the next worker asked to load dies while loading
+        self.died: list[int] = []
+        self.load_delay_s = 0.0
+
+    async def start(self, worker_id: int, generation: int, pairs) -> Started:
+        w = FakeWorker(worker_id, generation, pairs)
+        self.workers.append(w)
+        return Started(w, w.address, f"fake-metrics-{worker_id}:1")
+
+    async def load(self, handle: FakeWorker, pairs) -> None:
+        await asyncio.sleep(self.load_delay_s)  # a load takes a while
+        if self.die_on_next_load:
+            self.die_on_next_load = False
+            handle.alive = False
+            self.died.append(handle.worker_id)
+        if not handle.alive:
+            raise WorkerLost("died while loading")
+        handle.pairs, handle.loads = set(map(tuple, pairs)), handle.loads + 1
+
+    async def ping(self, handle: FakeWorker) -> None:
+        if not handle.alive:
+            raise WorkerLost("gone")
+
+    async def stop(self, handle: FakeWorker) -> None:
+        handle.alive = False
+
+    async def running(self) -> list[Found]:
+        return [Found(w, w.address, "m:1", w.worker_id, w.generation, sorted(w.pairs)) for w in self.workers if w.alive]
+
+    def hosting(self, address: str) -> set:
+        w = next(w for w in self.workers if w.address == address)
+        return w.pairs if w.alive else set()
+
+
+class FakeGateway:
+    """Follows the table like the real gateway: long-polls, switches, confirms. Every table it routes with
+    is checked against what the workers host, whenever it is in use."""
+
+    def __init__(self, name: str, ctl: Controller, launcher: FakeLauncher, confirms: bool = True) -> None:
+        self.name, self.ctl, self.launcher, self.confirms = name, ctl, launcher, confirms
+        self.table: dict | None = None
+        self.violations: list = []
+        self.task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        self.table = await self.ctl.table()
+        await self.ctl.report_load(self.name, self._zeros(), self.table["version"], None)
+        while True:
+            t = await self.ctl.wait_for_table(self.table["version"], 0.2)
+            if t["version"] > self.table["version"]:
+                self.table = t
+                if self.confirms:
+                    await self.ctl.report_load(self.name, self._zeros(), t["version"], None)
+            self.check()
+
+    def check(self) -> None:
+        """Every replica the table routes to is hosted by its worker (or the worker is down and excluded)."""
+        for layer, r in self.table["routes"].items():
+            for e, reps in enumerate(r["replicas"]):
+                for w in reps:
+                    address = self.table["addresses"].get(w)
+                    if address is not None and self.launcher.hosting(address) and (layer, e) not in self.launcher.hosting(address):
+                        self.violations.append((self.table["version"], layer, e, w))
+
+    def _zeros(self) -> list:
+        return np.zeros((len(self.ctl.moe_layers), self.ctl.args.n_routed_experts)).tolist()
+
+
+def hot_load(ctl: Controller) -> None:
+    """Routed load where experts 0 and 1 of every layer are hot, as a gateway would report it."""
+    load = np.ones((len(ctl.moe_layers), ctl.args.n_routed_experts))
+    load[:, :2] = 50
+    ctl.window = ctl.window.add(time.monotonic(), load)
+
+
+def hosted_as_placed(ctl: Controller, launcher: FakeLauncher) -> None:
+    for w, worker in ctl.pool.workers.items():
+        assert worker.healthy
+        assert launcher.hosting(worker.address) == set(ctl.pairs_of(ctl.placement, w)), w
+
+
+async def service(gateways: int = 1, confirms: bool = True, **overrides):
+    launcher = FakeLauncher()
+    ctl = Controller({**CONFIG, **overrides}, launcher, recovering=False)
+    await ctl.start()
+    gws = [FakeGateway(f"gw{i}", ctl, launcher, confirms) for i in range(gateways)]
+    for g in gws:
+        g.task = asyncio.get_running_loop().create_task(g.run())
+    await asyncio.sleep(0)  # the gateways' first report
+    return launcher, ctl, gws
+
+
+async def stop(ctl: Controller, gws: list[FakeGateway]) -> None:
+    for g in gws:
+        g.task.cancel()
+    await asyncio.gather(*(g.task for g in gws), return_exceptions=True)
+    await ctl.shutdown()
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Lets the event loop run (gateways polling, the watch) until `condition()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)  # other tasks run meanwhile
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_rebalance_moves_replicas_without_a_gateway_losing_one():
+    async def go():
+        launcher, ctl, gws = await service(gateways=2)
+        hot_load(ctl)
+        before = ctl.placement
+        r = await ctl.rebalance(force=True)
+        assert r["applied"] and r["gateways_switched"] and ctl.placement.moves_from(before) > 0
+        hosted_as_placed(ctl, launcher)
+        await until(lambda: all(g.table["version"] == ctl.version for g in gws))
+        assert all(not g.violations for g in gws)
+        await stop(ctl, gws)
+    run(go())
+
+
+def test_a_gateway_that_never_confirms_delays_the_drop_by_the_bound_only():
+    async def go():
+        launcher, ctl, gws = await service(confirms=False)
+        hot_load(ctl)
+        t0 = time.monotonic()
+        r = await ctl.rebalance(force=True)
+        waited = time.monotonic() - t0
+        assert r["applied"] and not r["gateways_switched"]
+        assert 0.5 <= waited < 3.0  # confirm_timeout_s, then old replicas go anyway
+        hosted_as_placed(ctl, launcher)
+        await stop(ctl, gws)
+    run(go())
+
+
+def test_a_worker_that_dies_while_loading_comes_back_with_its_replicas():
+    async def go():
+        launcher, ctl, gws = await service()
+        hot_load(ctl)
+        launcher.die_on_next_load = True
+        r = await ctl.rebalance(force=True)
+        assert r["applied"] and len(launcher.died) == 1
+        # the watch restarts it with what the new placement gives it
+        w = ctl.pool.workers[launcher.died[0]]
+        await until(lambda: w.restarts == 1 and w.healthy)
+        assert w.generation == 2
+        hosted_as_placed(ctl, launcher)
+        assert all(not g.violations for g in gws)
+        await stop(ctl, gws)
+    run(go())
+
+
+def test_overlapping_rebalances_and_autoscaling_take_turns():
+    async def go():
+        launcher, ctl, gws = await service(gateways=2, replicas_per_worker=16)  # room for every expert on 2
+        launcher.load_delay_s = 0.02
+        hot_load(ctl)
+        versions = []
+        results = await asyncio.gather(ctl.rebalance(force=True), ctl.rebalance(force=True),
+                                       ctl.rebalance(num_workers=2, force=True), ctl.rebalance(force=True))
+        assert all(r["applied"] for r in results)
+        versions = [r["version"] for r in results]
+        assert versions == sorted(versions) and len(set(versions)) == 4  # one after another
+        assert len(ctl.pool.workers) == 2 and ctl.placement.num_workers == 2
+        assert not [w for w in launcher.workers if w.alive and w.worker_id == 2], "the removed worker still runs"
+        hosted_as_placed(ctl, launcher)
+        assert all(not g.violations for g in gws)
+        await stop(ctl, gws)
+    run(go())
+
+
+def test_a_restarted_controller_adopts_the_workers_and_outnumbers_the_gateways_version():
+    async def go():
+        launcher, ctl, gws = await service()
+        hot_load(ctl)
+        await ctl.rebalance(force=True)
+        held = gws[0].table
+        loads = sum(w.loads for w in launcher.workers)
+        gws[0].task.cancel()
+        for t in ctl.tasks:  # the old controller's process is gone
+            t.cancel()
+        ctl.http.close()
+        new = Controller(dict(CONFIG), launcher, recovering=True)
+        t = await new.wait_for_table(held["version"], 5.0)  # what a gateway's next long poll sends
+        assert t["version"] > held["version"] and t["ready"]
+        assert t["addresses"] == held["addresses"] and t["routes"].keys() == held["routes"].keys()
+        for layer, r in held["routes"].items():  # the same replicas (their split may differ)
+            assert [sorted(x) for x in t["routes"][layer]["replicas"]] == [sorted(x) for x in r["replicas"]]
+        assert sum(w.loads for w in launcher.workers) == loads and len(launcher.workers) == 3, "something reloaded"
+        # and it keeps working: a worker loss, a rebalance
+        new.pool.workers[0].handle.alive = False
+        await new.pool.check(new.pool.workers[0])
+        assert new.pool.workers[0].restarts == 1 and new.pool.workers[0].healthy
+        assert (await new.rebalance(force=True))["applied"]
+        hosted_as_placed(new, launcher)
+        await new.shutdown()
+        assert not [w for w in launcher.workers if w.alive], "shutdown left a worker running"
+    run(go())
+
+
+def test_a_worker_lost_while_the_controller_was_down_is_replaced_on_recovery():
+    async def go():
+        launcher, ctl, gws = await service()
+        await stop(ctl, gws)
+        launcher, ctl, gws = await service()
+        pairs = set(ctl.pairs_of(ctl.placement, 2))
+        for t in ctl.tasks:
+            t.cancel()
+        ctl.http.close()
+        next(w for w in launcher.workers if w.worker_id == 2).alive = False
+        new = Controller(dict(CONFIG), launcher, recovering=True)
+        t = await new.wait_for_table(0, 5.0)
+        assert t["ready"] and len(t["addresses"]) == 3
+        assert launcher.hosting(new.pool.workers[2].address) == pairs
+        await new.shutdown()
+    run(go())
+
+
+def test_stats_while_load_reports_arrive_and_the_admin_key():
+    """The HTTP surface runs on the controller's loop: /stats hammered while gateways report never sees a
+    half-updated window. POST /rebalance needs the admin key; the read-only views do not."""
+    async def go():
+        launcher, ctl, gws = await service(admin_api_key="s3cret")
+        host, port = (await ctl.http_address()).split(":")
+
+        async def http(method: str, path: str, key: str | None = None) -> tuple[int, dict | str]:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            auth = f"authorization: Bearer {key}\r\n" if key else ""
+            writer.write(f"{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n".encode())
+            raw = await reader.read()
+            writer.close()
+            head, _, body = raw.decode().partition("\r\n\r\n")
+            status = int(head.split()[1])
+            return status, json.loads(body) if body.startswith(("{", "[")) else body
+
+        async def reports(n: int) -> None:
+            for i in range(n):
+                await ctl.report_load("gw-hammer", np.full((len(ctl.moe_layers), 16), i).tolist(), ctl.version, None)
+
+        results = await asyncio.gather(reports(300), *(http("GET", "/stats") for _ in range(60)))
+        stats = [r for r in results[1:]]
+        assert all(code == 200 and body["load_tokens"] >= 0 for code, body in stats)
+        assert (await http("GET", "/targets"))[0] == 200 and (await http("GET", "/metrics"))[0] == 200
+        assert (await http("POST", "/rebalance"))[0] == 401
+        assert (await http("POST", "/rebalance", "wrong"))[0] == 401
+        code, body = await http("POST", "/rebalance?dry_run=1", "s3cret")
+        assert code == 200 and body["applied"] is False
+        assert "s3cret" not in json.dumps(ctl.stats()) and ctl.settings()["admin_api_key"] == "<redacted>"
+        await stop(ctl, gws)
+    run(go())
+
+
+@pytest.mark.parametrize("files", [{"tls_cert_file": "c.pem"}, {"tls_ca_file": "ca.pem", "tls_key_file": "k.pem"}])
+def test_partial_tls_settings_fail_at_startup(files):
+    from moe_service.serving.config import ServiceConfig
+
+    with pytest.raises(ValueError, match="needs tls_cert_file, tls_key_file and tls_ca_file"):
+        ServiceConfig.from_dict({"model": "tiny", **files})
