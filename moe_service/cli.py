@@ -146,6 +146,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     import ray
 
+    from moe_service.serving.config import ServiceConfig
     from moe_service.serving.local import check_cluster_auth, start_service
     from moe_service.serving.proxy_limits import RUNTIME_ENV as PROXY_RUNTIME_ENV
 
@@ -157,8 +158,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
-    svc = start_service(config, grpc_port=ns.port, host=ns.host)
+    svc = start_service(config, grpc_port=ns.port, http_port=ns.http_port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
+    print(f"OpenAI HTTP API: http://{ns.host}:{svc.http_port}/v1   (model "
+          f"{ServiceConfig.from_dict(config).model_name()!r}; docs/api.md)", flush=True)
     sd = ray.get(svc.controller().http_address.remote())
     print(f"metrics: every process serves /metrics; Prometheus http_sd_configs url: http://{sd}/targets", flush=True)
     print(f"operators: moe-service stats --controller {sd}   (also: placement, rebalance --dry-run)", flush=True)
@@ -166,6 +169,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
     if ns.demo:
         _demo_generation(svc.address, ns.api_key)
+        _demo_http(f"{ns.host}:{svc.http_port}", ServiceConfig.from_dict(config).model_name(), ns.api_key)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -192,6 +196,19 @@ def _demo_generation(address: str, api_key: str | None) -> None:
                       f"time to first token {tok.usage['time_to_first_token_s'] * 1e3:.0f} ms]", flush=True)
             else:
                 print(tok.text, end="", flush=True)
+
+
+def _demo_http(address: str, model: str, api_key: str | None) -> None:
+    """The same service through its OpenAI API, as curl would call it."""
+    import urllib.request
+
+    body = {"model": model, "prompt": "The experts of a mixture", "max_tokens": 24, "temperature": 0}
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(f"http://{address}/v1/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out = json.loads(r.read())
+    print(f"over the OpenAI HTTP API (POST http://{address}/v1/completions): {out['choices'][0]['text']!r} "
+          f"[finish: {out['choices'][0]['finish_reason']}, usage {out['usage']}]", flush=True)
 
 
 def cmd_placement(ns: argparse.Namespace) -> int:
@@ -235,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ids", action="store_true", help="print token ids instead of text")
     gen.add_argument("--address", help="HOST:PORT of a running service; default: run the model in this process")
     gen.add_argument("--api-key", default=None)
+    gen.add_argument("--n", type=int, default=1, help="with --address: samples of the prompt (seed i+k for sample k)")
+    gen.add_argument("--logprobs", type=int, default=None,
+                     help="with --address: print each token's log-probability and this many alternatives")
+    gen.add_argument("--request-id", default=None, help="with --address: an id the service echoes back")
     gen.set_defaults(fn=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
@@ -284,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--replicas-per-worker", type=int, default=None, help="expert replicas per layer per worker")
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
+        sp.add_argument("--http-port", type=int, default=0 if demo else 8000,
+                        help="the OpenAI HTTP API's port (0: a free one)")
         sp.add_argument("--host", default="127.0.0.1")
         sp.add_argument("--sd-port", type=int, default=0 if demo else 9095,
                         help="controller HTTP: Prometheus http_sd /targets, /stats, /rebalance")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import grpc
@@ -18,10 +18,14 @@ from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 
 @dataclass
 class Token:
-    token_id: int  # -1 on the final message when it carries no token
+    token_id: int  # -1 on a sample's final message when it carries no token
     text: str
     finish_reason: str | None = None
     usage: dict | None = None
+    index: int = 0  # which of the request's n samples
+    logprob: float | None = None  # with logprobs=k: this token's, and the top k (token_id, logprob) pairs
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    request_id: str = ""
 
 
 class Client:
@@ -52,26 +56,32 @@ class Client:
             stop_token_ids=list(p.stop_token_ids), stop_strings=list(p.stop_strings), ignore_eos=p.ignore_eos)
         if p.seed is not None:
             msg.seed = p.seed
+        if p.logprobs is not None:
+            msg.logprobs = p.logprobs
         return msg
 
     def generate(self, prompt: str | None = None, token_ids: list[int] | None = None,
-                 params: SamplingParams | None = None, timeout_s: float | None = None, **kwargs) -> Iterator[Token]:
-        """Yields each token as the service produces it; the last item has finish_reason and usage.
-        Sampling settings come as `params` or as keyword arguments (max_new_tokens=..., seed=...)."""
+                 params: SamplingParams | None = None, timeout_s: float | None = None, n: int = 1,
+                 request_id: str = "", **kwargs) -> Iterator[Token]:
+        """Yields each token as the service produces it; each sample's last item has finish_reason and
+        usage. With n > 1 the samples' tokens come interleaved, told apart by `index`. Sampling settings
+        come as `params` or as keyword arguments (max_new_tokens=..., seed=..., logprobs=...)."""
         params = params or SamplingParams(**kwargs)
-        req = moe_pb2.GenerateRequest(params=self._params(params))
+        req = moe_pb2.GenerateRequest(params=self._params(params), n=n, request_id=request_id)
         if token_ids is not None:
             req.token_ids.ids.extend(token_ids)
         else:
             req.text = prompt or ""
         for r in self.stub.Generate(req, metadata=self.metadata, timeout=timeout_s or self.timeout_s):
+            tok = Token(r.token_id, r.text, index=r.index, request_id=r.request_id,
+                        logprob=r.logprob if r.HasField("logprob") else None,
+                        top_logprobs=[(t.token_id, t.logprob) for t in r.top_logprobs])
             if r.finish_reason:
                 u = r.usage
-                yield Token(r.token_id, r.text, r.finish_reason, {
+                tok.finish_reason, tok.usage = r.finish_reason, {
                     "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
-                    "time_to_first_token_s": u.time_to_first_token_s, "total_time_s": u.total_time_s})
-            else:
-                yield Token(r.token_id, r.text)
+                    "time_to_first_token_s": u.time_to_first_token_s, "total_time_s": u.total_time_s}
+            yield tok
 
     def generate_ids(self, token_ids: list[int], **kwargs) -> list[int]:
         """The generated token ids of one prompt, collected."""

@@ -36,7 +36,8 @@ class Sequence:
     eos_token_id: int | None = None
     detok: Detokenizer | None = None
     output: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # released so far
+    pending: str = ""  # decoded, held back (it may start a stop string)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | ...
     sampler: SamplerState = field(init=False)
     t_start: float = field(default_factory=time.monotonic)
@@ -55,21 +56,32 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
     def append(self, token: int) -> str:
-        """Record a sampled token, update the stop state, and return its text piece."""
+        """Record a sampled token, update the stop state, and return the text it releases. With stop
+        strings, text that may be the start of one is held back until it is not (or the sequence ends);
+        the text never includes the stop string itself."""
         if self.t_first is None:
             self.t_first = time.monotonic()
         self.output.append(token)
-        piece = self.detok.push(token) if self.detok is not None else ""
-        self.text += piece
         p = self.params
+        if self.detok is not None:
+            self.pending += self.detok.push(token)
         if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
-            self.finish_reason = "stop"
-        elif p.stop_strings and any(s in self.text for s in p.stop_strings):
             self.finish_reason = "stop"
         elif len(self.output) >= p.max_new_tokens:
             self.finish_reason = "length"
+        hold = 0
+        if p.stop_strings and self.pending:
+            # a stop string can only begin in the held-back text (everything that might start one is held)
+            tail = self.pending
+            hit = min((i for i in (tail.find(s) for s in p.stop_strings) if i >= 0), default=-1)
+            if hit >= 0:
+                self.finish_reason, self.pending = "stop", tail[:hit]
+            elif not self.finished:
+                hold = max((k for s in p.stop_strings for k in range(min(len(s) - 1, len(tail)), 0, -1)
+                            if s.startswith(tail[-k:])), default=0)
+        piece, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        self.text += piece
         return piece
-
 
 @dataclass
 class StepOutput:
@@ -111,7 +123,7 @@ class Engine:
         logits = self.model(ids, cache=cache, num_new=lengths, last_only=True, backend=self.backend)
         active = list(range(len(seqs)))
         while True:
-            tokens = sample(logits, [seqs[b].sampler for b in active])
+            tokens, _ = sample(logits, [seqs[b].sampler for b in active])
             for b, tok in zip(active, tokens):
                 piece = seqs[b].append(tok)
                 yield StepOutput(b, tok, piece, seqs[b].finish_reason)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TEMPERATURE = 100.0
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 @dataclass
@@ -19,6 +20,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report the chosen token's log-probability and this many alternatives
 
     def validate(self, vocab_size: int, max_new_tokens_limit: int | None = None) -> None:
         """Raises ValueError naming the field and what is allowed."""
@@ -34,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"stop_token_ids has {t}; token ids are in [0, {vocab_size})")
@@ -59,9 +63,13 @@ class SamplerState:
         return self.generator
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
-    """logits [B, V] -> one token per row; each row uses only its own logits and generator. Every
-    row's choice stays on the logits' device until one copy brings them all to the host."""
+Logprobs = tuple[float, list[tuple[int, float]]]  # the chosen token's, and the top (token, logprob) pairs
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[Logprobs | None]]:
+    """logits [B, V] -> one token per row, and for each row that asks (params.logprobs) its log-probabilities.
+    Each row uses only its own logits and generator. Log-probabilities are the model's distribution, before
+    temperature and top-p/top-k. Everything stays on the logits' device until the copies to the host at the end."""
     chosen = logits.argmax(dim=-1)  # [B] greedy
     for b, st in enumerate(states):
         p = st.params
@@ -79,4 +87,19 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         chosen[b] = torch.multinomial(probs, 1, generator=st.generator_on(logits.device))[0]
-    return chosen.tolist()
+    want = [b for b, st in enumerate(states) if st.params.logprobs is not None]
+    if not want:
+        return chosen.tolist(), [None] * len(states)
+    rows = torch.tensor(want, device=logits.device)
+    lp = logits[rows].float().log_softmax(dim=-1)
+    k = max(states[b].params.logprobs for b in want)
+    top = lp.topk(k, dim=-1)
+    # one more copy to the host for them all: per asking row its chosen logprob, k logprobs and k ids
+    # (ids as float32 are exact below 2^24, far above any vocabulary)
+    packed = torch.cat([lp.gather(1, chosen[rows, None]), top.values, top.indices.float()], dim=1)
+    tokens, packed = chosen.tolist(), packed.tolist()
+    out: list[Logprobs | None] = [None] * len(states)
+    for b, row in zip(want, packed):
+        n = states[b].params.logprobs
+        out[b] = (row[0], [(int(row[1 + k + j]), row[1 + j]) for j in range(n)])
+    return tokens, out

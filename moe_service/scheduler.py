@@ -57,7 +57,7 @@ class SchedulerConfig:
         return self.max_prompt_tokens or self.max_seq_len - 1
 
 
-Event = tuple[str, object]  # ("token", (id, piece)) | ("finish", (reason, usage)) | ("error", (kind, message))
+Event = tuple[str, object]  # ("token", (id, piece, logprobs | None)) | ("finish", (reason, usage)) | ("error", (kind, message))
 
 
 @dataclass
@@ -283,12 +283,12 @@ class Scheduler:
 
     def _emit_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        tokens = sample(logits, [r.sampler for r in reqs])
+        tokens, logprobs = sample(logits, [r.sampler for r in reqs])
         if self.hook is not None:
             self.hook("sampling", time.perf_counter() - t0)
-        for r, tok in zip(reqs, tokens):
+        for r, tok, lp in zip(reqs, tokens, logprobs):
             piece = r.append(tok)
-            r.emit(("token", (tok, piece)))
+            r.emit(("token", (tok, piece, lp)))
 
     def _backend(self, reqs: list[Request]) -> ExpertBackend | None:
         if self.backend is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +15,9 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def detokenizer(self) -> "Detokenizer": ...
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character)."""
+        ...
 
 
 class Detokenizer(Protocol):
@@ -51,6 +55,9 @@ class ByteTokenizer:
     def detokenizer(self) -> "Detokenizer":
         return _ByteDetokenizer(self)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes(token_id)
+
 
 class _ByteDetokenizer:
     def __init__(self, tok: ByteTokenizer) -> None:
@@ -69,6 +76,7 @@ class HFTokenizer:
 
         self.tok = _Tok.from_file(str(path))
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.byte_level = _is_byte_level(self.tok)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -78,23 +86,51 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def detokenizer(self) -> "Detokenizer":
-        return _PrefixDetokenizer(self)
+        return _StreamDetokenizer(self.tok)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self.byte_level:  # GPT-2's byte-to-character table, inverted
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.tok.decode([token_id], skip_special_tokens=True).encode()
 
 
-class _PrefixDetokenizer:
-    """Decodes the whole sequence and emits what grew; holds back a trailing replacement char
-    (an incomplete multi-byte character)."""
+def _is_byte_level(tok) -> bool:
+    import json
 
-    def __init__(self, tok: HFTokenizer) -> None:
-        self.tok, self.ids, self.emitted = tok, [], 0
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+    return "ByteLevel" in kinds
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode, which byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class _StreamDetokenizer:
+    """`tokenizers`' own incremental decoder: each token costs the same however long the text is."""
+
+    def __init__(self, tok) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.tok, self.stream = tok, DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        return self.stream.step(self.tok, token_id) or ""
 
 
 def load_tokenizer(source: object, args) -> Tokenizer:

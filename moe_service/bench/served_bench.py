@@ -1,13 +1,15 @@
 """The served path against the in-process model, in one run: prefill and decode throughput, the
 end-to-end cost of a served MoE layer at batch 1 against the floor of a streamed echo (measured
 alternately), with the gateway's stage timers as its breakdown, and tokens/s and latency
-percentiles under 1/8/32 clients."""
+percentiles under 1/8/32 gRPC clients, and 1/8 clients of the OpenAI HTTP API beside them."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -75,15 +77,53 @@ def _stream(client, prompt: list[int], n: int) -> tuple[float, list[float]]:
     return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
 
-def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
+class HTTPClient:
+    """The OpenAI API's streamed completions on one keep-alive connection, timed as `_stream` times gRPC
+    (standard library only: the benchmark measures the service, not a client package)."""
+
+    def __init__(self, address: str) -> None:
+        import http.client
+
+        host, port = address.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=300)
+
+    def __enter__(self) -> "HTTPClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, ignore_eos: bool = True):
+        body = json.dumps({"prompt": token_ids, "max_tokens": max_new_tokens, "temperature": 0, "stream": True,
+                           "ignore_eos": ignore_eos})
+        self.conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        resp = self.conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        for line in resp:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            yield _Chunk(-1 if choice["finish_reason"] else 0)
+
+
+@dataclass
+class _Chunk:
+    token_id: int
+
+
+def concurrent(address: str, prompts: list[list[int]], new_tokens: int, api: str = "gRPC") -> dict:
+    """`len(prompts)` clients at once, each streaming one greedy generation over gRPC, or over the OpenAI
+    HTTP API when `api` is "HTTP" (then `address` is the HTTP proxy's)."""
     from moe_service.client import Client
 
     ttfts, gaps, errors, firsts = [], [], [], []
     barrier = threading.Barrier(len(prompts) + 1)
+    connect = HTTPClient if api == "HTTP" else Client
 
     def run(p):
         try:
-            with Client(address) as c:
+            with connect(address) as c:
                 barrier.wait(60)
                 ttft, g = _stream(c, p, new_tokens)
                 ttfts.append(ttft)
@@ -103,7 +143,7 @@ def concurrent(address: str, prompts: list[list[int]], new_tokens: int) -> dict:
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)  # noqa
     # decode-only rate: tokens after each stream's first, over the time after the last first token
     decode_window = max(1e-9, time.perf_counter() - max(firsts, default=t0))
-    return {"clients": len(prompts), "tokens_per_s": len(prompts) * new_tokens / wall, "errors": len(errors),
+    return {"api": api, "clients": len(prompts), "tokens_per_s": len(prompts) * new_tokens / wall, "errors": len(errors),
             "wall_s": wall,
             "decode_tokens_per_s": len(gaps) / decode_window if len(prompts) > 1 else 1 / statistics.mean(gaps),
             "ttft_p50_s": q(ttfts, 50), "ttft_p99_s": q(ttfts, 99), "itl_p50_s": q(gaps, 50), "itl_p99_s": q(gaps, 99)}
@@ -189,7 +229,8 @@ class EchoFloor:
 
 
 def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, decode_tokens: int, repeats: int,
-           client_counts: tuple[int, ...], concurrency_tokens: int, micro_batches: int | None = None) -> dict:
+           client_counts: tuple[int, ...], concurrency_tokens: int, micro_batches: int | None = None,
+           http_client_counts: tuple[int, ...] = (1, 8)) -> dict:
     import ray
 
     from moe_service.client import Client
@@ -240,9 +281,12 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
                "batch1_layer_calls": layer_calls, "batch1_stage_s_per_layer": stages,
                "batch1_worker_compute_s_per_layer": stages["experts"] - stages["wire"], "concurrency": []}
         for n in client_counts:
-            log(f"[served bench] {n} concurrent clients")
             prompts = _prompts(n, 32, V, seed=100 + n)
+            log(f"[served bench] {n} concurrent clients, gRPC")
             out["concurrency"].append(concurrent(svc.address, prompts, concurrency_tokens))
+            if n in http_client_counts:  # the same requests through Serve's HTTP proxy and the OpenAI API
+                log(f"[served bench] {n} concurrent clients, HTTP (OpenAI completions)")
+                out["concurrency"].append(concurrent(f"127.0.0.1:{svc.http_port}", prompts, concurrency_tokens, "HTTP"))
         return out
     finally:
         svc.shutdown()
@@ -290,13 +334,13 @@ def format_results(r: dict) -> str:
         + f" ms (of the experts stage, the slowest worker computed {srv['batch1_worker_compute_s_per_layer'] * 1e3:.2f}"
         f" ms and the rest, the wire, was {srv['batch1_stage_s_per_layer']['wire'] * 1e3:.2f} ms)",
         "",
-        f"{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}{'errors':>8}",
+        f"{'api':>5}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}{'errors':>8}",
     ]
     for c in srv["concurrency"]:
-        lines.append(f"{c['clients']:8d}{c['tokens_per_s']:10.1f}{c['ttft_p50_s'] * 1e3:9.0f}ms"
+        lines.append(f"{c.get('api', 'gRPC'):>5}{c['clients']:8d}{c['tokens_per_s']:10.1f}{c['ttft_p50_s'] * 1e3:9.0f}ms"
                      f"{c['ttft_p99_s'] * 1e3:9.0f}ms{c['itl_p50_s'] * 1e3:9.0f}ms{c['itl_p99_s'] * 1e3:9.0f}ms"
                      f"{c['errors']:8d}")
-    conc = srv["concurrency"]
+    conc = [c for c in srv["concurrency"] if c.get("api", "gRPC") == "gRPC"]
     if len(conc) >= 2:
         lines.append(f"{conc[-1]['clients']} vs {conc[0]['clients']} clients: "
                      f"{conc[-1]['tokens_per_s'] / conc[0]['tokens_per_s']:.1f}x tokens/s, "

@@ -57,14 +57,22 @@ def _fail(grpc_context, e: GatewayError):
     raise e
 
 
+@serve.ingress()
 class GatewayDeployment:
-    """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them."""
+    """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them, and the OpenAI HTTP
+    API (serving/http_api.py) on Serve's HTTP proxy: both run through the one Gateway of the replica."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
         # blocking work (Ray calls, loading the model) on a thread; the control tasks on this loop
         controller = await asyncio.to_thread(get_or_create_controller, config)
         self.gateway = await asyncio.to_thread(Gateway, config, controller_link(controller))
         await self.gateway.start()
+
+    def __serve_build_asgi_app__(self):
+        # Serve calls this once the constructor has run: the HTTP routes need the replica's gateway
+        from moe_service.serving.http_api import build_http_app
+
+        return build_http_app(self.gateway, self.gateway.cfg.model_name())
 
     def _auth(self, grpc_context) -> None:
         if grpc_context is not None:

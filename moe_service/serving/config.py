@@ -29,6 +29,7 @@ NAMESPACE = "moe_service"
 class ServiceConfig:
     # model
     model: str = "tiny"  # a preset name or a local Hugging Face directory
+    served_model_name: str | None = None  # the OpenAI API's model id; default: the preset or directory name
     dtype: str = "float32"
     # expert workers
     workers: int = 2
@@ -125,6 +126,9 @@ class ServiceConfig:
             raise ValueError(f"TLS for the expert channels needs tls_cert_file, tls_key_file and tls_ca_file "
                              f"(mutual TLS); {missing} missing")
         return TLSConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
 
     def resolved_api_key(self) -> str | None:
         return _secret(self.api_key, self.api_key_file, "MOE_SERVICE_API_KEY")

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -36,6 +36,8 @@ STATUS_OF = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.Stat
              "deadline": grpc.StatusCode.DEADLINE_EXCEEDED, "unavailable": grpc.StatusCode.UNAVAILABLE,
              "cancelled": grpc.StatusCode.CANCELLED, "internal": grpc.StatusCode.INTERNAL, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
 MAX_FORWARD_TOKENS = 8192
+MAX_CHOICES = 16  # samples per request (n)
+MAX_REQUEST_ID = 128
 
 
 class GatewayError(Exception):
@@ -310,13 +312,14 @@ class Gateway:
         return SamplingParams(
             max_new_tokens=p.max_new_tokens or 32, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
             seed=p.seed if p.HasField("seed") else None, stop_token_ids=tuple(p.stop_token_ids),
-            stop_strings=tuple(p.stop_strings), ignore_eos=p.ignore_eos)
+            stop_strings=tuple(p.stop_strings), ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs if p.HasField("logprobs") else None)
 
-    def _rejected(self, e: Rejected, arrived: float) -> GatewayError:
+    def _rejected(self, e: Rejected, arrived: float, method: str) -> GatewayError:
         """Counts a refused request, and says when to retry one refused for lack of room."""
         code = STATUS_OF[e.kind]
         m = self.metrics
-        m.requests.labels("Generate", code.name).inc()
+        m.requests.labels(method, code.name).inc()
         m.rejected.labels(e.cause).inc()
         m.rejection.observe(time.monotonic() - arrived)
         retry = None
@@ -331,53 +334,80 @@ class Gateway:
             return GatewayError(code, f"{e} (retry in about {retry} ms)", retry)
         return GatewayError(code, str(e))
 
-    async def generate(self, request: moe_pb2.GenerateRequest,
-                       timeout_s: float | None = None) -> AsyncIterator[moe_pb2.GenerateResponse]:
+    def _request(self, request: moe_pb2.GenerateRequest) -> tuple[list[int], list[SamplingParams], str]:
+        """The prompt, one SamplingParams per sample (sample i of a seeded request has seed + i), the id."""
+        n = request.n or 1
+        if n > MAX_CHOICES:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"n is {n}; this service allows at most {MAX_CHOICES}")
+        rid = request.request_id or uuid.uuid4().hex
+        if len(rid) > MAX_REQUEST_ID:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request_id has {len(rid)} characters; at most {MAX_REQUEST_ID}")
+        params = self._params(request.params)
+        samples = [params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
+                   for i in range(n)]
+        return self._prompt(request), samples, rid
+
+    async def generate(self, request: moe_pb2.GenerateRequest, timeout_s: float | None = None,
+                       method: str = "Generate") -> AsyncIterator[moe_pb2.GenerateResponse]:
+        """Streams the request's tokens; with n samples, theirs interleaved as they come, each message with
+        its index, and each sample ending with its own finish message. `method` labels the metrics."""
         arrived = time.monotonic()
         if self.closed or self.table_info["draining"]:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the service is draining; send requests elsewhere")
         # while experts are being replaced requests are still taken: steps wait (within the expert
         # call timeout and each request's deadline) for the controller to bring them back
-        prompt, params = self._prompt(request), self._params(request.params)
+        prompt, samples, rid = self._request(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
         m = self.metrics
+        reqs = []
         try:
-            req = self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s)
+            for i, params in enumerate(samples):
+                def emit(ev, i=i) -> None:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+
+                reqs.append(self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s))
         except Rejected as e:
-            raise self._rejected(e, arrived) from None
+            for r in reqs:
+                self.engine.cancel(r)
+            raise self._rejected(e, arrived, method) from None
         m.prompt_tokens.inc(len(prompt))
-        t_start = last = time.monotonic()
+        t_start = time.monotonic()
+        last = [t_start] * len(reqs)
         code = grpc.StatusCode.CANCELLED
+        running = len(reqs)
         try:
-            while True:
-                kind, payload = await events.get()
+            while running:
+                i, (kind, payload) = await events.get()
                 now = time.monotonic()
                 if kind == "token":
-                    tok, piece = payload
-                    (m.itl.observe(now - last) if last != t_start else m.ttft.observe(now - t_start))
-                    last = now
+                    tok, piece, lp = payload
+                    (m.itl.observe(now - last[i]) if last[i] != t_start else m.ttft.observe(now - t_start))
+                    last[i] = now
                     m.generated_tokens.inc()
-                    yield moe_pb2.GenerateResponse(token_id=tok, text=piece)
+                    resp = moe_pb2.GenerateResponse(token_id=tok, text=piece, index=i, request_id=rid)
+                    if lp is not None:
+                        resp.logprob = lp[0]
+                        resp.top_logprobs.extend(moe_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp[1])
+                    yield resp
                 elif kind == "finish":
                     reason, usage = payload
-                    code = grpc.StatusCode.OK
-                    self.completions.append(now)
-                    m.duration.observe(now - t_start)
-                    yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage))
-                    return
+                    running -= 1
+                    yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage),
+                                                   index=i, request_id=rid)
                 else:
                     err_kind, message = payload
                     code = STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL)
                     raise GatewayError(code, message)
+            code = grpc.StatusCode.OK
+            self.completions.append(now)
+            m.duration.observe(now - t_start)
         finally:
-            m.requests.labels("Generate", code.name).inc()
-            if not req.finished:
-                self.engine.cancel(req)  # the client went away: free its slot at the next step
+            m.requests.labels(method, code.name).inc()
+            for r in reqs:
+                if not r.finished:
+                    self.engine.cancel(r)  # the client went away (or a sample failed): free its slot
 
     async def forward(self, request: moe_pb2.ForwardRequest, timeout_s: float | None = None) -> moe_pb2.ForwardResponse:
         seqs = [list(s.ids) for s in request.sequences]

@@ -1,0 +1,377 @@
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions and /health, served by
+the gateway deployment through Serve's HTTP proxy (FastAPI, `serve.ingress`).
+
+Every request becomes one `moe.v1.GenerateRequest` on token ids and runs through `Gateway.generate`, the
+path gRPC clients take: admission, sampling, logprobs, `n`, errors and metrics are the same for both.
+docs/api.md lists the fields, what each maps to, and what is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from moe_service.chat import ChatError, ChatTemplate
+from moe_service.sampling import MAX_LOGPROBS
+from moe_service.serving.gateway import MAX_CHOICES, Gateway, GatewayError
+from moe_service.transport.pb import moe_pb2
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+
+# Fields OpenAI defines that this service does not implement: present with a value that asks for the
+# feature, they get a 400 naming them (a silently ignored `tools` would look like a model that never calls them)
+UNSUPPORTED = {
+    "tools": lambda v: bool(v), "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: bool(v), "presence_penalty": lambda v: v not in (None, 0),
+    "frequency_penalty": lambda v: v not in (None, 0), "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: bool(v), "suffix": lambda v: bool(v), "audio": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]), "prediction": lambda v: v is not None,
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    @classmethod
+    def of(cls, e: GatewayError) -> "APIError":
+        status = HTTP_STATUS.get(e.code, 500)
+        headers = {"retry-after": str(max(1, round(e.retry_after_ms / 1000)))} if e.retry_after_ms else None
+        return cls(status, e.message, code=e.code.name.lower(), headers=headers)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "internal_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored; known unsupported ones refused
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # an extension (vLLM's): 0 or -1 = no cut
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # an extension (vLLM's)
+
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            check = UNSUPPORTED.get(name)
+            if check is not None and check(value):
+                raise APIError(400, f"'{name}' is not supported by this service (docs/api.md lists what is)", name,
+                               "unsupported_parameter")
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes at most 4 non-empty strings", "stop")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise APIError(400, f"message content of type {part.get('type')!r} is not supported; send text",
+                                   "messages")
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class HTTPFrontend:
+    """Turns OpenAI requests into GenerateRequests for `gateway` and its answers into OpenAI responses."""
+
+    def __init__(self, gateway: Gateway, model_name: str) -> None:
+        self.gateway, self.model_name = gateway, model_name
+        self.tokenizer = gateway.tokenizer
+        self.chat = ChatTemplate.load(gateway.cfg.model)
+        self.created = int(time.time())
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def check(self, request: Request, body: _Sampling) -> None:
+        try:
+            self.gateway.check_auth([("authorization", request.headers.get("authorization", ""))])
+        except GatewayError:
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key") from None
+        if body.model and body.model != self.model_name:
+            raise APIError(404, f"the model '{body.model}' does not exist; this service serves '{self.model_name}'",
+                           "model", "model_not_found")
+        body.refuse_unsupported()
+
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, "one prompt per request: send a string or a list of token ids", "prompt")
+            p = p[0]
+        if isinstance(p, str):
+            try:
+                return self.tokenizer.encode(p)
+            except ValueError as e:
+                raise APIError(400, str(e), "prompt") from None
+        return list(p)
+
+    def chat_prompt(self, body: ChatRequest) -> list[int]:
+        messages = [{**(m.model_extra or {}), "role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = self.chat.render(messages)
+            # a checkpoint's template writes BOS itself (as transformers' apply_chat_template encodes it)
+            return self.tokenizer.encode(text, add_bos=not self.chat.from_checkpoint)
+        except (ChatError, ValueError) as e:
+            raise APIError(400, str(e), "messages") from None
+
+    def generate_request(self, prompt: list[int], body: _Sampling, logprobs: int | None, request_id: str
+                         ) -> moe_pb2.GenerateRequest:
+        limits = self.gateway.scheduler.config
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as OpenAI: as long as the model allows (here: the sequence limit)
+            max_tokens = max(1, min(limits.max_new_tokens, limits.max_seq_len - len(prompt)))
+        params = moe_pb2.SamplingParams(
+            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
+            stop_strings=body.stops(), ignore_eos=body.ignore_eos)
+        if body.seed is not None:
+            params.seed = body.seed
+        if logprobs is not None:
+            params.logprobs = logprobs
+        req = moe_pb2.GenerateRequest(params=params, n=body.n, request_id=request_id)
+        req.token_ids.ids.extend(prompt)
+        return req
+
+    # ---- answers out -------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, r: moe_pb2.GenerateResponse) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+        return {**entry(r.token_id, r.logprob),
+                "top_logprobs": [entry(t.token_id, t.logprob) for t in r.top_logprobs]}
+
+    def completion_logprobs(self, tokens: list[moe_pb2.GenerateResponse], offset: int) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for r in tokens:
+            out["tokens"].append(self.token_text(r.token_id))
+            out["token_logprobs"].append(r.logprob)
+            top: dict[str, float] = {}
+            for t in r.top_logprobs:  # best first; two tokens with one text (parts of a character) keep the best
+                top.setdefault(self.token_text(t.token_id), t.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(r.text)
+        return out
+
+
+async def _first(gateway: Gateway, req: moe_pb2.GenerateRequest, method: str
+                 ) -> tuple[moe_pb2.GenerateResponse, AsyncIterator[moe_pb2.GenerateResponse]]:
+    """Starts the generation and waits for its first message, so that a refusal is still an HTTP status."""
+    stream = gateway.generate(req, method=method).__aiter__()
+    try:
+        return await stream.__anext__(), stream
+    except GatewayError as e:
+        raise APIError.of(e) from None
+
+
+def _sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
+    front = HTTPFrontend(gateway, model_name)
+    app = FastAPI(title="moe-service", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        return APIError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}",
+                        ".".join(loc) or None, "invalid_value").response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = gateway.serving()
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        front.check(request, _Sampling())
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": front.created, "owned_by": "moe-service",
+            "max_model_len": gateway.scheduler.config.max_seq_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        front.check(request, body)
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        prompt = front.completion_prompt(body)
+        req = front.generate_request(prompt, body, body.logprobs, rid)
+        first, stream = await _first(gateway, req, "completions")
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+        want_lp = body.logprobs is not None
+        if body.stream:
+            async def events() -> AsyncIterator[bytes]:
+                offsets = [0] * body.n
+                generated = 0
+                try:
+                    r = first
+                    while r is not None:
+                        choice: dict = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": None}
+                        if r.finish_reason:
+                            choice["finish_reason"] = r.finish_reason
+                        else:
+                            generated += 1
+                            if want_lp:
+                                choice["logprobs"] = front.completion_logprobs([r], offsets[r.index])
+                        offsets[r.index] += len(r.text)
+                        yield _sse({**head, "choices": [choice]})
+                        r = await anext(stream, None)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(len(prompt), generated)})
+                    yield _sse("[DONE]")
+                except GatewayError as e:  # after the first token: the status is sent already
+                    yield _sse(APIError.of(e).body())
+                finally:
+                    await stream.aclose()
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
+        choices = await _collect(first, stream, body.n)
+        out = []
+        for i, (tokens, text, reason) in enumerate(choices):
+            out.append({"index": i, "text": text, "finish_reason": reason,
+                        "logprobs": front.completion_logprobs(tokens, 0) if want_lp else None})
+        generated = sum(len(t) for t, _, _ in choices)
+        return JSONResponse({**head, "choices": out, "usage": _usage(len(prompt), generated)},
+                            headers={"x-request-id": rid})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        front.check(request, body)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        prompt = front.chat_prompt(body)
+        req = front.generate_request(prompt, body, (body.top_logprobs or 0) if body.logprobs else None, rid)
+        first, stream = await _first(gateway, req, "chat.completions")
+        head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model_name}
+        if body.stream:
+            async def events() -> AsyncIterator[bytes]:
+                chunk = {**head, "object": "chat.completion.chunk"}
+                generated = 0
+                try:
+                    for i in range(body.n):
+                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]})
+                    r = first
+                    while r is not None:
+                        if r.finish_reason:
+                            choice = {"index": r.index, "delta": {"content": r.text} if r.text else {},
+                                      "logprobs": None, "finish_reason": r.finish_reason}
+                        else:
+                            generated += 1
+                            choice = {"index": r.index, "delta": {"content": r.text}, "finish_reason": None,
+                                      "logprobs": {"content": [front.chat_logprobs(r)]} if body.logprobs else None}
+                        yield _sse({**chunk, "choices": [choice]})
+                        r = await anext(stream, None)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(len(prompt), generated)})
+                    yield _sse("[DONE]")
+                except GatewayError as e:
+                    yield _sse(APIError.of(e).body())
+                finally:
+                    await stream.aclose()
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
+        choices = await _collect(first, stream, body.n)
+        out = []
+        for i, (tokens, text, reason) in enumerate(choices):
+            out.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                        "logprobs": {"content": [front.chat_logprobs(r) for r in tokens]} if body.logprobs else None})
+        generated = sum(len(t) for t, _, _ in choices)
+        return JSONResponse({**head, "object": "chat.completion", "choices": out,
+                             "usage": _usage(len(prompt), generated)}, headers={"x-request-id": rid})
+
+    return app
+
+
+async def _collect(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2.GenerateResponse], n: int
+                   ) -> list[tuple[list[moe_pb2.GenerateResponse], str, str]]:
+    """Each choice's token messages, text and finish reason, from a whole stream."""
+    tokens: list[list] = [[] for _ in range(n)]
+    texts = [""] * n
+    reasons = [""] * n
+    try:
+        r: moe_pb2.GenerateResponse | None = first
+        while r is not None:
+            texts[r.index] += r.text
+            if r.finish_reason:
+                reasons[r.index] = r.finish_reason
+            else:
+                tokens[r.index].append(r)
+            r = await anext(stream, None)
+    except GatewayError as e:
+        raise APIError.of(e) from None
+    finally:
+        await stream.aclose()
+    return list(zip(tokens, texts, reasons))
