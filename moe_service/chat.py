@@ -37,8 +37,11 @@ class ChatTemplate:
     @classmethod
     def load(cls, model: object) -> "ChatTemplate":
         """The checkpoint directory's template (the one named "default" if there are several), else plain."""
-        path = Path(str(model)) / "tokenizer_config.json"
-        if isinstance(model, (str, Path)) and path.is_file():
+        from moe_service.checkpoint.sources import checkpoint_dir
+
+        directory = checkpoint_dir(model)
+        path = directory / "tokenizer_config.json" if directory is not None else None
+        if path is not None and path.is_file():
             cfg = json.loads(path.read_text())
             tpl = cfg.get("chat_template")
             if isinstance(tpl, list):

@@ -19,7 +19,8 @@ def _model_source(ns: argparse.Namespace) -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="a local Hugging Face DeepSeek-V2 directory (config.json, *.safetensors)")
-    g.add_argument("--preset", default="tiny", help="a built-in model: tiny (default) or bench")
+    g.add_argument("--preset", default="coder", help="a built-in model: coder (default: trained, embedded; "
+                   "docs/models.md), tiny or bench (random weights, for tests and benchmarks)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 
@@ -104,6 +105,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import served_bench as b
 
         r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats, micro_batches=ns.micro_batches)
+    elif ns.what == "placement":
+        from moe_service.bench import placement_bench as b
+
+        r = b.run(ns.preset, workers=ns.workers if ns.workers != 2 else 4, repeats=ns.repeats + 2)
     elif ns.what == "projection":
         from moe_service.bench import projection as b
 
@@ -111,7 +116,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     elif ns.what == "skewed":
         from moe_service.bench import skewed_bench as b
 
-        r = b.run(ns.preset if ns.preset.endswith("-skewed") else ns.preset + "-skewed", workers=ns.workers,
+        # the trained model's own routing is skewed; a random preset's is made so by its "-skewed" twin
+        skewed = ns.preset if ns.preset.endswith("-skewed") or ns.preset == "coder" else ns.preset + "-skewed"
+        r = b.run(skewed, workers=ns.workers,
                   out_dir=ns.out)
     print(b.format_results(r))
     print(f"results: {save_results('overload' if getattr(ns, 'overload', False) else ns.what, r, ns.out)}")
@@ -181,16 +188,19 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPT = "def fibonacci(n):"
+
+
 def _demo_generation(address: str, api_key: str | None) -> None:
     from moe_service.client import Client
 
-    prompt = "The experts of a mixture"
+    prompt = DEMO_PROMPT
     with Client(address, api_key=api_key) as client:
         info = client.model_info()
         print(f"\nmodel {info.name}: {info.layers} layers, {info.routed_experts_per_layer} routed experts "
               f"(top-{info.experts_per_token}) on {info.expert_workers} expert workers")
         print(f"prompt: {prompt!r}\nstreamed over gRPC: ", end="", flush=True)
-        for tok in client.generate(prompt, max_new_tokens=24):
+        for tok in client.generate(prompt, max_new_tokens=48):
             if tok.finish_reason:
                 print(f"\n[finish: {tok.finish_reason}, {tok.usage['generated_tokens']} tokens, "
                       f"time to first token {tok.usage['time_to_first_token_s'] * 1e3:.0f} ms]", flush=True)
@@ -202,13 +212,74 @@ def _demo_http(address: str, model: str, api_key: str | None) -> None:
     """The same service through its OpenAI API, as curl would call it."""
     import urllib.request
 
-    body = {"model": model, "prompt": "The experts of a mixture", "max_tokens": 24, "temperature": 0}
+    body = {"model": model, "prompt": DEMO_PROMPT, "max_tokens": 48, "temperature": 0}
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
     req = urllib.request.Request(f"http://{address}/v1/completions", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         out = json.loads(r.read())
     print(f"over the OpenAI HTTP API (POST http://{address}/v1/completions): {out['choices'][0]['text']!r} "
           f"[finish: {out['choices'][0]['finish_reason']}, usage {out['usage']}]", flush=True)
+
+
+def cmd_experts(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moe_service.checkpoint import load_model
+    from moe_service.specialisation import format_table, held_out_sample, plot, specialisation
+    from moe_service.tokenizer import HFTokenizer, load_tokenizer
+
+    source = _model_source(ns)
+    model = load_model(source, dtype=DTYPES[ns.dtype])
+    tok = load_tokenizer(source, model.args)
+    if not isinstance(tok, HFTokenizer):
+        print(f"{source!r} has no tokenizer.json: token classes need text (try --preset coder)", file=sys.stderr)
+        return 2
+    text = Path(ns.text).read_text() if ns.text else held_out_sample()
+    r = specialisation(model, tok, text)
+    print(format_table(r))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(r))
+    plot(r, Path(ns.png))
+    print(f"\nheat map: {ns.png}")
+    return 0
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    from moe_service.bench.placement_bench import calibrate
+
+    calibrate(threads=ns.threads)
+    return 0
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moe_service import simulate
+    from moe_service.costmodel import device
+
+    dev = device(ns.device)
+    r = simulate.run(ns.model_config, dev, ns.gateways, ns.workers, ns.streams, ns.trace, ns.rtt_us * 1e-6,
+                     ns.context, software_s=ns.software_us * 1e-6)
+    print(simulate.format_results(r))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(r, indent=2))
+    if ns.png:
+        simulate.plot(ns.model_config, dev, ns.gateways, ns.streams, ns.trace, Path(ns.png))
+        print(f"plots (simulated): {ns.png}")
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    import dataclasses
+
+    from moe_service.coder import CODER_DIR, TrainConfig, train
+
+    cfg = TrainConfig()
+    if ns.tokens:
+        cfg = dataclasses.replace(cfg, tokens=ns.tokens)
+    train(ns.out or CODER_DIR, cfg, log=lambda m: print(m, file=sys.stderr, flush=True),
+          loss_png=ns.loss_png or ("docs/coder-loss.png" if ns.out is None else None))
+    return 0
 
 
 def cmd_placement(ns: argparse.Namespace) -> int:
@@ -258,10 +329,49 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--request-id", default=None, help="with --address: an id the service echoes back")
     gen.set_defaults(fn=cmd_generate)
 
+    ex = sub.add_parser("experts", help="which experts each kind of Python token chooses, per MoE layer "
+                        "(a table and a heat map)")
+    _add_model_args(ex)
+    ex.add_argument("--text", default=None, help="a Python file to run (default: the coder model's held-out files)")
+    ex.add_argument("--png", default="experts.png", help="where to write the heat map")
+    ex.add_argument("--json", default=None, help="also write the shares as JSON here")
+    ex.set_defaults(fn=cmd_experts)
+
+    cal = sub.add_parser("calibrate", help="measure this CPU for the cost model (bandwidth, FLOP/s, per-call cost)")
+    cal.add_argument("--threads", type=int, default=1, help="threads, as one expert worker computes (default 1)")
+    cal.set_defaults(fn=cmd_calibrate)
+
+    sim = sub.add_parser("simulate", help="SIMULATED capacity planning with the cost model: tokens/s and ITL of "
+                         "a cluster for a placement policy (no Ray, no gRPC)")
+    sim.add_argument("--model-config", default="DeepSeek-V2", help="a preset, a checkpoint directory, a config.json, "
+                     "or DeepSeek-V2 / DeepSeek-V2-Lite (shapes only)")
+    sim.add_argument("--device", default="H200", help="H100, H200 (datasheets) or cpu (after moe-service calibrate)")
+    sim.add_argument("--gateways", type=int, default=1)
+    sim.add_argument("--workers", type=int, default=8)
+    sim.add_argument("--streams", type=int, default=64, help="decode streams per gateway")
+    sim.add_argument("--context", type=int, default=2048, help="tokens per stream in the KV cache")
+    sim.add_argument("--trace", default="zipf:1.2", help="zipf:EXPONENT, or a JSON load window [layers, experts]")
+    sim.add_argument("--rtt-us", type=float, default=50.0, help="network round trip per layer call")
+    sim.add_argument("--software-us", type=float, default=0.0,
+                     help="the dispatch software's own cost per layer call (bench served measures it)")
+    sim.add_argument("--json", default=None)
+    sim.add_argument("--png", default=None, help="also draw throughput vs workers, before/after a rebalance, "
+                     "token vs time placement")
+    sim.set_defaults(fn=cmd_simulate)
+
+    tr = sub.add_parser("train", help="train the embedded `coder` model on this Python's standard library "
+                        "(about 20 minutes on 2 cores; docs/models.md)")
+    tr.add_argument("--out", default=None, help="checkpoint directory (default: the embedded one, moe_service/models/coder)")
+    tr.add_argument("--tokens", type=int, default=None, help="the token budget (default: the recorded run's)")
+    tr.add_argument("--loss-png", default=None, help="the loss curve (default: docs/coder-loss.png for the "
+                    "embedded checkpoint, else OUT/loss.png)")
+    tr.set_defaults(fn=cmd_train)
+
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
-    bench.add_argument("what", choices=["model", "transport", "served", "skewed", "projection"],
+    bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "projection"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
                             "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
+                            "placement: time-aware vs token-balanced placement, measured per worker on this CPU; "
                             "projection: a decode step of DeepSeek-V2(-Lite) on H100/H200, on paper")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")

@@ -62,17 +62,19 @@ class Client:
 
     def generate(self, prompt: str | None = None, token_ids: list[int] | None = None,
                  params: SamplingParams | None = None, timeout_s: float | None = None, n: int = 1,
-                 request_id: str = "", **kwargs) -> Iterator[Token]:
+                 request_id: str = "", workload: str | None = None, **kwargs) -> Iterator[Token]:
         """Yields each token as the service produces it; each sample's last item has finish_reason and
         usage. With n > 1 the samples' tokens come interleaved, told apart by `index`. Sampling settings
-        come as `params` or as keyword arguments (max_new_tokens=..., seed=..., logprobs=...)."""
+        come as `params` or as keyword arguments (max_new_tokens=..., seed=..., logprobs=...). `workload` tags
+        the request's class for the service's per-workload routing metrics (x-moe-workload)."""
         params = params or SamplingParams(**kwargs)
         req = moe_pb2.GenerateRequest(params=self._params(params), n=n, request_id=request_id)
         if token_ids is not None:
             req.token_ids.ids.extend(token_ids)
         else:
             req.text = prompt or ""
-        for r in self.stub.Generate(req, metadata=self.metadata, timeout=timeout_s or self.timeout_s):
+        metadata = self.metadata + ([("x-moe-workload", workload)] if workload else [])
+        for r in self.stub.Generate(req, metadata=metadata, timeout=timeout_s or self.timeout_s):
             tok = Token(r.token_id, r.text, index=r.index, request_id=r.request_id,
                         logprob=r.logprob if r.HasField("logprob") else None,
                         top_logprobs=[(t.token_id, t.logprob) for t in r.top_logprobs])

@@ -22,7 +22,8 @@ STAGES = ("attention", "gating", "dispatch", "experts", "wire", "combine", "samp
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, expert_series: str = "expert") -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, expert_series: str = "expert",
+                 workloads: tuple[str, ...] = ()) -> None:
         if expert_series not in EXPERT_SERIES:
             raise ValueError(f"expert_series must be one of {EXPERT_SERIES}, got {expert_series!r}")
         r = self.registry = registry or CollectorRegistry()
@@ -78,6 +79,12 @@ class GatewayMetrics:
                               ["layer", "expert"] if expert_series == "expert" else ["layer"], registry=r)
         self.layer_tokens = Counter("moe_layer_tokens", "Tokens through each MoE layer's gate.", ["layer"],
                                         registry=r)
+        # only with configured workload classes (x-moe-workload): series per (layer, expert, workload)
+        self.workloads = (*workloads, "other") if workloads else ()
+        self.routed_by_workload = Counter(
+            "moe_routed_tokens_by_workload", "(token, expert) pairs routed, per MoE layer, expert and the client's "
+            "workload class (x-moe-workload; unlisted or none: other).", ["layer", "expert", "workload"],
+            registry=r) if workloads else None
 
     def observe_routing(self, layer: int, counts: list[int]) -> None:
         if self.expert_series == "off":

@@ -71,6 +71,7 @@ class Request(Sequence):
     prefilled: int = 0  # prompt tokens already in the cache
     reserved: int = 0
     cancelled: bool = False
+    workload: int = 0  # the client's workload class (x-moe-workload), as an index the gateway defines
 
     @property
     def in_prefill(self) -> bool:
@@ -98,7 +99,9 @@ class StepStats:
     failures: list[str] = field(default_factory=list)  # the cause of each micro-batch that failed
 
 
-StepBackend = Callable[[float | None], ExpertBackend]  # a micro-batch's deadline -> the experts it uses
+# a micro-batch's deadline, and the workload index of each of its FFN rows (None: no workload accounting)
+# -> the experts it uses
+StepBackend = Callable[[float | None, "torch.Tensor | None"], ExpertBackend]
 
 
 class Scheduler:
@@ -111,9 +114,11 @@ class Scheduler:
     own deadline has passed ends with "deadline"; any other error ends them with "internal"."""
 
     def __init__(self, model: Transformer, config: SchedulerConfig, tokenizer: Tokenizer | None = None,
-                 backend: StepBackend | None = None, hook: Callable[[str, float], None] | None = None) -> None:
+                 backend: StepBackend | None = None, hook: Callable[[str, float], None] | None = None,
+                 workload_rows: bool = False) -> None:
         self.model, self.config, self.tokenizer, self.backend = model, config, tokenizer, backend
         self.hook = hook  # (stage, seconds) timings for metrics
+        self.workload_rows = workload_rows  # tell the backend each FFN row's workload (routing metrics)
         self.args = model.args
         if config.max_seq_len > self.args.max_position_embeddings:
             config.max_seq_len = self.args.max_position_embeddings
@@ -150,11 +155,11 @@ class Scheduler:
                            "kv_capacity")
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
-               timeout_s: float | None = None) -> Request:
+               timeout_s: float | None = None, workload: int = 0) -> Request:
         self.validate(prompt, params)
         detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
         req = Request(prompt, params, self.args.eos_token_id, detok, id=next(self.ids), emit=emit,
-                      deadline=time.monotonic() + timeout_s if timeout_s else None)
+                      deadline=time.monotonic() + timeout_s if timeout_s else None, workload=workload)
         with self.lock:
             if len(self.waiting) >= self.config.max_queue:
                 raise Rejected("exhausted", f"the waiting queue is full ({self.config.max_queue} requests waiting, "
@@ -290,11 +295,16 @@ class Scheduler:
             piece = r.append(tok)
             r.emit(("token", (tok, piece, lp)))
 
-    def _backend(self, reqs: list[Request]) -> ExpertBackend | None:
+    def _backend(self, reqs: list[Request], rows: list[int] | None = None) -> ExpertBackend | None:
+        """`rows`: FFN rows per request (its prefill chunk), one each when None (decode)."""
         if self.backend is None:
             return None
         deadlines = [r.deadline for r in reqs]
-        return self.backend(None if None in deadlines else max(deadlines))
+        workloads = None
+        if self.workload_rows:
+            w = torch.tensor([r.workload for r in reqs])
+            workloads = w if rows is None else w.repeat_interleave(torch.tensor(rows))
+        return self.backend(None if None in deadlines else max(deadlines), workloads)
 
     def _decode(self, reqs: list[Request]) -> None:
         dev = self.device
@@ -313,7 +323,7 @@ class Scheduler:
         start = torch.tensor([r.prefilled for r, _ in chunks], device=dev)
         num_new = torch.tensor([n for _, n in chunks], device=dev)
         logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
-                            backend=self._backend([r for r, _ in chunks]), hook=self.hook)
+                            backend=self._backend([r for r, _ in chunks], [n for _, n in chunks]), hook=self.hook)
         done = []
         for b, (r, n) in enumerate(chunks):
             r.prefilled += n
@@ -341,8 +351,8 @@ class EngineLoop:
             self.cv.notify()
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
-               timeout_s: float | None = None) -> Request:
-        req = self.scheduler.submit(prompt, params, emit, timeout_s)
+               timeout_s: float | None = None, workload: int = 0) -> Request:
+        req = self.scheduler.submit(prompt, params, emit, timeout_s, workload)
         self.wake()
         return req
 

@@ -135,6 +135,9 @@ class _StreamDetokenizer:
 
 def load_tokenizer(source: object, args) -> Tokenizer:
     """The checkpoint directory's tokenizer.json when there is one, else the byte tokenizer."""
-    if isinstance(source, (str, Path)) and (Path(source) / "tokenizer.json").is_file():
-        return HFTokenizer(Path(source) / "tokenizer.json", args.bos_token_id, args.eos_token_id)
+    from moe_service.checkpoint.sources import checkpoint_dir
+
+    path = checkpoint_dir(source)
+    if path is not None and (path / "tokenizer.json").is_file():
+        return HFTokenizer(path / "tokenizer.json", args.bos_token_id, args.eos_token_id)
     return ByteTokenizer(args.vocab_size, args.bos_token_id, args.eos_token_id)

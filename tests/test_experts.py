@@ -251,7 +251,7 @@ def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, 
     remote = RemoteExperts(table_of(replicas, servers), on_call=on_call)
 
     sched = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=128, prefill_chunk=8, step_token_budget=8,
-                                             micro_batches=2), backend=remote.backend)
+                                             micro_batches=2), backend=lambda deadline, _: remote.backend(deadline))
     g = torch.Generator().manual_seed(3)
     prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 5, 21)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -298,7 +298,7 @@ def test_ping_pong_keeps_one_micro_batch_on_the_wire_while_the_other_computes(lo
     slow = loop.run(start_workers(hosts, servicer_class=SlowServicer))[0]
     SlowServicer.intervals = []
     remote = RemoteExperts(table_of(replicas, {0: slow}))
-    sched = Scheduler(model, SchedulerConfig(max_running=4, max_seq_len=64, micro_batches=2), backend=remote.backend)
+    sched = Scheduler(model, SchedulerConfig(max_running=4, max_seq_len=64, micro_batches=2), backend=lambda deadline, _: remote.backend(deadline))
     g = torch.Generator().manual_seed(5)
     prompts = [[1] + torch.randint(3, 512, (4,), generator=g).tolist() for _ in range(4)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -144,7 +144,7 @@ def test_local_cluster_with_token_auth(tmp_path):
         # 2. moe-service serve --ray-address, until SIGTERM
         grpc_port = free_port()
         serving = subprocess.Popen(
-            [str(BIN / "moe-service"), "serve", "--ray-address", address, "--workers", "2", "--gpus-per-worker", "1",
+            [str(BIN / "moe-service"), "serve", "--preset", "tiny", "--ray-address", address, "--workers", "2", "--gpus-per-worker", "1",
              "--gateway-gpus", "1", "--port", str(grpc_port), "--sd-port", "0"],
             env=client, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_serving(f"127.0.0.1:{grpc_port}")

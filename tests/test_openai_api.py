@@ -66,7 +66,7 @@ def service(ray_local, tmp_path_factory):
     write_chat_checkpoint(path)
     # kv_capacity_tokens below max_seq_len: a request that can never fit is refused with 429
     cfg = dict(model=str(path), served_model_name=MODEL, workers=2, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
-               sd_port=0, rebalance_interval_s=0, api_key=KEY,
+               sd_port=0, rebalance_interval_s=0, api_key=KEY, workloads=["code"],
                scheduler={"max_running": 16, "max_seq_len": 512, "kv_capacity_tokens": 480})
     svc = start_service(cfg)
     yield svc, path
@@ -287,6 +287,37 @@ def test_grpc_generate_carries_logprobs_n_and_the_request_id(grpc_client):
         assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in mine[:-1])
         single = grpc_client.generate_ids(PROMPTS[0], max_new_tokens=4, temperature=1.0, seed=3 + i, ignore_eos=True)
         assert [t.token_id for t in mine[:-1]] == single
+
+
+def test_routing_is_counted_per_workload_class(service, api, grpc_client):
+    """x-moe-workload over gRPC metadata and the HTTP header: a listed class by name, anything else as other."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc, _ = service
+    ids = grpc_client.generate_ids(PROMPTS[0], max_new_tokens=6, ignore_eos=True, workload="code")
+    api.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=3, temperature=0,
+                           extra_body={"ignore_eos": True}, extra_headers={"x-moe-workload": "chat"})
+    sd = ray.get(svc.controller().http_address.remote())
+    gateway = next(t for t in httpx.get(f"http://{sd}/targets").json() if t["labels"].get("component") == "gateway")
+    want = {"code": len(PROMPTS[0]) + len(ids) - 1, "other": len(PROMPTS[1]) + 3 - 1}  # tokens through a layer
+    k = 4  # the tiny preset's experts per token
+    deadline = time.monotonic() + 30
+    while True:  # the gateway flushes its counts every load_report_interval_s
+        text = httpx.get(f"http://{gateway['targets'][0]}/metrics").text
+        got: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "moe_routed_tokens_by_workload":
+                for s in fam.samples:
+                    if s.name.endswith("_total"):
+                        key = (s.labels["layer"], s.labels["workload"])
+                        got[key] = got.get(key, 0) + s.value
+        # only this test tags "code": its count is exact; "other" also holds the module's untagged requests
+        if got.get(("1", "code")) == want["code"] * k and got.get(("1", "other"), 0) >= want["other"] * k:
+            break
+        assert time.monotonic() < deadline, (got, want)
+        time.sleep(0.2)  # polling the next flush
+    assert {w for _, w in got} <= {"code", "other"}
 
 
 def test_draining_answers_503(service, api, grpc_client):

@@ -11,6 +11,20 @@ from moe_service.bench.common import local_service, log
 from moe_service.bench.served_bench import _gateway_metrics, _prompts, concurrent
 
 
+def _text_prompts(preset: str, n: int, length: int) -> list[list[int]] | None:
+    """For the trained model: windows of its held-out files, so routing is its own natural skew (None for a
+    preset of random weights, whose skew is made by scaling gate rows)."""
+    if preset != "coder":
+        return None
+    from moe_service.specialisation import held_out_sample
+    from moe_service.tokenizer import load_tokenizer
+    from moe_service.checkpoint import open_source
+
+    ids = load_tokenizer(preset, open_source(preset).args).encode(held_out_sample(200_000))
+    step = max(1, (len(ids) - length) // n)
+    return [ids[i * step : i * step + length] for i in range(n)]
+
+
 def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt_tokens: int = 256,
         new_tokens: int = 4, rounds: int = 3, out_dir: str | Path = "bench-results", spare_replicas: bool = True) -> dict:
     """Throughput is prompt plus generated tokens per second on a prefill-heavy workload: there every
@@ -40,7 +54,8 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt
     svc = start_service(cfg)
     try:
         http = ray.get(svc.controller().http_address.remote())
-        prompts = _prompts(clients, prompt_tokens, args.vocab_size, seed=7)
+        prompts = _text_prompts(preset, clients, prompt_tokens) or _prompts(clients, prompt_tokens, args.vocab_size,
+                                                                             seed=7)
         processed = clients * (prompt_tokens + new_tokens)
 
         def measure(label: str, n: int) -> tuple[list[float], list[float]]:

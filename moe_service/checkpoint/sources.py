@@ -1,4 +1,5 @@
-"""Where tensors come from: a Hugging Face safetensors directory, or a seeded preset."""
+"""Where tensors come from: a Hugging Face safetensors directory (an embedded one by its name, e.g. `coder`),
+a seeded preset, or a model in memory (to write it as a checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Protocol
 import torch
 from safetensors import safe_open
 
-from moe_service.checkpoint.names import expected_shapes
+from moe_service.checkpoint.names import expected_shapes, expert_hf_names, hf_name
 from moe_service.model.args import ModelArgs
 from moe_service.model.presets import GATE_SKEW, PRESET_SEED, PRESETS, preset_args
 
@@ -118,10 +119,53 @@ class PresetSource:
         return f"preset {self.args.name!r}"
 
 
+class ModuleSource:
+    """A Transformer in memory under its checkpoint names: its stacked experts read as per-expert tensors."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.args = model.args
+        self.reads: list[str] = []
+        self.tensors = {hf_name(n): p.detach() for n, p in model.named_parameters() if ".mlp.experts." not in n}
+        for layer in self.args.moe_layers:
+            ex = model.layers[layer].mlp.experts
+            for e in range(self.args.n_routed_experts):
+                stacked = {"gate_up_proj": ex.gate_up_proj[e].detach(), "down_proj": ex.down_proj[e].detach()}
+                for param, names in expert_hf_names(layer, e).items():
+                    for name, rows in zip(names, stacked[param].chunk(len(names), dim=0)):
+                        self.tensors[name] = rows
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        return self.tensors[name]
+
+    def describe(self, name: str) -> str:
+        return f"model {self.args.name!r} in memory"
+
+
+# checkpoints that ship inside the package, by name (docs/models.md)
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+def checkpoint_dir(source: "str | Path | TensorSource") -> Path | None:
+    """The directory a model name stands for (an embedded checkpoint's, or the path itself); None for a
+    seeded preset or a source already open. Tokenizer and chat template files are read from it."""
+    if not isinstance(source, (str, Path)) or (isinstance(source, str) and source in PRESETS):
+        return None
+    if isinstance(source, str) and "/" not in source and (EMBEDDED_DIR / source / "config.json").is_file():
+        return EMBEDDED_DIR / source
+    return Path(source)
+
+
 def open_source(source: "str | Path | TensorSource") -> "TensorSource":
-    """A preset name, a checkpoint directory, or an already-open source."""
+    """A preset name, an embedded checkpoint's name, a checkpoint directory, or an already-open source."""
     if not isinstance(source, (str, Path)):
         return source
     if isinstance(source, str) and source in PRESETS:
         return PresetSource(source)
-    return SafetensorsSource(source)
+    return SafetensorsSource(checkpoint_dir(source))

@@ -38,6 +38,13 @@ class RoutedExperts(nn.Module):
             y = self._looped(x[g.rows], g.sizes)
         return torch.zeros_like(x).index_add_(0, g.rows, (y * g.weights).to(x.dtype))
 
+    def forward_train(self, x: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The same sum as `forward`, with gradients (model/train.py): the per-expert loop, which autograd
+        follows, and the gate weights stay in the graph."""
+        g = group_pairs(weights, local, self.num_local)
+        y = self._looped(x[g.rows], g.sizes)
+        return torch.zeros_like(x).index_add(0, g.rows, (y * g.weights).to(x.dtype))
+
     def _use_grouped(self, x: torch.Tensor) -> bool:
         """One grouped GEMM per projection: in fp32 on the host, in bf16 on a CUDA device that has the
         kernel (sm90 and newer); the per-expert loop elsewhere. The kernel needs 16-byte row strides."""

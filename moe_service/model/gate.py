@@ -26,8 +26,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # routing is decided in fp32 whatever the model dtype, so bf16 serving routes like fp32
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [T, E]
+        return self.select(self.scores(x))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's routing probability [T, E], in fp32 whatever the model dtype (so bf16 serving
+        routes like fp32); training reads them for the balance loss."""
+        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method == "group_limited_greedy":
             T = scores.shape[0]
             group_scores = scores.view(T, self.n_group, -1).max(dim=-1).values  # [T, G]

@@ -88,7 +88,8 @@ class GatewayDeployment:
             except GatewayError as e:
                 self._count("Generate", e.code)
                 raise
-            async for resp in self.gateway.generate(request, _time_remaining(grpc_context)):
+            workload = dict(grpc_context.invocation_metadata()).get("x-moe-workload") if grpc_context else None
+            async for resp in self.gateway.generate(request, _time_remaining(grpc_context), workload=workload):
                 yield resp
         except GatewayError as e:
             _fail(grpc_context, e)

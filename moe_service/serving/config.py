@@ -23,12 +23,13 @@ def overlap_pays(gpu_workers: bool) -> bool:
 
     return gpu_workers or (os.cpu_count() or 1) > 4
 NAMESPACE = "moe_service"
+MAX_WORKLOADS = 8
 
 
 @dataclass
 class ServiceConfig:
     # model
-    model: str = "tiny"  # a preset name or a local Hugging Face directory
+    model: str = "coder"  # a preset name (coder: the embedded trained model), or a local Hugging Face directory
     served_model_name: str | None = None  # the OpenAI API's model id; default: the preset or directory name
     dtype: str = "float32"
     # expert workers
@@ -62,6 +63,9 @@ class ServiceConfig:
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
     # metrics (each process serves its own /metrics; the controller serves http_sd at sd_port)
+    # workload classes clients may tag requests with (gRPC metadata or HTTP header x-moe-workload); routed
+    # tokens are then also counted per (layer, expert, workload), any other tag as "other". Empty: off.
+    workloads: tuple[str, ...] = ()
     expert_metrics: str = "expert"  # per-(layer, expert) series: "expert", "layer" (coarsened) or "off"
     sd_port: int = 9095  # controller's HTTP: /targets (Prometheus http_sd), /metrics, /stats, /rebalance; 0 = free
     # load tracking, rebalancing and worker autoscaling
@@ -97,6 +101,11 @@ class ServiceConfig:
                 if not 0 < lo <= hi < 65536:
                     raise ValueError(f"{name} must be [first, last] ports with 0 < first <= last < 65536, got {d[name]}")
                 d[name] = (int(lo), int(hi))
+        if d.get("workloads") is not None:
+            d["workloads"] = tuple(str(w) for w in d["workloads"])
+            if len(d["workloads"]) > MAX_WORKLOADS or "other" in d["workloads"] or len(set(d["workloads"])) < len(d["workloads"]):
+                raise ValueError(f"workloads takes at most {MAX_WORKLOADS} distinct names other than 'other' "
+                                 f"(each multiplies the routing series), got {list(d['workloads'])}")
         cfg = cls(**d)
         cfg.scheduler_config()  # validate early
         if cfg.workers < 1:

@@ -98,7 +98,7 @@ class Gateway:
         self.tokenizer = load_tokenizer(cfg.model, self.args)
         self.controller = controller
         self.replica_id = uuid.uuid4().hex[:8]
-        self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics)
+        self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics, workloads=cfg.workloads)
         host = cfg.expert_bind_host or _node_ip()
         self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
         # routed (token, expert) pairs per MoE layer since the last report to the controller, and the tokens
@@ -106,6 +106,9 @@ class Gateway:
         self.layer_index = {layer: i for i, layer in enumerate(self.args.moe_layers)}
         self.counts = torch.zeros(len(self.args.moe_layers), self.args.n_routed_experts, dtype=torch.long)
         self.layer_tokens = [0] * len(self.args.moe_layers)
+        # ... and per workload class (x-moe-workload), when the service lists some: [layer, workload, expert]
+        self.workload_counts = torch.zeros(len(self.args.moe_layers), len(self.metrics.workloads),
+                                           self.args.n_routed_experts, dtype=torch.long)
         self.counts_lock = threading.Lock()
         self.tls = cfg.tls()
         self.api_key = cfg.resolved_api_key()
@@ -125,7 +128,7 @@ class Gateway:
                                     wait_for_table=self._wait_for_new_table, on_call=self._on_call,
                                     on_stage=self._on_stage, tls=self.tls)
         self.scheduler = Scheduler(self.model, cfg.scheduler_config(), self.tokenizer, backend=self._backend,
-                                   hook=self._on_stage)
+                                   hook=self._on_stage, workload_rows=bool(cfg.workloads))
         m, c = self.metrics, self.scheduler.config
         m.queue_capacity.set(c.max_queue)
         m.kv_capacity.set(c.capacity)
@@ -135,17 +138,25 @@ class Gateway:
 
     # ---- the expert backend (on the thread that computes a micro-batch) -------------------------
 
-    def _backend(self, deadline: float | None) -> ExpertBackend:
-        """The expert backend of one micro-batch whose requests' latest deadline is `deadline`."""
+    def _backend(self, deadline: float | None, workloads: torch.Tensor | None = None) -> ExpertBackend:
+        """The expert backend of one micro-batch whose requests' latest deadline is `deadline`; `workloads`,
+        each FFN row's workload index, when the service counts routing per workload."""
         send = self.remote.backend(deadline)
+        E = self.args.n_routed_experts
 
         def experts(layer: int, x: torch.Tensor, weights: torch.Tensor,
                     experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
             call = send(layer, x, weights, experts)
             counts = torch.bincount(call.experts.reshape(-1), minlength=self.args.n_routed_experts)  # on the host
+            by_workload = None
+            if workloads is not None:
+                pairs = workloads.repeat_interleave(call.experts.shape[1]) * E + call.experts.reshape(-1)
+                by_workload = torch.bincount(pairs, minlength=len(self.metrics.workloads) * E).view(-1, E)
             with self.counts_lock:
                 self.counts[self.layer_index[layer]] += counts
                 self.layer_tokens[self.layer_index[layer]] += x.shape[0]
+                if by_workload is not None:
+                    self.workload_counts[self.layer_index[layer]] += by_workload
             # with `overlap_shared_experts` the model runs the shared experts while the workers compute
             return call if self.cfg.overlap_shared_experts else call()
 
@@ -213,11 +224,17 @@ class Gateway:
             with self.counts_lock:
                 counts, self.counts = self.counts, torch.zeros_like(self.counts)
                 tokens, self.layer_tokens = self.layer_tokens, [0] * len(self.layer_tokens)
+                by_workload, self.workload_counts = self.workload_counts, torch.zeros_like(self.workload_counts)
             # routing metrics, here rather than per layer on the step's hot path
             for layer, row, n in zip(self.args.moe_layers, counts.tolist(), tokens):
                 if n:
                     self.metrics.observe_routing(layer, row)
                     self.metrics.layer_tokens.labels(str(layer)).inc(n)
+            for layer, rows in zip(self.args.moe_layers, by_workload.tolist()):
+                for workload, row in zip(self.metrics.workloads, rows):
+                    for e, n in enumerate(row):
+                        if n:
+                            self.metrics.routed_by_workload.labels(str(layer), str(e), workload).inc(n)
             try:
                 await self.controller.report_load(self.replica_id, counts.tolist(), self.remote.table.version,
                                                   self.metrics_address)
@@ -348,8 +365,13 @@ class Gateway:
                    for i in range(n)]
         return self._prompt(request), samples, rid
 
+    def workload_index(self, name: str | None) -> int:
+        """A client's x-moe-workload tag as the scheduler carries it: a listed class, else "other"."""
+        names = self.cfg.workloads
+        return names.index(name) if name in names else len(names)
+
     async def generate(self, request: moe_pb2.GenerateRequest, timeout_s: float | None = None,
-                       method: str = "Generate") -> AsyncIterator[moe_pb2.GenerateResponse]:
+                       method: str = "Generate", workload: str | None = None) -> AsyncIterator[moe_pb2.GenerateResponse]:
         """Streams the request's tokens; with n samples, theirs interleaved as they come, each message with
         its index, and each sample ending with its own finish message. `method` labels the metrics."""
         arrived = time.monotonic()
@@ -367,7 +389,8 @@ class Gateway:
                 def emit(ev, i=i) -> None:
                     loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
-                reqs.append(self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s))
+                reqs.append(self.engine.submit(prompt, params, emit, timeout_s or self.cfg.request_timeout_s,
+                                               self.workload_index(workload)))
         except Rejected as e:
             for r in reqs:
                 self.engine.cancel(r)

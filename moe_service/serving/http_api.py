@@ -215,10 +215,10 @@ class HTTPFrontend:
         return out
 
 
-async def _first(gateway: Gateway, req: moe_pb2.GenerateRequest, method: str
+async def _first(gateway: Gateway, req: moe_pb2.GenerateRequest, method: str, request: Request
                  ) -> tuple[moe_pb2.GenerateResponse, AsyncIterator[moe_pb2.GenerateResponse]]:
     """Starts the generation and waits for its first message, so that a refusal is still an HTTP status."""
-    stream = gateway.generate(req, method=method).__aiter__()
+    stream = gateway.generate(req, method=method, workload=request.headers.get("x-moe-workload")).__aiter__()
     try:
         return await stream.__anext__(), stream
     except GatewayError as e:
@@ -267,7 +267,7 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prompt = front.completion_prompt(body)
         req = front.generate_request(prompt, body, body.logprobs, rid)
-        first, stream = await _first(gateway, req, "completions")
+        first, stream = await _first(gateway, req, "completions", request)
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_name}
         want_lp = body.logprobs is not None
         if body.stream:
@@ -313,7 +313,7 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prompt = front.chat_prompt(body)
         req = front.generate_request(prompt, body, (body.top_logprobs or 0) if body.logprobs else None, rid)
-        first, stream = await _first(gateway, req, "chat.completions")
+        first, stream = await _first(gateway, req, "chat.completions", request)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model_name}
         if body.stream:
             async def events() -> AsyncIterator[bytes]:
