@@ -1,10 +1,15 @@
 """Roofline cost model: how long a piece of work takes on a device, from the bytes it must read and
-the FLOPs it must do, max(bytes / bandwidth, FLOPs / peak). Pure arithmetic over datasheet numbers;
-everything it produces is a projection, labelled so wherever it is shown."""
+the FLOPs it must do, max(bytes / bandwidth, FLOPs / peak), plus a fixed cost per call. Pure arithmetic
+over datasheet numbers (GPUs) or this machine's calibration (`moe-service calibrate`); everything it
+produces is a prediction, labelled so wherever it is shown."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from moe_service.model.args import ModelArgs
 
@@ -15,19 +20,55 @@ BF16 = 2  # bytes per value
 class Device:
     name: str
     memory_bandwidth: float  # bytes/s
-    bf16_flops: float  # dense FLOP/s
+    flops: float  # dense FLOP/s at `itemsize`
     source: str
+    itemsize: int = BF16  # bytes per weight value as this device serves them
+    call_s: float = 0.0  # fixed cost of one layer call on a worker (launch, dispatch bookkeeping)
 
     def seconds(self, nbytes: float, flops: float) -> float:
-        return max(nbytes / self.memory_bandwidth, flops / self.bf16_flops)
+        return max(nbytes / self.memory_bandwidth, flops / self.flops)
 
 
 DEVICES = {
     "H100": Device("H100 SXM5 80GB", 3.35e12, 989e12, "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s, "
-                   "BF16 989 TFLOPS dense"),
+                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6),
     "H200": Device("H200 SXM 141GB", 4.8e12, 989e12, "NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s, "
-                   "BF16 989 TFLOPS dense"),
+                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6),
 }
+
+
+def device(name: str) -> Device:
+    """A named GPU (datasheet numbers), or "cpu": this machine, as `moe-service calibrate` measured it."""
+    if name in DEVICES:
+        return DEVICES[name]
+    if name == "cpu":
+        return load_calibration()
+    raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)} and 'cpu' (after moe-service calibrate)")
+
+
+CALIBRATION_FILE = Path.home() / ".cache" / "moe-service" / "cpu-calibration.json"
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> Device:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `moe-service calibrate` first (about a minute)")
+    d = json.loads(path.read_text())
+    return Device(d["name"], d["memory_bandwidth"], d["flops"], d["source"], d["itemsize"], d["call_s"])
+
+
+def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: float) -> float:
+    """One worker's share of one MoE layer: a fixed per-call cost plus max(bytes / bandwidth, FLOPs / peak),
+    where bytes are the weights of every touched replica plus the pairs' activations (a row in, a row out),
+    and FLOPs come from the routed pairs (2 per weight per pair)."""
+    nbytes = touched * expert_bytes(args, dev.itemsize) + 2 * pairs * args.hidden_size * dev.itemsize
+    flops = 2 * pairs * expert_bytes(args, 1)
+    return dev.call_s + dev.seconds(nbytes, flops)
+
+
+def p_touched(expected_pairs: "float | np.ndarray") -> "float | np.ndarray":
+    """The chance a replica expecting `expected_pairs` routed pairs in a step gets at least one (Poisson)."""
+    return 1.0 - np.exp(-np.asarray(expected_pairs, dtype=float))
+
 
 # real checkpoints' shapes (config.json), for projections only: no weights behind them
 SHAPES = {
@@ -66,8 +107,9 @@ def gateway_step_seconds(args: ModelArgs, device: Device, batch: int, context: i
 
     from moe_service.model.summary import summarize
 
-    kv_bytes = summarize(args, torch.bfloat16)["kv_cache_bytes_per_token"]
-    nbytes = dense_params(args) * BF16 + batch * context * kv_bytes
+    dtype = torch.float32 if device.itemsize == 4 else torch.bfloat16
+    kv_bytes = summarize(args, dtype)["kv_cache_bytes_per_token"]
+    nbytes = dense_params(args) * device.itemsize + batch * context * kv_bytes
     attn = 2 * args.num_attention_heads * context * (2 * args.kv_lora_rank + args.qk_rope_head_dim)
     flops = batch * (2 * dense_params(args) + args.num_hidden_layers * attn)
     return device.seconds(nbytes, flops)
@@ -81,10 +123,11 @@ def expert_layer_seconds(args: ModelArgs, device: Device, tokens: int, workers: 
     return device.seconds(per_worker * expert_bytes(args), flops)
 
 
-def dispatch_layer_seconds(args: ModelArgs, tokens: int, software_s: float, rtt_s: float, link_bytes_s: float) -> float:
+def dispatch_layer_seconds(args: ModelArgs, tokens: int, software_s: float, rtt_s: float, link_bytes_s: float,
+                           itemsize: int = BF16) -> float:
     """One layer's call to the workers: the software's own cost (measured), the network's round trip,
     and the hidden rows both ways over the gateway's link."""
-    return software_s + rtt_s + 2 * tokens * args.hidden_size * BF16 / link_bytes_s
+    return software_s + rtt_s + 2 * tokens * args.hidden_size * itemsize / link_bytes_s
 
 
 def project_decode_step(args: ModelArgs, device: Device, batch: int, context: int, workers: int,

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment, linprog
 
 from .placement import Placement, as_load, check_sizes
+from .timeaware import WorkerSeconds, plan_by_time
 
 DEFAULT_MIN_BALANCEDNESS = 0.97
 _OVER_WEIGHT = 0.1  # of the summed load above the cap, relative to the peak: small, so the peak comes first
@@ -30,7 +31,8 @@ _TRIES = 3  # experts per step, and workers per expert, the local search tries
 
 def plan(
     load: Any, num_workers: int, replicas_per_worker: int, current: Placement | None = None, *,
-    min_balancedness: float = DEFAULT_MIN_BALANCEDNESS,
+    min_balancedness: float = DEFAULT_MIN_BALANCEDNESS, objective: str = "tokens",
+    worker_seconds: WorkerSeconds | None = None, pairs_per_step: float | None = None,
 ) -> Placement:
     """Placement of ``load`` ``[L, E]`` (token counts) on ``num_workers`` workers.
 
@@ -47,7 +49,18 @@ def plan(
     fresh layout (relabelled to overlap the current one) is the last resort.
     ``current`` may have another slot or worker count (removed workers are the
     highest ids; their replicas move).
+
+    ``objective="time"`` instead minimises each layer's predicted slowest worker
+    (placement/timeaware.py) for steps routing ``pairs_per_step`` pairs, with
+    ``worker_seconds(touched replicas, pairs)`` from the cost model.
     """
+    if objective == "time":
+        if worker_seconds is None or pairs_per_step is None:
+            raise ValueError("objective='time' needs worker_seconds and pairs_per_step")
+        tokens = plan(load, num_workers, replicas_per_worker, current, min_balancedness=min_balancedness)
+        return plan_by_time(load, num_workers, replicas_per_worker, worker_seconds, pairs_per_step, (tokens,))
+    if objective != "tokens":
+        raise ValueError(f"objective must be 'tokens' or 'time', got {objective!r}")
     arr = as_load(load)
     num_layers, num_experts = arr.shape
     check_sizes(num_layers, num_experts, num_workers, replicas_per_worker)

@@ -1,0 +1,107 @@
+"""Time-aware placement: per layer, minimise the predicted time of the slowest worker for an expected batch.
+
+Token balance (planner.py) evens out routed pairs. At small batch a worker's time is mostly the weights of
+the experts it touches: replicating a hot expert halves its pairs on each replica but reads its weights
+twice. Here a worker's time comes from a cost function of (expected touched replicas, expected pairs),
+the roofline of moe_service.costmodel in practice, and an expert is replicated only where that lowers the
+layer's maximum. An expert expecting `lam` pairs in a step is touched with probability 1 - exp(-lam)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .placement import Placement, as_load, check_sizes
+
+WorkerSeconds = Callable[[float, float], float]  # (expected touched replicas, expected pairs) -> seconds
+
+
+def plan_by_time(load, num_workers: int, replicas_per_worker: int, worker_seconds: WorkerSeconds,
+                 pairs_per_step: float, starts: tuple[Placement, ...] = ()) -> Placement:
+    """Placement of ``load`` ``[L, E]`` minimising each layer's predicted busiest worker when a step routes
+    ``pairs_per_step`` (token, expert) pairs per layer (a batch of B tokens routes B x top-k). Each layer's
+    search starts from the best of a greedy layout and ``starts`` (plan() passes token balance's, so the
+    result is never predicted slower than it)."""
+    arr = as_load(load)
+    num_layers, num_experts = arr.shape
+    check_sizes(num_layers, num_experts, num_workers, replicas_per_worker)
+    hosts = np.zeros((num_layers, num_experts, num_workers), dtype=bool)
+    fractions = np.zeros(hosts.shape)
+    for layer, row in enumerate(np.where(arr.sum(axis=1, keepdims=True) > 0, arr, 1.0)):
+        lam = row / row.sum() * pairs_per_step
+        fractions[layer] = _layer(lam, num_workers, replicas_per_worker, worker_seconds,
+                                  [p.fractions[layer] for p in starts])
+        hosts[layer] = fractions[layer] > 0
+    return Placement(hosts=hosts, fractions=fractions, replicas_per_worker=replicas_per_worker)
+
+
+def predicted_seconds(lam: np.ndarray, fractions: np.ndarray, worker_seconds: WorkerSeconds) -> np.ndarray:
+    """Each worker's predicted time [W] for a layer whose experts expect ``lam`` [E] pairs, split as
+    ``fractions`` [E, W]."""
+    pairs = lam[:, None] * fractions
+    touched = np.where(fractions > 0, 1.0 - np.exp(-pairs), 0.0)
+    return np.array([worker_seconds(touched[:, w].sum(), pairs[:, w].sum()) for w in range(fractions.shape[1])])
+
+
+def _worker_time(lam: np.ndarray, col: np.ndarray, cost: WorkerSeconds) -> float:
+    pairs = lam * col
+    return cost(float(np.where(col > 0, 1.0 - np.exp(-pairs), 0.0).sum()), float(pairs.sum()))
+
+
+def _layer(lam: np.ndarray, W: int, spw: int, cost: WorkerSeconds, starts: list[np.ndarray],
+           tries: int = 4) -> np.ndarray:
+    E = len(lam)
+    frac = np.zeros((E, W))
+    times = np.array([cost(0.0, 0.0)] * W)
+    # every expert once, hottest first, on the worker it leaves fastest (longest processing time first)
+    for e in np.argsort(-lam, kind="stable"):
+        best, best_t = -1, np.inf
+        for w in range(W):
+            if (frac[:, w] > 0).sum() >= spw:
+                continue
+            frac[e, w] = 1.0
+            t = _worker_time(lam, frac[:, w], cost)
+            frac[e, w] = 0.0
+            if t < best_t - 1e-15:
+                best, best_t = w, t
+        frac[e, best], times[best] = 1.0, best_t
+    for start in starts:
+        t = predicted_seconds(lam, start, cost)
+        if t.max() < times.max():
+            frac, times = start.copy(), t
+    # then single edits on the busiest worker while they lower the maximum: move one of its `tries` hottest
+    # experts elsewhere, or give it a replica elsewhere (its tokens split evenly over its replicas)
+    for _ in range(4 * E * W):
+        worst = int(times.argmax())
+        best = None
+        best_t = times[worst]
+        mine = [e for e in np.argsort(-lam, kind="stable") if frac[e, worst] > 0][:tries]
+        for e in mine:
+            for v in range(W):
+                if frac[e, v] > 0 or (frac[:, v] > 0).sum() >= spw:
+                    continue
+                for edit in ("move", "replicate"):
+                    row = frac[e].copy()
+                    if edit == "move":
+                        row[v], row[worst] = row[worst], 0.0
+                    else:
+                        row[v] = 1.0
+                        row = (row > 0) / (row > 0).sum()
+                    changed = {w for w in range(W) if row[w] != frac[e, w]}
+                    trial = {}
+                    for w in changed:
+                        col = frac[:, w].copy()
+                        col[e] = row[w]
+                        trial[w] = _worker_time(lam, col, cost)
+                    others = max([times[w] for w in range(W) if w not in changed and w != worst] + [0.0])
+                    t = max(others, *trial.values(), *([] if worst in changed else [times[worst]]))
+                    if t < best_t * (1 - 1e-9):
+                        best, best_t = (e, row, trial), t
+        if best is None:
+            break
+        e, row, trial = best
+        frac[e] = row
+        for w, t in trial.items():
+            times[w] = t
+    return frac

@@ -1,0 +1,176 @@
+"""`moe-service simulate`: a capacity planner over the cost model, with no Ray and no gRPC. SIMULATED: every
+number it prints is a prediction from moe_service.costmodel, never a measurement.
+
+A decode step of G gateways with B streams each: every gateway computes its dense part (weights and latent
+KV cache read once), then for each MoE layer the G x B tokens are routed (by a trace: Zipf or a recorded
+load window), dispatched to the workers by a placement, and the layer waits for its slowest worker plus the
+network's round trip. A worker's share is the roofline of costmodel.worker_layer_seconds over its expected
+touched replicas and pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_layer_seconds
+from moe_service.model.args import ModelArgs
+from moe_service.placement import Placement, plan, zipf_load
+from moe_service.placement.timeaware import predicted_seconds
+
+POLICIES = ("round-robin", "tokens", "time")
+
+
+def model_args(source: str) -> ModelArgs:
+    """A preset or embedded model's name, a checkpoint directory, a config.json, or a named real shape."""
+    from moe_service.costmodel import SHAPES
+
+    if source in SHAPES:
+        return SHAPES[source]
+    p = Path(source)
+    if p.is_file():
+        return ModelArgs.from_hf_config(json.loads(p.read_text()), name=p.parent.name)
+    from moe_service.checkpoint import open_source
+
+    return open_source(source).args
+
+
+def trace(args: ModelArgs, spec: str, seed: int = 0) -> np.ndarray:
+    """Routing load [MoE layers, E]: "zipf:1.2" (the hot experts differ per layer), or a JSON file holding a
+    recorded load window ([L, E] counts, e.g. `moe-service placement --json`'s "load")."""
+    L, E = len(args.moe_layers), args.n_routed_experts
+    if spec.startswith("zipf:"):
+        return zipf_load(L, E, float(spec.split(":", 1)[1]), 1e6, np.random.default_rng(seed))
+    data = json.loads(Path(spec).read_text())
+    load = np.asarray(data.get("load", data) if isinstance(data, dict) else data, dtype=float)
+    if load.shape != (L, E):
+        raise ValueError(f"the trace {spec} is {load.shape}; this model routes over {(L, E)}")
+    return load
+
+
+@dataclass
+class Cluster:
+    args: ModelArgs
+    device: Device
+    gateways: int
+    workers: int
+    streams_per_gateway: int
+    context: int = 2048
+    replicas_per_worker: int | None = None
+    rtt_s: float = 50e-6  # network round trip per layer call
+    software_s: float = 0.0  # the dispatch software's own cost per layer call
+    link_bytes_s: float = 50e9  # each gateway's link
+
+    @property
+    def spw(self) -> int:
+        E = self.args.n_routed_experts
+        return self.replicas_per_worker or -(-E * 5 // (4 * self.workers))  # all experts once + 25%
+
+    def placement(self, load: np.ndarray, policy: str) -> Placement:
+        L, E = load.shape
+        if policy == "round-robin":
+            return Placement.round_robin(L, E, self.workers, self.spw)
+        pairs = self.gateways * self.streams_per_gateway * self.args.num_experts_per_tok
+        cost = lambda touched, n: worker_layer_seconds(self.args, self.device, touched, n)  # noqa: E731
+        return plan(load, self.workers, self.spw, objective=policy, worker_seconds=cost, pairs_per_step=pairs)
+
+    def step(self, load: np.ndarray, placement: Placement) -> dict:
+        """One decode step, term by term (SIMULATED)."""
+        a, B = self.args, self.streams_per_gateway
+        tokens = self.gateways * B
+        cost = lambda touched, n: worker_layer_seconds(a, self.device, touched, n)  # noqa: E731
+        expert = []
+        for layer in range(load.shape[0]):
+            lam = load[layer] / load[layer].sum() * tokens * a.num_experts_per_tok
+            expert.append(predicted_seconds(lam, placement.fractions[layer], cost).max())
+        gateway_s = gateway_step_seconds(a, self.device, B, self.context)
+        dispatch_s = len(a.moe_layers) * dispatch_layer_seconds(a, B, self.software_s, self.rtt_s, self.link_bytes_s,
+                                                                self.device.itemsize)
+        step_s = gateway_s + dispatch_s + sum(expert)
+        return {"simulated": True, "step_s": step_s, "itl_s": step_s, "tokens_per_s": tokens / step_s,
+                "gateway_s": gateway_s, "dispatch_s": dispatch_s, "experts_s": sum(expert),
+                "expert_stage_s_per_layer": float(np.mean(expert)), "replicas": int(placement.replica_counts().sum())}
+
+
+def run(model: str, device: Device, gateways: int, workers: int, streams: int, trace_spec: str = "zipf:1.2",
+        rtt_s: float = 50e-6, context: int = 2048, policies: tuple[str, ...] = POLICIES,
+        software_s: float = 0.0) -> dict:
+    args = model_args(model)
+    load = trace(args, trace_spec)
+    c = Cluster(args, device, gateways, workers, streams, context, rtt_s=rtt_s, software_s=software_s)
+    out = {"simulated": True, "model": args.name, "device": device.name, "gateways": gateways, "workers": workers,
+           "streams_per_gateway": streams, "trace": trace_spec, "replicas_per_worker": c.spw, "policies": {}}
+    for policy in policies:
+        out["policies"][policy] = c.step(load, c.placement(load, policy))
+    return out
+
+
+def sweep_workers(model: str, device: Device, gateways: int, streams: int, worker_counts: list[int],
+                  trace_spec: str = "zipf:1.2", policy: str = "tokens") -> list[dict]:
+    args = model_args(model)
+    load = trace(args, trace_spec)
+    rows = []
+    for w in worker_counts:
+        c = Cluster(args, device, gateways, w, streams)
+        rows.append({"workers": w, **c.step(load, c.placement(load, policy))})
+    return rows
+
+
+def format_results(r: dict) -> str:
+    lines = [f"SIMULATED (cost model, not measured): {r['model']} on {r['device']}, {r['gateways']} gateway(s) x "
+             f"{r['streams_per_gateway']} streams, {r['workers']} expert workers x {r['replicas_per_worker']} replicas "
+             f"per layer, routing {r['trace']}",
+             f"{'placement':>12}{'tokens/s':>11}{'ITL':>10}{'gateway':>10}{'dispatch':>10}{'experts':>10}"
+             f"{'per layer':>11}{'replicas':>10}"]
+    for name, s in r["policies"].items():
+        lines.append(f"{name:>12}{s['tokens_per_s']:11.0f}{s['itl_s'] * 1e3:8.2f}ms{s['gateway_s'] * 1e3:8.2f}ms"
+                     f"{s['dispatch_s'] * 1e3:8.2f}ms{s['experts_s'] * 1e3:8.2f}ms"
+                     f"{s['expert_stage_s_per_layer'] * 1e6:9.1f}us{s['replicas']:10d}")
+    return "\n".join(lines)
+
+
+def plot(model: str, device: Device, gateways: int, streams: int, trace_spec: str, path: Path) -> None:
+    """Three panels, all SIMULATED: throughput against workers; before (round robin) against after a
+    rebalance; token-balanced against time-aware placement across batch sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    counts = [2, 4, 8, 16, 32]
+    for policy in ("round-robin", "tokens", "time"):
+        rows = sweep_workers(model, device, gateways, streams, counts, trace_spec, policy)
+        axes[0].plot(counts, [r["tokens_per_s"] for r in rows], "o-", label=policy)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("expert workers")
+    axes[0].set_ylabel("tokens/s (simulated)")
+    axes[0].set_title("throughput against workers")
+    axes[0].legend()
+    args = model_args(model)
+    load = trace(args, trace_spec)
+    c = Cluster(args, device, gateways, 8, streams)
+    stages = [c.step(load, c.placement(load, p))["expert_stage_s_per_layer"] * 1e6 for p in POLICIES]
+    axes[1].bar(["before\n(round robin)", "after: token-\nbalanced", "after: time-\naware"], stages,
+                color=["C0", "C1", "C2"])
+    axes[1].set_ylabel("expert stage per layer, us (simulated)")
+    axes[1].set_title(f"8 workers, {streams} streams: before against after a rebalance")
+    batches = [1, 4, 8, 16, 32, 64, 128, 256]
+    tok, tim = [], []
+    for b in batches:
+        cb = Cluster(args, device, gateways, 8, b)
+        tok.append(cb.step(load, cb.placement(load, "tokens"))["expert_stage_s_per_layer"] * 1e6)
+        tim.append(cb.step(load, cb.placement(load, "time"))["expert_stage_s_per_layer"] * 1e6)
+    axes[2].plot(batches, tok, "o-", label="token-balanced")
+    axes[2].plot(batches, tim, "s-", label="time-aware")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("streams per gateway")
+    axes[2].set_ylabel("expert stage per layer, us (simulated)")
+    axes[2].set_title("token-balanced against time-aware")
+    axes[2].legend()
+    fig.suptitle(f"SIMULATED with the cost model: {args.name} on {device.name}, routing {trace_spec}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

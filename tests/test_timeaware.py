@@ -1,0 +1,100 @@
+"""Time-aware placement (placement/timeaware.py) and the capacity planner (simulate.py): pure functions, no
+Ray. Property tests over random Zipf loads, in the style of test_placement.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_service import simulate
+from moe_service.costmodel import DEVICES, SHAPES, Device, worker_layer_seconds
+from moe_service.placement import Placement, plan, zipf_load
+from moe_service.placement.timeaware import predicted_seconds
+
+LITE = SHAPES["DeepSeek-V2-Lite"]
+# a device where compute matters at moderate batch (so replication can pay), and an H200 (memory-bound)
+SLOW_FLOPS = Device("test device", 1e12, 2e12, "test", call_s=5e-6)
+
+
+def cost_on(dev: Device):
+    return lambda touched, pairs: worker_layer_seconds(LITE, dev, touched, pairs)
+
+
+def cases():
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        workers = int(rng.integers(2, 9))
+        experts = int(rng.choice([16, 32, 64]))
+        spw = -(-experts * 5 // (4 * workers)) + int(rng.integers(0, 3))
+        yield (zipf_load(2, experts, float(rng.uniform(0.6, 1.6)), 1e5, rng), workers, spw,
+               float(rng.choice([8, 32, 256, 4096])) * 6, [SLOW_FLOPS, DEVICES["H200"]][i % 2])
+
+
+@pytest.mark.parametrize("load,workers,spw,pairs,dev", list(cases()))
+def test_time_aware_is_valid_and_never_predicted_slower_than_token_balance(load, workers, spw, pairs, dev):
+    cost = cost_on(dev)
+    ta = plan(load, workers, spw, objective="time", worker_seconds=cost, pairs_per_step=pairs)
+    tb = plan(load, workers, spw)
+    rr = Placement.round_robin(*load.shape, workers, spw)
+    assert isinstance(ta, Placement)  # its invariants (every expert hosted, capacity, fractions) hold
+    for layer, row in enumerate(load):
+        lam = row / row.sum() * pairs
+        t_ta = predicted_seconds(lam, ta.fractions[layer], cost).max()
+        assert t_ta <= predicted_seconds(lam, tb.fractions[layer], cost).max() * (1 + 1e-9)
+        assert t_ta <= predicted_seconds(lam, rr.fractions[layer], cost).max() * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("load,workers,spw,pairs,dev", list(cases()))
+def test_a_hot_expert_is_replicated_only_where_that_lowers_the_maximum(load, workers, spw, pairs, dev):
+    cost = cost_on(dev)
+    ta = plan(load, workers, spw, objective="time", worker_seconds=cost, pairs_per_step=pairs)
+    for layer, row in enumerate(load):
+        lam = row / row.sum() * pairs
+        best = predicted_seconds(lam, ta.fractions[layer], cost).max()
+        for e in np.flatnonzero(ta.hosts[layer].sum(axis=1) > 1):
+            hosts = np.flatnonzero(ta.hosts[layer, e])
+            # drop each extra replica in turn, its tokens back on the others: never faster
+            for drop in hosts:
+                frac = ta.fractions[layer].copy()
+                keep = [w for w in hosts if w != drop]
+                frac[e] = 0.0
+                frac[e, keep] = 1.0 / len(keep)
+                assert predicted_seconds(lam, frac, cost).max() >= best * (1 - 1e-9)
+
+
+def test_memory_bound_small_batches_replicate_less_than_token_balance():
+    """On an H200 at decode batch, a replica doubles an expert's weight reads for little compute: the time
+    objective keeps (almost) one replica per expert where token balance spends the spare slots."""
+    load = zipf_load(4, 64, 1.2, 1e5, np.random.default_rng(0))
+    ta = plan(load, 8, 10, objective="time", worker_seconds=cost_on(DEVICES["H200"]), pairs_per_step=32 * 6)
+    tb = plan(load, 8, 10)
+    assert ta.replica_counts().sum() < tb.replica_counts().sum()
+
+
+def test_time_objective_needs_its_inputs():
+    load = zipf_load(1, 8, 1.0, 100, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="worker_seconds and pairs_per_step"):
+        plan(load, 2, 5, objective="time")
+    with pytest.raises(ValueError, match="objective"):
+        plan(load, 2, 5, objective="speed")
+
+
+def test_simulate_says_simulated_and_scales_with_workers():
+    r = simulate.run("DeepSeek-V2-Lite", DEVICES["H200"], gateways=1, workers=8, streams=64)
+    assert r["simulated"] and "SIMULATED" in simulate.format_results(r)
+    assert set(r["policies"]) == set(simulate.POLICIES)
+    for s in r["policies"].values():
+        assert s["simulated"] and s["step_s"] == pytest.approx(s["gateway_s"] + s["dispatch_s"] + s["experts_s"])
+    rows = simulate.sweep_workers("DeepSeek-V2-Lite", DEVICES["H200"], 1, 64, [2, 4, 8, 16])
+    stage = [row["expert_stage_s_per_layer"] for row in rows]
+    assert stage == sorted(stage, reverse=True)  # more workers, less of each layer's experts on the slowest
+
+
+def test_simulate_reads_a_recorded_trace(tmp_path):
+    args = simulate.model_args("tiny")
+    load = np.ones((len(args.moe_layers), args.n_routed_experts))
+    load[:, 0] = 50
+    (tmp_path / "window.json").write_text(__import__("json").dumps({"load": load.tolist()}))
+    assert np.array_equal(simulate.trace(args, str(tmp_path / "window.json")), load)
+    with pytest.raises(ValueError, match="routes over"):
+        simulate.trace(simulate.model_args("bench"), str(tmp_path / "window.json"))
