@@ -15,24 +15,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moe_service.bench.common import log
+from moe_service.bench.common import log, timeit
 from moe_service.costmodel import CALIBRATION_FILE, Device, worker_layer_seconds
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:
@@ -50,17 +39,17 @@ def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = 
     torch.nn.init.normal_(many.down_proj, std=0.02)
     # one row per expert: every expert's weights read once for one pair each
     x, w, e = torch.randn(n, dim), torch.full((n, 1), 0.1), torch.arange(n)[:, None]
-    bandwidth = n * 3 * dim * inter * 4 / _median_s(lambda: many(x, w, e), 5)
+    bandwidth = n * 3 * dim * inter * 4 / timeit(lambda: many(x, w, e), 5)
     one = RoutedExperts(1, dim, inter)
     one.gate_up_proj.data.copy_(many.gate_up_proj.data[:1])
     one.down_proj.data.copy_(many.down_proj.data[:1])
     rows, w1, e1 = torch.randn(2048, dim), torch.full((2048, 1), 0.1), torch.zeros(2048, 1, dtype=torch.long)
-    flops = 2 * 2048 * 3 * dim * inter / _median_s(lambda: one(rows, w1, e1), 5)
+    flops = 2 * 2048 * 3 * dim * inter / timeit(lambda: one(rows, w1, e1), 5)
     tiny = RoutedExperts(1, 8, 8)
     torch.nn.init.normal_(tiny.gate_up_proj)
     torch.nn.init.normal_(tiny.down_proj)
     xs, wt, ex = torch.randn(1, 8), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
-    call_s = _median_s(lambda: tiny(xs, wt, ex), 200)
+    call_s = timeit(lambda: tiny(xs, wt, ex), 200)
     dev = Device(f"this CPU ({threads} thread{'s' * (threads > 1)}, fp32)", bandwidth, flops,
                  f"moe-service calibrate: routed experts {dim}x{inter}, 1 row to each of {n} experts (bandwidth), "
                  "2048 rows through one (FLOP/s), a 1-row call of a tiny expert (fixed cost)", itemsize=4, call_s=call_s)
@@ -114,7 +103,7 @@ def time_share(share: dict, dim: int, inter: int, x: torch.Tensor, repeats: int)
         local[r, fill[r]], weights[r, fill[r]] = local_of[e], 0.1
         fill[r] += 1
     xs = x[tokens]
-    return _median_s(lambda: experts(xs, weights, local), repeats)
+    return timeit(lambda: experts(xs, weights, local), repeats)
 
 
 def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, exponent: float = 1.2,
