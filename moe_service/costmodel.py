@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from moe_service.model.args import ModelArgs
 
@@ -24,6 +23,9 @@ class Device:
     source: str
     itemsize: int = BF16  # bytes per weight value as this device serves them
     call_s: float = 0.0  # fixed cost of one layer call on a worker (launch, dispatch bookkeeping)
+    # reading an expert's weights for a product of a few rows: a CPU's BLAS packs them for a GEMM, slower
+    # than its one-row GEMV; None: as memory_bandwidth
+    multi_row_bandwidth: float | None = None
 
     def seconds(self, nbytes: float, flops: float) -> float:
         return max(nbytes / self.memory_bandwidth, flops / self.flops)
@@ -53,21 +55,25 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> Device:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `moe-service calibrate` first (about a minute)")
     d = json.loads(path.read_text())
-    return Device(d["name"], d["memory_bandwidth"], d["flops"], d["source"], d["itemsize"], d["call_s"])
+    return Device(d["name"], d["memory_bandwidth"], d["flops"], d["source"], d["itemsize"], d["call_s"],
+                  d.get("multi_row_bandwidth"))
 
 
-def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: float) -> float:
+def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: float, multi: float = 0.0) -> float:
     """One worker's share of one MoE layer: a fixed per-call cost plus max(bytes / bandwidth, FLOPs / peak),
     where bytes are the weights of every touched replica plus the pairs' activations (a row in, a row out),
-    and FLOPs come from the routed pairs (2 per weight per pair)."""
-    nbytes = touched * expert_bytes(args, dev.itemsize) + 2 * pairs * args.hidden_size * dev.itemsize
-    flops = 2 * pairs * expert_bytes(args, 1)
-    return dev.call_s + dev.seconds(nbytes, flops)
+    and FLOPs come from the routed pairs (2 per weight per pair). `multi` of the touched replicas have two
+    or more pairs: their weights are read at the device's multi-row bandwidth."""
+    w = expert_bytes(args, dev.itemsize)
+    read_s = ((touched - multi) * w + 2 * pairs * args.hidden_size * dev.itemsize) / dev.memory_bandwidth
+    read_s += multi * w / (dev.multi_row_bandwidth or dev.memory_bandwidth)
+    return dev.call_s + max(read_s, 2 * pairs * expert_bytes(args, 1) / dev.flops)
 
 
-def p_touched(expected_pairs: "float | np.ndarray") -> "float | np.ndarray":
-    """The chance a replica expecting `expected_pairs` routed pairs in a step gets at least one (Poisson)."""
-    return 1.0 - np.exp(-np.asarray(expected_pairs, dtype=float))
+def worker_cost(args: ModelArgs, dev: Device):
+    """worker_layer_seconds of one model's experts on one device, as placement's `worker_seconds` takes it:
+    (touched replicas, pairs, replicas with 2+ pairs) -> seconds."""
+    return lambda touched, pairs, multi=0.0: worker_layer_seconds(args, dev, touched, pairs, multi)
 
 
 # real checkpoints' shapes (config.json), for projections only: no weights behind them

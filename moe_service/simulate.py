@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_layer_seconds
+from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan, zipf_load
 from moe_service.placement.timeaware import predicted_seconds
@@ -73,14 +73,14 @@ class Cluster:
         if policy == "round-robin":
             return Placement.round_robin(L, E, self.workers, self.spw)
         pairs = self.gateways * self.streams_per_gateway * self.args.num_experts_per_tok
-        cost = lambda touched, n: worker_layer_seconds(self.args, self.device, touched, n)  # noqa: E731
-        return plan(load, self.workers, self.spw, objective=policy, worker_seconds=cost, pairs_per_step=pairs)
+        return plan(load, self.workers, self.spw, objective=policy, worker_seconds=worker_cost(self.args, self.device),
+                    pairs_per_step=pairs)
 
     def step(self, load: np.ndarray, placement: Placement) -> dict:
         """One decode step, term by term (SIMULATED)."""
         a, B = self.args, self.streams_per_gateway
         tokens = self.gateways * B
-        cost = lambda touched, n: worker_layer_seconds(a, self.device, touched, n)  # noqa: E731
+        cost = worker_cost(a, self.device)
         expert = []
         for layer in range(load.shape[0]):
             lam = load[layer] / load[layer].sum() * tokens * a.num_experts_per_tok

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_service import simulate
-from moe_service.costmodel import DEVICES, SHAPES, Device, worker_layer_seconds
+from moe_service.costmodel import DEVICES, SHAPES, Device, worker_cost
 from moe_service.placement import Placement, plan, zipf_load
 from moe_service.placement.timeaware import predicted_seconds
 
@@ -17,7 +17,7 @@ SLOW_FLOPS = Device("test device", 1e12, 2e12, "test", call_s=5e-6)
 
 
 def cost_on(dev: Device):
-    return lambda touched, pairs: worker_layer_seconds(LITE, dev, touched, pairs)
+    return worker_cost(LITE, dev)
 
 
 def cases():

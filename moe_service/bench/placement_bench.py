@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from moe_service.bench.common import log, timeit
-from moe_service.costmodel import CALIBRATION_FILE, Device, worker_layer_seconds
+from moe_service.costmodel import CALIBRATION_FILE, Device, worker_cost
 
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:
     """This CPU as a cost-model device (fp32, `threads` threads), written to `path`, measured with the call a
     worker makes (RoutedExperts) at the `bench` preset's expert shape:
     - bandwidth: 48 experts (far more bytes than the caches hold), one row each: weight reads dominate;
+    - multi-row bandwidth: the same with two rows each (a small GEMM, not a GEMV);
     - FLOP/s: one expert over 2048 rows: compute dominates;
     - the fixed cost: the smallest call, one row through one tiny expert."""
     from moe_service.model.experts import RoutedExperts
@@ -40,6 +41,9 @@ def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = 
     # one row per expert: every expert's weights read once for one pair each
     x, w, e = torch.randn(n, dim), torch.full((n, 1), 0.1), torch.arange(n)[:, None]
     bandwidth = n * 3 * dim * inter * 4 / timeit(lambda: many(x, w, e), 5)
+    # two rows per expert: what BLAS does for a small GEMM instead of a GEMV (packing the weights)
+    x2, w2, e2 = torch.randn(2 * n, dim), torch.full((2 * n, 1), 0.1), torch.arange(n).repeat_interleave(2)[:, None]
+    multi_row = n * 3 * dim * inter * 4 / timeit(lambda: many(x2, w2, e2), 5)
     one = RoutedExperts(1, dim, inter)
     one.gate_up_proj.data.copy_(many.gate_up_proj.data[:1])
     one.down_proj.data.copy_(many.down_proj.data[:1])
@@ -52,11 +56,13 @@ def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = 
     call_s = timeit(lambda: tiny(xs, wt, ex), 200)
     dev = Device(f"this CPU ({threads} thread{'s' * (threads > 1)}, fp32)", bandwidth, flops,
                  f"moe-service calibrate: routed experts {dim}x{inter}, 1 row to each of {n} experts (bandwidth), "
-                 "2048 rows through one (FLOP/s), a 1-row call of a tiny expert (fixed cost)", itemsize=4, call_s=call_s)
+                 "2 rows to each (multi-row bandwidth), 2048 rows through one (FLOP/s), a 1-row call of a tiny expert "
+                 "(fixed cost)", itemsize=4, call_s=call_s, multi_row_bandwidth=multi_row)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"name": dev.name, "memory_bandwidth": bandwidth, "flops": flops, "source": dev.source,
-                                "itemsize": 4, "call_s": call_s, "threads": threads}, indent=2))
-    log(f"[calibrate] {dev.name}: {bandwidth / 1e9:.1f} GB/s, {flops / 1e9:.1f} GFLOP/s, {call_s * 1e6:.0f} us per call "
+                                "itemsize": 4, "call_s": call_s, "multi_row_bandwidth": multi_row,
+                                "threads": threads}, indent=2))
+    log(f"[calibrate] {dev.name}: {bandwidth / 1e9:.1f} GB/s ({multi_row / 1e9:.1f} for 2+ rows), {flops / 1e9:.1f} GFLOP/s, {call_s * 1e6:.0f} us per call "
         f"-> {path}")
     return dev
 
@@ -116,7 +122,7 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
     dev = calibrate(threads=1, dim=args.hidden_size, inter=args.moe_intermediate_size)
     E, K, D, I = args.n_routed_experts, args.num_experts_per_tok, args.hidden_size, args.moe_intermediate_size
     rng = np.random.default_rng(seed)
-    cost = lambda touched, pairs: worker_layer_seconds(args, dev, touched, pairs)  # noqa: E731
+    cost = worker_cost(args, dev)
     # the load window the controller would have seen: the same Zipf routing over many tokens
     window = np.bincount(zipf_routing(rng, 4096, E, K, exponent).reshape(-1), minlength=E)[None, :].astype(float)
     x = torch.randn(max(*batches, prefill_tokens), D)
@@ -134,8 +140,9 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
             measured = [time_share(s, D, I, x, repeats) for s in shares]
             predicted = []
             for s in shares:
-                touched = len({e for _, e in s["pairs"]})
-                predicted.append(cost(touched, len(s["pairs"])) if s["pairs"] else 0.0)
+                per_expert = np.bincount([e for _, e in s["pairs"]], minlength=E)
+                predicted.append(cost((per_expert > 0).sum(), len(s["pairs"]), (per_expert > 1).sum())
+                                 if s["pairs"] else 0.0)
             row[name] = {"busiest_s": max(measured), "worker_s": measured, "predicted_s": predicted,
                          "replicas": int(p.replica_counts()[0].sum()),
                          "pairs": [len(s["pairs"]) for s in shares]}
@@ -145,7 +152,7 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
               for p, m in zip(r[name]["predicted_s"], r[name]["worker_s"]) if m > 0]
     return {"preset": preset, "workers": workers, "replicas_per_worker": replicas_per_worker, "zipf": exponent,
             "device": {"name": dev.name, "memory_bandwidth": dev.memory_bandwidth, "flops": dev.flops,
-                       "call_s": dev.call_s},
+                       "call_s": dev.call_s, "multi_row_bandwidth": dev.multi_row_bandwidth},
             "rows": rows, "cost_model_error_max": max(errors), "cost_model_error_median": statistics.median(errors)}
 
 
@@ -153,7 +160,8 @@ def format_results(r: dict) -> str:
     d = r["device"]
     lines = [f"preset {r['preset']} expert shape, {r['workers']} workers x {r['replicas_per_worker']} replicas per "
              f"layer, Zipf {r['zipf']} routing; measured on this CPU, one worker at a time, 1 thread",
-             f"cost model device (calibrated): {d['memory_bandwidth'] / 1e9:.1f} GB/s, {d['flops'] / 1e9:.1f} GFLOP/s, "
+             f"cost model device (calibrated): {d['memory_bandwidth'] / 1e9:.1f} GB/s (2+ rows: "
+             f"{d['multi_row_bandwidth'] / 1e9:.1f}), {d['flops'] / 1e9:.1f} GFLOP/s, "
              f"{d['call_s'] * 1e6:.0f} us per call",
              f"{'batch':>14}{'token-balanced':>16}{'time-aware':>12}{'speedup':>9}{'replicas tb/ta':>16}"]
     for row in r["rows"]:

@@ -52,7 +52,7 @@ def plan(
 
     ``objective="time"`` instead minimises each layer's predicted slowest worker
     (placement/timeaware.py) for steps routing ``pairs_per_step`` pairs, with
-    ``worker_seconds(touched replicas, pairs)`` from the cost model.
+    ``worker_seconds(touched replicas, pairs, replicas with 2+ pairs)`` from the cost model.
     """
     if objective == "time":
         if worker_seconds is None or pairs_per_step is None:

@@ -2,9 +2,9 @@
 
 Token balance (planner.py) evens out routed pairs. At small batch a worker's time is mostly the weights of
 the experts it touches: replicating a hot expert halves its pairs on each replica but reads its weights
-twice. Here a worker's time comes from a cost function of (expected touched replicas, expected pairs),
-the roofline of moe_service.costmodel in practice, and an expert is replicated only where that lowers the
-layer's maximum. An expert expecting `lam` pairs in a step is touched with probability 1 - exp(-lam)."""
+twice. Here a worker's time comes from a cost function of (expected touched replicas, expected pairs,
+expected replicas with two or more pairs), the roofline of moe_service.costmodel in practice, and an expert
+is replicated only where that lowers the layer's maximum. Pairs per replica and step are Poisson."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 
 from .placement import Placement, as_load, check_sizes
 
-WorkerSeconds = Callable[[float, float], float]  # (expected touched replicas, expected pairs) -> seconds
+# (expected touched replicas, expected pairs, expected replicas with 2+ pairs) -> seconds
+WorkerSeconds = Callable[[float, float, float], float]
 
 
 def plan_by_time(load, num_workers: int, replicas_per_worker: int, worker_seconds: WorkerSeconds,
@@ -39,21 +40,25 @@ def plan_by_time(load, num_workers: int, replicas_per_worker: int, worker_second
 def predicted_seconds(lam: np.ndarray, fractions: np.ndarray, worker_seconds: WorkerSeconds) -> np.ndarray:
     """Each worker's predicted time [W] for a layer whose experts expect ``lam`` [E] pairs, split as
     ``fractions`` [E, W]."""
-    pairs = lam[:, None] * fractions
-    touched = np.where(fractions > 0, 1.0 - np.exp(-pairs), 0.0)
-    return np.array([worker_seconds(touched[:, w].sum(), pairs[:, w].sum()) for w in range(fractions.shape[1])])
+    return np.array([_worker_time(lam, fractions[:, w], worker_seconds) for w in range(fractions.shape[1])])
 
 
 def _worker_time(lam: np.ndarray, col: np.ndarray, cost: WorkerSeconds) -> float:
-    pairs = lam * col
-    return cost(float(np.where(col > 0, 1.0 - np.exp(-pairs), 0.0).sum()), float(pairs.sum()))
+    """A worker's predicted time when it serves share ``col`` [E] of each expert's ``lam`` pairs: pairs per
+    replica are Poisson, so a replica is touched with probability 1 - e^-m and has 2+ pairs with
+    1 - e^-m - m e^-m."""
+    m = lam * col
+    hosted = col > 0
+    none, one = np.exp(-m), m * np.exp(-m)
+    return cost(float(np.where(hosted, 1.0 - none, 0.0).sum()), float(m.sum()),
+                float(np.where(hosted, 1.0 - none - one, 0.0).sum()))
 
 
 def _layer(lam: np.ndarray, W: int, spw: int, cost: WorkerSeconds, starts: list[np.ndarray],
            tries: int = 4) -> np.ndarray:
     E = len(lam)
     frac = np.zeros((E, W))
-    times = np.array([cost(0.0, 0.0)] * W)
+    times = np.array([cost(0.0, 0.0, 0.0)] * W)
     # every expert once, hottest first, on the worker it leaves fastest (longest processing time first)
     for e in np.argsort(-lam, kind="stable"):
         best, best_t = -1, np.inf
