@@ -18,8 +18,15 @@ def ray_local():
 
     from moe_service.serving.proxy_limits import RUNTIME_ENV
 
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False,
-             runtime_env=RUNTIME_ENV)
+    settings = dict(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False,
+                    runtime_env=RUNTIME_ENV)
+    try:
+        ray.init(**settings)
+    except Exception:
+        # Ray's own start-up now and then times out on a busy 2-core machine ("The current node timed out
+        # during startup": the raylet never came up, ray-project/ray#62883); one more try, then it counts
+        ray.shutdown()
+        ray.init(**settings)
     yield ray
     try:
         from ray import serve
