@@ -105,6 +105,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import served_bench as b
 
         r = b.run(ns.preset, workers=ns.workers, repeats=ns.repeats, micro_batches=ns.micro_batches)
+    elif ns.what == "simulated":
+        from moe_service.bench import simulated_bench as b
+
+        r = b.run(workers=ns.workers if ns.workers != 2 else 8)
     elif ns.what == "placement":
         from moe_service.bench import placement_bench as b
 
@@ -368,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
-    bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "projection"],
+    bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "simulated",
+                                          "projection"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
                             "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
-                            "placement: time-aware vs token-balanced placement, measured per worker on this CPU; "
+                            "placement: time-aware vs token-balanced placement, measured per worker on this CPU; simulated: "
+                            "a live SIMULATED cluster (8 H200 workers) before/after a rebalance, against simulate; "
                             "projection: a decode step of DeepSeek-V2(-Lite) on H100/H200, on paper")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")

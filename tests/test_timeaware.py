@@ -98,3 +98,29 @@ def test_simulate_reads_a_recorded_trace(tmp_path):
     assert np.array_equal(simulate.trace(args, str(tmp_path / "window.json")), load)
     with pytest.raises(ValueError, match="routes over"):
         simulate.trace(simulate.model_args("bench"), str(tmp_path / "window.json"))
+
+
+def test_simulation_settings_are_checked_and_trace_routing_is_a_function_of_the_hidden_states():
+    import torch
+
+    from moe_service.serving.simulated import Simulation
+
+    with pytest.raises(ValueError, match="unknown simulate settings"):
+        Simulation.from_dict({"devce": "H200"})
+    with pytest.raises(ValueError, match="unknown device"):
+        Simulation.from_dict({"device": "TPU"})
+    with pytest.raises(ValueError, match="zipf"):
+        Simulation.from_dict({"routing": "uniform"})
+    sim = Simulation.from_dict({"device": "H200", "routing": "zipf:1.2", "time_scale": 100})
+    trace = sim.trace([1, 2], 64, 32)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
+    together = trace.route(1, x, 6)
+    assert torch.equal(together, trace.route(1, x.clone(), 6))  # the same hidden states, the same experts
+    assert not torch.equal(together, trace.route(2, x, 6))  # each layer its own hot experts
+    assert all(len(set(row)) == 6 for row in together.tolist())
+    counts = torch.bincount(together.reshape(-1), minlength=64).float()
+    assert counts.max() > 4 * counts.mean()  # skewed as the trace says
+    # a held answer: time_scale x the cost model's time for the share (2 experts touched, one of them twice)
+    held = sim.hold()(torch.tensor([[0, 1], [0, -1]]))
+    want = 100 * worker_cost(LITE, DEVICES["H200"])(2, 3, 1)
+    assert held == pytest.approx(want)

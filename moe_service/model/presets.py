@@ -27,6 +27,10 @@ PRESETS: dict[str, ModelArgs] = {
     ),
 }
 
+# the routing shape of DeepSeek-V2-Lite (64 routed experts, top-6) at the tiny preset's size: the real
+# answers of a SIMULATED cluster (serving/simulated.py), cheap enough for 8-16 workers on a small machine
+PRESETS["tiny-64"] = dataclasses.replace(PRESETS["tiny"], name="tiny-64", n_routed_experts=64, num_experts_per_tok=6)
+
 # "-skewed" variants: same shapes, but in every MoE layer a few experts' gate rows are scaled up so
 # routing concentrates on them, as real traffic does (hot experts) -- the rebalancing workload
 PRESETS["tiny-skewed"] = dataclasses.replace(PRESETS["tiny"], name="tiny-skewed")

@@ -66,6 +66,8 @@ class ServiceConfig:
     # workload classes clients may tag requests with (gRPC metadata or HTTP header x-moe-workload); routed
     # tokens are then also counted per (layer, expert, workload), any other tag as "other". Empty: off.
     workloads: tuple[str, ...] = ()
+    # a SIMULATED cluster (serving/simulated.py): {"device", "shape", "time_scale", "routing", "seed"}
+    simulate: dict[str, Any] | None = None
     expert_metrics: str = "expert"  # per-(layer, expert) series: "expert", "layer" (coarsened) or "off"
     sd_port: int = 9095  # controller's HTTP: /targets (Prometheus http_sd), /metrics, /stats, /rebalance; 0 = free
     # load tracking, rebalancing and worker autoscaling
@@ -108,6 +110,7 @@ class ServiceConfig:
                                  f"(each multiplies the routing series), got {list(d['workloads'])}")
         cfg = cls(**d)
         cfg.scheduler_config()  # validate early
+        cfg.simulation()
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
         cfg.tls()  # a partial TLS configuration fails here, on every side
@@ -135,6 +138,12 @@ class ServiceConfig:
             raise ValueError(f"TLS for the expert channels needs tls_cert_file, tls_key_file and tls_ca_file "
                              f"(mutual TLS); {missing} missing")
         return TLSConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+
+    def simulation(self):
+        """The simulated-cluster settings, or None for a real one."""
+        from moe_service.serving.simulated import Simulation
+
+        return Simulation.from_dict(self.simulate) if self.simulate is not None else None
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name

@@ -99,6 +99,11 @@ class Gateway:
         self.controller = controller
         self.replica_id = uuid.uuid4().hex[:8]
         self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics, workloads=cfg.workloads)
+        sim = cfg.simulation()
+        if sim is not None:
+            sim.export(self.metrics.registry)
+        # a simulated cluster may route by a trace instead of the gate
+        self.trace = sim.trace(self.args.moe_layers, self.args.n_routed_experts, self.args.hidden_size) if sim else None
         host = cfg.expert_bind_host or _node_ip()
         self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
         # routed (token, expert) pairs per MoE layer since the last report to the controller, and the tokens
@@ -146,6 +151,8 @@ class Gateway:
 
         def experts(layer: int, x: torch.Tensor, weights: torch.Tensor,
                     experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
+            if self.trace is not None:
+                experts = self.trace.route(layer, x, experts.shape[1])
             call = send(layer, x, weights, experts)
             counts = torch.bincount(call.experts.reshape(-1), minlength=self.args.n_routed_experts)  # on the host
             by_workload = None

@@ -12,6 +12,7 @@ import torch
 from moe_service.checkpoint import load_experts, open_source
 from moe_service.metrics import WorkerMetrics, serve_metrics
 from moe_service.model.args import DTYPES
+from moe_service.serving.simulated import Simulation
 from moe_service.transport.expert_server import ExpertServicer, HostedLayer, RunningServer, start_expert_server
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import TLSConfig
@@ -25,7 +26,8 @@ class ExpertWorker:
 
     def __init__(self, worker_id: int, model: str, dtype: str, replicas_per_layer: int, bind_host: str | None = None,
                  tls: TLSConfig | None = None, torch_threads: int | None = None,
-                 port_range: tuple[int, int] | None = None, metrics_port_range: tuple[int, int] | None = None) -> None:
+                 port_range: tuple[int, int] | None = None, metrics_port_range: tuple[int, int] | None = None,
+                 simulate: dict | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
@@ -42,6 +44,9 @@ class ExpertWorker:
         self.reads: list[str] = []  # checkpoint tensors read so far (tests check each process reads its share)
         self.loads = 0  # weight loads after the first (tests check a restarted controller causes none)
         self.metrics = WorkerMetrics(worker_id)
+        self.simulation = Simulation.from_dict(simulate) if simulate is not None else None
+        if self.simulation is not None:
+            self.simulation.export(self.metrics.registry)
         self.started = asyncio.Event()  # a rebalance's load() may arrive while start() still runs
 
     def _load(self, pairs: Pairs) -> None:
@@ -77,7 +82,7 @@ class ExpertWorker:
         self.servicer = ExpertServicer(
             self.hosted, worker_id=str(self.worker_id), hidden_size=self.args.hidden_size,
             num_experts=self.args.n_routed_experts, replicas_per_layer=self.replicas_per_layer,
-            on_call=self.metrics.on_call)
+            on_call=self.metrics.on_call, hold=self.simulation.hold() if self.simulation is not None else None)
         host = self.bind_host or ray.util.get_node_ip_address()
         self.server = await start_expert_server(self.servicer, host=host, ports=self.port_range, tls=self.tls)
         metrics_port = serve_metrics(self.metrics.registry, host=host, ports=self.metrics_port_range)

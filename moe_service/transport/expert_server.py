@@ -91,11 +91,13 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         self, hosted: dict[int, HostedLayer], *, worker_id: str, hidden_size: int, num_experts: int,
         replicas_per_layer: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_call: Callable[[int, int, int, float], None] | None = None,
+        hold: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
         self.hosted = hosted
         self.worker_id, self.hidden_size, self.num_experts = worker_id, hidden_size, num_experts
         self.replicas_per_layer, self.max_message_bytes = replicas_per_layer, max_message_bytes
         self.on_call = on_call  # (layer, rows, bytes in, compute seconds) for metrics
+        self.hold = hold  # a simulated device: local ids -> the seconds an answer takes at least
         # one compute thread: experts are matmul-bound and torch already uses every core per op
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         first = next(iter(hosted.values()), None)
@@ -184,6 +186,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     async def _answer(self, request: fastwire.Request, deadline: float | None) -> bytes:
         """The response's bytes; BadRequest for a request that cannot be served (bad input, a stale
         placement, or `deadline`, a time.monotonic() value, already passed)."""
+        arrived = time.monotonic()
         hosted = self.hosted
         layer, x, local, weights, check_x = self._parse(request, hosted)
         if check_x and x.shape[0] <= INLINE_ROWS:  # computed inline below: check first
@@ -205,6 +208,8 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
             x_ok = _sum_is_finite(x) if check_x else True
             y, seconds = await running
             _check_hidden(x, x_ok)
+        if self.hold is not None:  # sleeping on the loop: no CPU, other streams go on
+            await asyncio.sleep(max(0.0, arrived + self.hold(local) - time.monotonic()))
         if self.on_call is not None:
             self.on_call(request.layer, x.shape[0], request.nbytes, seconds)
         return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds, request.seq)

@@ -1,0 +1,99 @@
+"""A SIMULATED cluster (`simulate` in the service settings): expert workers compute the real answer on a small
+model, then hold it until the cost model's time for their share on a named device and expert shape,
+dilated by `time_scale` (an H200 expert stage takes tens of microseconds, below this machine's floor for
+one layer call); gateways may route by a Zipf trace instead of the gate. Sleeping costs no CPU, so 8-16
+simulated workers run on a small machine beside the real gateway, gRPC, controller and rebalancing.
+
+Every time that comes from here is simulated: processes export `moe_simulated{device,shape,time_scale}`,
+and the simulated bench divides measured times by `time_scale` and labels them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Simulation:
+    device: str = "H200"  # a costmodel device name
+    shape: str = "DeepSeek-V2-Lite"  # whose expert shape the held time is for (costmodel.SHAPES or a preset)
+    time_scale: float = 1000.0  # real seconds per simulated second
+    routing: str | None = None  # "zipf:EXPONENT": expert ids from a trace instead of the gate
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Simulation":
+        from moe_service.costmodel import device
+
+        known = set(cls.__dataclass_fields__)
+        if set(d) - known:
+            raise ValueError(f"unknown simulate settings {sorted(set(d) - known)}; known: {sorted(known)}")
+        sim = cls(**d)
+        device(sim.device)  # a clear error for an unknown one
+        sim.args()
+        if not sim.time_scale > 0:
+            raise ValueError(f"simulate.time_scale must be > 0, got {sim.time_scale}")
+        if sim.routing is not None and not (sim.routing.startswith("zipf:") and float(sim.routing[5:]) >= 0):
+            raise ValueError(f"simulate.routing must be 'zipf:EXPONENT', got {sim.routing!r}")
+        return sim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def args(self):
+        from moe_service.simulate import model_args
+
+        return model_args(self.shape)
+
+    def hold(self) -> Callable[[torch.Tensor], float]:
+        """local [N, K] (a worker's share of one layer call, -1 = none) -> the real seconds its answer takes."""
+        from moe_service.costmodel import device, worker_cost
+
+        cost = worker_cost(self.args(), device(self.device))
+
+        def seconds(local: torch.Tensor) -> float:
+            per_replica = torch.bincount(local[local >= 0].reshape(-1))
+            return self.time_scale * cost(float((per_replica > 0).sum()), float(per_replica.sum()),
+                                          float((per_replica > 1).sum()))
+
+        return seconds
+
+    def trace(self, moe_layers: list[int], num_experts: int, hidden: int) -> "TraceRouter | None":
+        if self.routing is None:
+            return None
+        return TraceRouter(moe_layers, num_experts, hidden, float(self.routing[5:]), self.seed)
+
+    def export(self, registry) -> None:
+        from prometheus_client import Gauge
+
+        Gauge("moe_simulated", "1: this process runs a SIMULATED device; its expert times are held to the cost "
+              "model's, dilated by time_scale.", ["device", "shape", "time_scale"],
+              registry=registry).labels(self.device, self.shape, str(self.time_scale)).set(1)
+
+
+class TraceRouter:
+    """Expert ids from a Zipf trace: expert of rank r has share 1/r^exponent (the hot ones permuted per layer).
+    A row's K experts are a Gumbel top-k over the trace's log-shares with noise hashed from the row's values,
+    so routing is a function of the hidden states: the same requests route the same way every time, and a
+    rebalance (which changes no hidden state) changes no token."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, hidden: int, exponent: float, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        shares = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -exponent
+        shares /= shares.sum()
+        self.shares = {layer: shares[torch.randperm(num_experts, generator=g)] for layer in moe_layers}
+        self.log_shares = {layer: s.log().float() for layer, s in self.shares.items()}
+        self.project = {layer: torch.randn(hidden, num_experts, generator=g) for layer in moe_layers}
+
+    def route(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x [N, D] -> experts [N, k] (int64), distinct per row."""
+        z = x.float().cpu() @ self.project[layer]
+        u = torch.frac(z.abs() * 1e4).clamp(1e-6, 1 - 1e-6)  # uniform-looking, a function of the row's values
+        return (self.log_shares[layer] - torch.log(-torch.log(u))).topk(k, dim=-1).indices.to(x.device)
+
+    def load(self) -> np.ndarray:
+        """The trace's expected shares [MoE layers, E], as `simulate` takes a load."""
+        return np.stack([s.numpy() for s in self.shares.values()])
