@@ -171,6 +171,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # max_queue more and refuses the rest, also as RESOURCE_EXHAUSTED.
         "max_ongoing_requests": 2 * (sched.max_running + sched.max_queue),
         "max_queued_requests": sched.max_queue,
+        # a replica being stopped checks this often whether its requests are done (Serve's default is 2 s,
+        # the least any stop then takes; the controller drains before a planned one)
+        "graceful_shutdown_wait_loop_s": 0.5,
     }
     if cfg.gateway_autoscaling:
         options["autoscaling_config"] = cfg.gateway_autoscaling
