@@ -137,7 +137,7 @@ def _service_config(ns: argparse.Namespace) -> dict:
     gpus = auto if ns.gpus_per_worker is None else ns.gpus_per_worker
     gateway_gpus = auto if ns.gateway_gpus is None else ns.gateway_gpus
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
-           "gateway_gpus": gateway_gpus,
+           "gateway_gpus": gateway_gpus, "http_api": not ns.no_http_api,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
            "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
            # shared experts and a second micro-batch overlap the expert calls unless CPU workers share a
@@ -171,8 +171,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
     svc = start_service(config, grpc_port=ns.port, http_port=ns.http_port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
-    print(f"OpenAI HTTP API: http://{ns.host}:{svc.http_port}/v1   (model "
-          f"{ServiceConfig.from_dict(config).model_name()!r}; docs/api.md)", flush=True)
+    if not ns.no_http_api:
+        print(f"OpenAI HTTP API: http://{ns.host}:{svc.http_port}/v1   (model "
+              f"{ServiceConfig.from_dict(config).model_name()!r}; docs/api.md)", flush=True)
     sd = ray.get(svc.controller().http_address.remote())
     print(f"metrics: every process serves /metrics; Prometheus http_sd_configs url: http://{sd}/targets", flush=True)
     print(f"operators: moe-service stats --controller {sd}   (also: placement, rebalance --dry-run)", flush=True)
@@ -180,7 +181,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
     if ns.demo:
         _demo_generation(svc.address, ns.api_key)
-        _demo_http(f"{ns.host}:{svc.http_port}", ServiceConfig.from_dict(config).model_name(), ns.api_key)
+        if not ns.no_http_api:
+            _demo_http(f"{ns.host}:{svc.http_port}", ServiceConfig.from_dict(config).model_name(), ns.api_key)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -423,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
         sp.add_argument("--http-port", type=int, default=0 if demo else 8000,
                         help="the OpenAI HTTP API's port (0: a free one)")
+        sp.add_argument("--no-http-api", action="store_true",
+                        help="gRPC only: no OpenAI HTTP API (Serve's ASGI ingress slows every request; docs/api.md)")
         sp.add_argument("--host", default="127.0.0.1")
         sp.add_argument("--sd-port", type=int, default=0 if demo else 9095,
                         help="controller HTTP: Prometheus http_sd /targets, /stats, /rebalance")

@@ -12,13 +12,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray instance declaring logical GPUs, shut down (with Serve) when the module ends."""
+def ray_local(request):
+    """A local Ray instance declaring logical GPUs (4, or the module's RAY_GPUS), shut down (with Serve) when
+    the module ends."""
     import ray
 
     from moe_service.serving.proxy_limits import RUNTIME_ENV
 
-    settings = dict(num_cpus=2, num_gpus=4, include_dashboard=False, namespace="moe_service", log_to_driver=False,
+    settings = dict(num_cpus=2, num_gpus=getattr(request.module, "RAY_GPUS", 4), include_dashboard=False, namespace="moe_service", log_to_driver=False,
                     runtime_env=RUNTIME_ENV)
     try:
         ray.init(**settings)

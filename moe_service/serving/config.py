@@ -31,6 +31,7 @@ class ServiceConfig:
     # model
     model: str = "coder"  # a preset name (coder: the embedded trained model), or a local Hugging Face directory
     served_model_name: str | None = None  # the OpenAI API's model id; default: the preset or directory name
+    http_api: bool = True  # the OpenAI HTTP API on Serve's HTTP proxy (off: gRPC only, a faster ingress)
     dtype: str = "float32"
     # expert workers
     workers: int = 2
