@@ -20,8 +20,9 @@ def _placement_of(table: dict, layers: list[int], experts: int, workers: int):
 
     hosts = np.zeros((len(layers), experts, workers), dtype=bool)
     fractions = np.zeros(hosts.shape)
+    routes = {int(layer): r for layer, r in table["routes"].items()}
     for i, layer in enumerate(layers):
-        r = table["routes"][str(layer)] if str(layer) in table["routes"] else table["routes"][layer]
+        r = routes[layer]
         for e, (reps, shares) in enumerate(zip(r["replicas"], r["shares"])):
             hosts[i, e, reps] = True
             fractions[i, e, reps] = shares

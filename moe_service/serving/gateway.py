@@ -154,7 +154,7 @@ class Gateway:
             if self.trace is not None:
                 experts = self.trace.route(layer, x, experts.shape[1])
             call = send(layer, x, weights, experts)
-            counts = torch.bincount(call.experts.reshape(-1), minlength=self.args.n_routed_experts)  # on the host
+            counts = torch.bincount(call.experts.reshape(-1), minlength=E)  # on the host
             by_workload = None
             if workloads is not None:
                 pairs = workloads.repeat_interleave(call.experts.shape[1]) * E + call.experts.reshape(-1)

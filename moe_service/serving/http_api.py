@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from fastapi import FastAPI, Request
@@ -271,31 +271,16 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_name}
         want_lp = body.logprobs is not None
         if body.stream:
-            async def events() -> AsyncIterator[bytes]:
-                offsets = [0] * body.n
-                generated = 0
-                try:
-                    r = first
-                    while r is not None:
-                        choice: dict = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": None}
-                        if r.finish_reason:
-                            choice["finish_reason"] = r.finish_reason
-                        else:
-                            generated += 1
-                            if want_lp:
-                                choice["logprobs"] = front.completion_logprobs([r], offsets[r.index])
-                        offsets[r.index] += len(r.text)
-                        yield _sse({**head, "choices": [choice]})
-                        r = await anext(stream, None)
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(len(prompt), generated)})
-                    yield _sse("[DONE]")
-                except GatewayError as e:  # after the first token: the status is sent already
-                    yield _sse(APIError.of(e).body())
-                finally:
-                    await stream.aclose()
+            offsets = [0] * body.n  # each choice's text so far, for logprobs' text_offset
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
+            def choice(r: moe_pb2.GenerateResponse) -> dict:
+                c = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason or None}
+                if want_lp and not r.finish_reason:
+                    c["logprobs"] = front.completion_logprobs([r], offsets[r.index])
+                offsets[r.index] += len(r.text)
+                return c
+
+            return _sse_response(first, stream, head, choice, len(prompt), body, rid)
         choices = await _collect(first, stream, body.n)
         out = []
         for i, (tokens, text, reason) in enumerate(choices):
@@ -316,33 +301,17 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         first, stream = await _first(gateway, req, "chat.completions", request)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model_name}
         if body.stream:
-            async def events() -> AsyncIterator[bytes]:
-                chunk = {**head, "object": "chat.completion.chunk"}
-                generated = 0
-                try:
-                    for i in range(body.n):
-                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
-                    r = first
-                    while r is not None:
-                        if r.finish_reason:
-                            choice = {"index": r.index, "delta": {"content": r.text} if r.text else {},
-                                      "logprobs": None, "finish_reason": r.finish_reason}
-                        else:
-                            generated += 1
-                            choice = {"index": r.index, "delta": {"content": r.text}, "finish_reason": None,
-                                      "logprobs": {"content": [front.chat_logprobs(r)]} if body.logprobs else None}
-                        yield _sse({**chunk, "choices": [choice]})
-                        r = await anext(stream, None)
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**chunk, "choices": [], "usage": _usage(len(prompt), generated)})
-                    yield _sse("[DONE]")
-                except GatewayError as e:
-                    yield _sse(APIError.of(e).body())
-                finally:
-                    await stream.aclose()
+            def choice(r: moe_pb2.GenerateResponse) -> dict:
+                if r.finish_reason:
+                    return {"index": r.index, "delta": {"content": r.text} if r.text else {}, "logprobs": None,
+                            "finish_reason": r.finish_reason}
+                return {"index": r.index, "delta": {"content": r.text}, "finish_reason": None,
+                        "logprobs": {"content": [front.chat_logprobs(r)]} if body.logprobs else None}
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
+            chunk = {**head, "object": "chat.completion.chunk"}
+            roles = tuple({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]} for i in range(body.n))
+            return _sse_response(first, stream, chunk, choice, len(prompt), body, rid, roles)
         choices = await _collect(first, stream, body.n)
         out = []
         for i, (tokens, text, reason) in enumerate(choices):
@@ -353,6 +322,33 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
                              "usage": _usage(len(prompt), generated)}, headers={"x-request-id": rid})
 
     return app
+
+
+def _sse_response(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2.GenerateResponse], head: dict,
+                  choice: Callable[[moe_pb2.GenerateResponse], dict], prompt_tokens: int, body: _Sampling, rid: str,
+                  preamble: tuple[dict, ...] = ()) -> StreamingResponse:
+    """Server-sent events: `preamble`, then a chunk per message of the stream (its choice made by `choice`),
+    the usage chunk if asked for, and [DONE]. An error after the first token (the status is sent by then)
+    comes as one event with the error object."""
+    async def events() -> AsyncIterator[bytes]:
+        generated = 0
+        try:
+            for p in preamble:
+                yield _sse(p)
+            r: moe_pb2.GenerateResponse | None = first
+            while r is not None:
+                generated += not r.finish_reason
+                yield _sse({**head, "choices": [choice(r)]})
+                r = await anext(stream, None)
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})
+            yield _sse("[DONE]")
+        except GatewayError as e:
+            yield _sse(APIError.of(e).body())
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": rid})
 
 
 async def _collect(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2.GenerateResponse], n: int
