@@ -108,7 +108,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     elif ns.what == "simulated":
         from moe_service.bench import simulated_bench as b
 
-        r = b.run(workers=ns.workers if ns.workers != 2 else 8)
+        r = b.run_phases(workers=ns.workers if ns.workers != 2 else 8)
     elif ns.what == "placement":
         from moe_service.bench import placement_bench as b
 

@@ -1,5 +1,6 @@
 """Roofline cost model: how long a piece of work takes on a device, from the bytes it must read and
-the FLOPs it must do, max(bytes / bandwidth, FLOPs / peak), plus a fixed cost per call. Pure arithmetic
+the FLOPs it must do, max(bytes / bandwidth, FLOPs / peak), plus a fixed cost per call; on a device that
+does not overlap its reads with its arithmetic (one CPU thread) the two add up instead. Pure arithmetic
 over datasheet numbers (GPUs) or this machine's calibration (`moe-service calibrate`); everything it
 produces is a prediction, labelled so wherever it is shown."""
 
@@ -26,9 +27,15 @@ class Device:
     # reading an expert's weights for a product of a few rows: a CPU's BLAS packs them for a GEMM, slower
     # than its one-row GEMV; None: as memory_bandwidth
     multi_row_bandwidth: float | None = None
+    # reads and arithmetic overlap (a GPU's many SMs stream weights while others multiply): max of the two;
+    # False: they follow each other (one CPU thread packs a weight block, then multiplies it): their sum
+    overlap: bool = True
 
     def seconds(self, nbytes: float, flops: float) -> float:
-        return max(nbytes / self.memory_bandwidth, flops / self.flops)
+        return self.combine(nbytes / self.memory_bandwidth, flops / self.flops)
+
+    def combine(self, read_s: float, compute_s: float) -> float:
+        return max(read_s, compute_s) if self.overlap else read_s + compute_s
 
 
 DEVICES = {
@@ -56,18 +63,19 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> Device:
         raise FileNotFoundError(f"{path} is missing: run `moe-service calibrate` first (about a minute)")
     d = json.loads(path.read_text())
     return Device(d["name"], d["memory_bandwidth"], d["flops"], d["source"], d["itemsize"], d["call_s"],
-                  d.get("multi_row_bandwidth"))
+                  d.get("multi_row_bandwidth"), d.get("overlap", True))
 
 
 def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: float, multi: float = 0.0) -> float:
-    """One worker's share of one MoE layer: a fixed per-call cost plus max(bytes / bandwidth, FLOPs / peak),
-    where bytes are the weights of every touched replica plus the pairs' activations (a row in, a row out),
-    and FLOPs come from the routed pairs (2 per weight per pair). `multi` of the touched replicas have two
-    or more pairs: their weights are read at the device's multi-row bandwidth."""
+    """One worker's share of one MoE layer: a fixed per-call cost plus max(bytes / bandwidth, FLOPs / peak)
+    (their sum where the device does not overlap them), where bytes are the weights of every touched
+    replica plus the pairs' activations (a row in, a row out), and FLOPs come from the routed pairs (2 per
+    weight per pair). `multi` of the touched replicas have two or more pairs: their weights are read at the
+    device's multi-row bandwidth."""
     w = expert_bytes(args, dev.itemsize)
     read_s = ((touched - multi) * w + 2 * pairs * args.hidden_size * dev.itemsize) / dev.memory_bandwidth
     read_s += multi * w / (dev.multi_row_bandwidth or dev.memory_bandwidth)
-    return dev.call_s + max(read_s, 2 * pairs * expert_bytes(args, 1) / dev.flops)
+    return dev.call_s + dev.combine(read_s, 2 * pairs * expert_bytes(args, 1) / dev.flops)
 
 
 def worker_cost(args: ModelArgs, dev: Device):

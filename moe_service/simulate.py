@@ -18,7 +18,7 @@ import numpy as np
 from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan, zipf_load
-from moe_service.placement.timeaware import predicted_seconds
+from moe_service.placement.timeaware import floor_seconds, predicted_seconds
 
 POLICIES = ("round-robin", "tokens", "time")
 
@@ -38,16 +38,29 @@ def model_args(source: str) -> ModelArgs:
 
 
 def trace(args: ModelArgs, spec: str, seed: int = 0) -> np.ndarray:
-    """Routing load [MoE layers, E]: "zipf:1.2" (the hot experts differ per layer), or a JSON file holding a
-    recorded load window ([L, E] counts, e.g. `moe-service placement --json`'s "load")."""
+    """Routing load [MoE layers, E]: "zipf:1.2" (the hot experts differ per layer; each token's top-k are
+    distinct experts drawn by those weights), or a JSON file holding a recorded load window ([L, E]
+    counts, e.g. `moe-service placement --json`'s "load")."""
     L, E = len(args.moe_layers), args.n_routed_experts
     if spec.startswith("zipf:"):
-        return zipf_load(L, E, float(spec.split(":", 1)[1]), 1e6, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        shares = zipf_load(L, E, float(spec.split(":", 1)[1]), 1.0, rng)
+        return np.stack([topk_inclusion(row, args.num_experts_per_tok, rng) for row in shares])
     data = json.loads(Path(spec).read_text())
     load = np.asarray(data.get("load", data) if isinstance(data, dict) else data, dtype=float)
     if load.shape != (L, E):
         raise ValueError(f"the trace {spec} is {load.shape}; this model routes over {(L, E)}")
     return load
+
+
+def topk_inclusion(shares: np.ndarray, k: int, rng: np.random.Generator, samples: int = 20000) -> np.ndarray:
+    """How often each expert is among a token's k distinct experts when they are drawn by weight ``shares``
+    without replacement (a Gumbel top-k, as serving/simulated.py's trace router draws them): [E], summing to
+    k. A hot expert saturates at once per token, where the shares themselves would give it more pairs than
+    there are tokens."""
+    gumbel = np.log(shares) - np.log(-np.log(rng.random((samples, len(shares)))))
+    top = np.argpartition(-gumbel, k - 1, axis=1)[:, :k]
+    return np.bincount(top.ravel(), minlength=len(shares)) / samples
 
 
 @dataclass
@@ -81,17 +94,19 @@ class Cluster:
         a, B = self.args, self.streams_per_gateway
         tokens = self.gateways * B
         cost = worker_cost(a, self.device)
-        expert = []
+        expert, floor = [], []
         for layer in range(load.shape[0]):
             lam = load[layer] / load[layer].sum() * tokens * a.num_experts_per_tok
             expert.append(predicted_seconds(lam, placement.fractions[layer], cost).max())
+            floor.append(floor_seconds(lam, self.workers, cost))
         gateway_s = gateway_step_seconds(a, self.device, B, self.context)
         dispatch_s = len(a.moe_layers) * dispatch_layer_seconds(a, B, self.software_s, self.rtt_s, self.link_bytes_s,
                                                                 self.device.itemsize)
         step_s = gateway_s + dispatch_s + sum(expert)
         return {"simulated": True, "step_s": step_s, "itl_s": step_s, "tokens_per_s": tokens / step_s,
                 "gateway_s": gateway_s, "dispatch_s": dispatch_s, "experts_s": sum(expert),
-                "expert_stage_s_per_layer": float(np.mean(expert)), "replicas": int(placement.replica_counts().sum())}
+                "expert_stage_s_per_layer": float(np.mean(expert)), "expert_floor_s_per_layer": float(np.mean(floor)),
+                "replicas": int(placement.replica_counts().sum())}
 
 
 def run(model: str, device: Device, gateways: int, workers: int, streams: int, trace_spec: str = "zipf:1.2",
@@ -128,6 +143,9 @@ def format_results(r: dict) -> str:
         lines.append(f"{name:>12}{s['tokens_per_s']:11.0f}{s['itl_s'] * 1e3:8.2f}ms{s['gateway_s'] * 1e3:8.2f}ms"
                      f"{s['dispatch_s'] * 1e3:8.2f}ms{s['experts_s'] * 1e3:8.2f}ms"
                      f"{s['expert_stage_s_per_layer'] * 1e6:9.1f}us{s['replicas']:10d}")
+    floor = next(iter(r["policies"].values()))["expert_floor_s_per_layer"]
+    lines.append(f"floor: no placement's expert stage is predicted below {floor * 1e6:.1f} us per layer (every expert "
+                 "read once, the work spread perfectly)")
     return "\n".join(lines)
 
 

@@ -154,6 +154,37 @@ def test_rebalance_moves_replicas_without_a_gateway_losing_one():
     run(go())
 
 
+def test_the_time_objective_plans_by_predicted_time_and_applies_only_a_predicted_gain():
+    """rebalance_objective "time": the plan minimises the cost model's slowest worker for layer calls of
+    rebalance_batch tokens; its gain is the predicted drop of the expert stage, and a re-plan of what it
+    just applied predicts none, so the controller leaves it be."""
+    async def go():
+        # tiny's experts cost an H200 nothing but the call: time it as a simulated cluster of V2-Lite experts
+        launcher, ctl, gws = await service(rebalance_objective="time", rebalance_batch=4096, rebalance_min_gain=0.05,
+                                           simulate={"device": "H200", "shape": "DeepSeek-V2-Lite"})
+        hot_load(ctl)
+        r = await ctl.rebalance()
+        assert r["objective"] == "time" and r["applied"]
+        assert r["predicted_expert_stage_s_after"] < r["predicted_expert_stage_s_before"] / 1.05
+        assert r["gain"] == pytest.approx(r["predicted_expert_stage_s_before"] / r["predicted_expert_stage_s_after"] - 1)
+        hosted_as_placed(ctl, launcher)
+        again = await ctl.rebalance()
+        assert not again["applied"] and again["gain"] <= 1e-9
+        await stop(ctl, gws)
+    run(go())
+
+
+def test_objective_settings_are_checked():
+    from moe_service.serving.config import ServiceConfig
+
+    with pytest.raises(ValueError, match="'tokens' or 'time'"):
+        ServiceConfig.from_dict({"rebalance_objective": "speed"})
+    with pytest.raises(ValueError, match="needs cost_device"):
+        ServiceConfig.from_dict({"rebalance_objective": "time"})
+    with pytest.raises(ValueError, match="unknown device"):
+        ServiceConfig.from_dict({"rebalance_objective": "time", "cost_device": "TPU"})
+
+
 def test_a_gateway_that_never_confirms_delays_the_drop_by_the_bound_only():
     async def go():
         launcher, ctl, gws = await service(confirms=False)

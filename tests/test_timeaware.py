@@ -9,11 +9,13 @@ import pytest
 from moe_service import simulate
 from moe_service.costmodel import DEVICES, SHAPES, Device, worker_cost
 from moe_service.placement import Placement, plan, zipf_load
-from moe_service.placement.timeaware import predicted_seconds
+from moe_service.placement.timeaware import floor_seconds, predicted_seconds
 
 LITE = SHAPES["DeepSeek-V2-Lite"]
-# a device where compute matters at moderate batch (so replication can pay), and an H200 (memory-bound)
+# a device where compute matters at moderate batch (so replication can pay), an H200 (memory-bound), and
+# one like this CPU (reads then arithmetic, not overlapped; 2+ rows read slower than one)
 SLOW_FLOPS = Device("test device", 1e12, 2e12, "test", call_s=5e-6)
+CPU_LIKE = Device("cpu-like", 18e9, 1e11, "test", itemsize=4, call_s=45e-6, multi_row_bandwidth=12.7e9, overlap=False)
 
 
 def cost_on(dev: Device):
@@ -27,7 +29,7 @@ def cases():
         experts = int(rng.choice([16, 32, 64]))
         spw = -(-experts * 5 // (4 * workers)) + int(rng.integers(0, 3))
         yield (zipf_load(2, experts, float(rng.uniform(0.6, 1.6)), 1e5, rng), workers, spw,
-               float(rng.choice([8, 32, 256, 4096])) * 6, [SLOW_FLOPS, DEVICES["H200"]][i % 2])
+               float(rng.choice([8, 32, 256, 4096])) * 6, [SLOW_FLOPS, DEVICES["H200"], CPU_LIKE][i % 3])
 
 
 @pytest.mark.parametrize("load,workers,spw,pairs,dev", list(cases()))
@@ -42,6 +44,12 @@ def test_time_aware_is_valid_and_never_predicted_slower_than_token_balance(load,
         t_ta = predicted_seconds(lam, ta.fractions[layer], cost).max()
         assert t_ta <= predicted_seconds(lam, tb.fractions[layer], cost).max() * (1 + 1e-9)
         assert t_ta <= predicted_seconds(lam, rr.fractions[layer], cost).max() * (1 + 1e-9)
+        # the floor bounds every placement, and a re-plan from one never predicts worse than it
+        floor = floor_seconds(lam, workers, cost)
+        assert floor <= t_ta * (1 + 1e-9) and floor <= predicted_seconds(lam, tb.fractions[layer], cost).max()
+        again = plan(load, workers, spw, current=rr, objective="time", worker_seconds=cost, pairs_per_step=pairs)
+        assert predicted_seconds(lam, again.fractions[layer], cost).max() <= (
+            predicted_seconds(lam, rr.fractions[layer], cost).max() * (1 + 1e-9))
 
 
 @pytest.mark.parametrize("load,workers,spw,pairs,dev", list(cases()))
@@ -120,6 +128,13 @@ def test_simulation_settings_are_checked_and_trace_routing_is_a_function_of_the_
     assert all(len(set(row)) == 6 for row in together.tolist())
     counts = torch.bincount(together.reshape(-1), minlength=64).float()
     assert counts.max() > 4 * counts.mean()  # skewed as the trace says
+    # what `simulate` takes for this trace is what the router draws: k distinct experts per token, the hot
+    # ones saturating at once per token
+    expected = trace.load(6)[0]
+    assert expected.sum() == pytest.approx(6) and expected.max() <= 1.0
+    many = torch.randn(8192, 32, generator=torch.Generator().manual_seed(1))
+    drawn = torch.bincount(trace.route(1, many, 6).reshape(-1), minlength=64).numpy() / 8192
+    assert np.abs(drawn - expected).max() < 0.03
     # a held answer: time_scale x the cost model's time for the share (2 experts touched, one of them twice)
     held = sim.hold()(torch.tensor([[0, 1], [0, -1]]))
     want = 100 * worker_cost(LITE, DEVICES["H200"])(2, 3, 1)

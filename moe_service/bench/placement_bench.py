@@ -26,44 +26,45 @@ from moe_service.costmodel import CALIBRATION_FILE, Device, worker_cost
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:
     """This CPU as a cost-model device (fp32, `threads` threads), written to `path`, measured with the call a
-    worker makes (RoutedExperts) at the `bench` preset's expert shape:
-    - bandwidth: 48 experts (far more bytes than the caches hold), one row each: weight reads dominate;
-    - multi-row bandwidth: the same with two rows each (a small GEMM, not a GEMV);
-    - FLOP/s: one expert over 2048 rows: compute dominates;
+    worker makes (RoutedExperts) at the `bench` preset's expert shape over 16 experts (far more bytes than
+    the caches hold), r rows to each:
+    - r = 2..64: the time per expert is linear in r, weights then arithmetic, one after the other (one
+      thread packs an expert's weights, then multiplies them: no overlap); the intercept is the multi-row
+      bandwidth, the slope the FLOP/s (per pair, with its gathers and sums);
+    - r = 1: the one-row bandwidth (a GEMV streams the weights: faster than packing them);
     - the fixed cost: the smallest call, one row through one tiny expert."""
     from moe_service.model.experts import RoutedExperts
 
     torch.set_num_threads(threads)
-    n = 48
-    many = RoutedExperts(n, dim, inter)
-    torch.nn.init.normal_(many.gate_up_proj, std=0.02)
-    torch.nn.init.normal_(many.down_proj, std=0.02)
-    # one row per expert: every expert's weights read once for one pair each
-    x, w, e = torch.randn(n, dim), torch.full((n, 1), 0.1), torch.arange(n)[:, None]
-    bandwidth = n * 3 * dim * inter * 4 / timeit(lambda: many(x, w, e), 5)
-    # two rows per expert: what BLAS does for a small GEMM instead of a GEMV (packing the weights)
-    x2, w2, e2 = torch.randn(2 * n, dim), torch.full((2 * n, 1), 0.1), torch.arange(n).repeat_interleave(2)[:, None]
-    multi_row = n * 3 * dim * inter * 4 / timeit(lambda: many(x2, w2, e2), 5)
-    one = RoutedExperts(1, dim, inter)
-    one.gate_up_proj.data.copy_(many.gate_up_proj.data[:1])
-    one.down_proj.data.copy_(many.down_proj.data[:1])
-    rows, w1, e1 = torch.randn(2048, dim), torch.full((2048, 1), 0.1), torch.zeros(2048, 1, dtype=torch.long)
-    flops = 2 * 2048 * 3 * dim * inter / timeit(lambda: one(rows, w1, e1), 5)
     tiny = RoutedExperts(1, 8, 8)
     torch.nn.init.normal_(tiny.gate_up_proj)
     torch.nn.init.normal_(tiny.down_proj)
     xs, wt, ex = torch.randn(1, 8), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)
     call_s = timeit(lambda: tiny(xs, wt, ex), 200)
+    n = 16
+    many = RoutedExperts(n, dim, inter)
+    torch.nn.init.normal_(many.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(many.down_proj, std=0.02)
+    per_expert = {}
+    for r in (1, 2, 4, 8, 16, 32, 64):
+        x, w, e = torch.randn(n * r, dim), torch.full((n * r, 1), 0.1), torch.arange(n).repeat_interleave(r)[:, None]
+        per_expert[r] = (timeit(lambda: many(x, w, e), 5) - call_s) / n
+    rows = np.array([r for r in per_expert if r > 1])
+    slope, intercept = np.polyfit(rows, [per_expert[r] for r in rows], 1)
+    weight_bytes, row_flops = 3 * dim * inter * 4, 2 * 3 * dim * inter
+    if slope <= 0 or intercept <= 0 or per_expert[1] <= slope:
+        raise RuntimeError(f"calibration measured no linear cost in rows per expert: {per_expert}; rerun on a quiet machine")
+    flops, multi_row, bandwidth = row_flops / slope, weight_bytes / intercept, weight_bytes / (per_expert[1] - slope)
     dev = Device(f"this CPU ({threads} thread{'s' * (threads > 1)}, fp32)", bandwidth, flops,
-                 f"moe-service calibrate: routed experts {dim}x{inter}, 1 row to each of {n} experts (bandwidth), "
-                 "2 rows to each (multi-row bandwidth), 2048 rows through one (FLOP/s), a 1-row call of a tiny expert "
-                 "(fixed cost)", itemsize=4, call_s=call_s, multi_row_bandwidth=multi_row)
+                 f"moe-service calibrate: routed experts {dim}x{inter}, 1-64 rows to each of {n} experts (a linear fit "
+                 "over 2+ rows: multi-row bandwidth and FLOP/s; 1 row: bandwidth), a 1-row call of a tiny expert "
+                 "(fixed cost)", itemsize=4, call_s=call_s, multi_row_bandwidth=multi_row, overlap=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"name": dev.name, "memory_bandwidth": bandwidth, "flops": flops, "source": dev.source,
-                                "itemsize": 4, "call_s": call_s, "multi_row_bandwidth": multi_row,
-                                "threads": threads}, indent=2))
-    log(f"[calibrate] {dev.name}: {bandwidth / 1e9:.1f} GB/s ({multi_row / 1e9:.1f} for 2+ rows), {flops / 1e9:.1f} GFLOP/s, {call_s * 1e6:.0f} us per call "
-        f"-> {path}")
+                                "itemsize": 4, "call_s": call_s, "multi_row_bandwidth": multi_row, "overlap": False,
+                                "threads": threads, "seconds_per_expert_by_rows": per_expert}, indent=2))
+    log(f"[calibrate] {dev.name}: {bandwidth / 1e9:.1f} GB/s ({multi_row / 1e9:.1f} for 2+ rows), {flops / 1e9:.1f} "
+        f"GFLOP/s after the reads, {call_s * 1e6:.0f} us per call -> {path}")
     return dev
 
 
@@ -87,17 +88,22 @@ def worker_shares(placement, layer: int, routing: np.ndarray, rng: np.random.Gen
             for w in range(W)]
 
 
-def time_share(share: dict, dim: int, inter: int, x: torch.Tensor, repeats: int) -> float:
-    """One worker's routed-experts call for its share, alone: its hosted replicas' weights, its rows."""
+def worker_experts(pool, hosted: list[int]):
+    """A worker's RoutedExperts: its hosted replicas' weights, copied from the pool of every expert's."""
     from moe_service.model.experts import RoutedExperts
 
-    hosted = share["hosted"]
-    experts = RoutedExperts(len(hosted), dim, inter)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
-    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    experts = RoutedExperts(len(hosted), pool.dim, pool.inter_dim)
+    idx = torch.tensor(hosted, dtype=torch.long)
+    experts.gate_up_proj.data.copy_(pool.gate_up_proj.data[idx])
+    experts.down_proj.data.copy_(pool.down_proj.data[idx])
+    return experts
+
+
+def time_share(share: dict, experts, x: torch.Tensor, repeats: int) -> float:
+    """One worker's routed-experts call for its share, alone: its hosted replicas' weights, its rows."""
     if not share["pairs"]:
         return 0.0
-    local_of = {e: i for i, e in enumerate(hosted)}
+    local_of = {e: i for i, e in enumerate(share["hosted"])}
     tokens = sorted({t for t, _ in share["pairs"]})
     row_of = {t: i for i, t in enumerate(tokens)}
     K = max(sum(1 for t2, _ in share["pairs"] if t2 == t) for t in tokens)
@@ -113,9 +119,14 @@ def time_share(share: dict, dim: int, inter: int, x: torch.Tensor, repeats: int)
 
 
 def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, exponent: float = 1.2,
-        batches: tuple[int, ...] = (8, 16, 32), prefill_tokens: int = 1024, repeats: int = 5, seed: int = 0) -> dict:
+        batches: tuple[int, ...] = (8, 16, 32), prefill_tokens: int = 1024, samples: int = 8, prefill_samples: int = 2,
+        repeats: int = 5, seed: int = 0) -> dict:
+    """Both placements of the same load window, timed on `samples` routed batches per size (prefill: fewer,
+    each is long): a layer's time on a batch is its busiest worker's; its mean over the batches is compared."""
     from moe_service.checkpoint import open_source
+    from moe_service.model.experts import RoutedExperts
     from moe_service.placement import plan
+    from moe_service.placement.timeaware import floor_seconds, predicted_seconds
 
     torch.set_num_threads(1)
     args = open_source(preset).args
@@ -125,49 +136,76 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
     cost = worker_cost(args, dev)
     # the load window the controller would have seen: the same Zipf routing over many tokens
     window = np.bincount(zipf_routing(rng, 4096, E, K, exponent).reshape(-1), minlength=E)[None, :].astype(float)
+    pool = RoutedExperts(E, D, I)
+    torch.nn.init.normal_(pool.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(pool.down_proj, std=0.02)
     x = torch.randn(max(*batches, prefill_tokens), D)
     rows = []
     for tokens in (*batches, prefill_tokens):
         kind = "prefill" if tokens == prefill_tokens else "decode"
-        routing = zipf_routing(rng, tokens, E, K, exponent)
         placements = {"token-balanced": plan(window, workers, replicas_per_worker),
                       "time-aware": plan(window, workers, replicas_per_worker, objective="time",
                                          worker_seconds=cost, pairs_per_step=tokens * K)}
-        row = {"tokens": tokens, "kind": kind}
+        modules = {name: [worker_experts(pool, [e for e in range(E) if p.hosts[0, e, w]]) for w in range(workers)]
+                   for name, p in placements.items()}
+        lam = window[0] / window[0].sum() * tokens * K
+        # predicted at the window's expected loads; the floor: what no placement is predicted to beat
+        row = {"tokens": tokens, "kind": kind, "floor_s": floor_seconds(lam, workers, cost)}
         for name, p in placements.items():
-            shares = worker_shares(p, 0, routing, np.random.default_rng(seed + tokens))
-            log(f"[placement bench] {kind} {tokens} tokens, {name}: timing {workers} workers one at a time")
-            measured = [time_share(s, D, I, x, repeats) for s in shares]
-            predicted = []
-            for s in shares:
-                per_expert = np.bincount([e for _, e in s["pairs"]], minlength=E)
-                predicted.append(cost((per_expert > 0).sum(), len(s["pairs"]), (per_expert > 1).sum())
-                                 if s["pairs"] else 0.0)
-            row[name] = {"busiest_s": max(measured), "worker_s": measured, "predicted_s": predicted,
+            row[name] = {"busiest_s": [], "worker_s": [], "predicted_s": [], "pairs": [],
                          "replicas": int(p.replica_counts()[0].sum()),
-                         "pairs": [len(s["pairs"]) for s in shares]}
-        row["speedup"] = row["token-balanced"]["busiest_s"] / row["time-aware"]["busiest_s"]
+                         "expected_s": float(predicted_seconds(lam, p.fractions[0], cost).max())}
+        n = prefill_samples if kind == "prefill" else samples
+        log(f"[placement bench] {kind} {tokens} tokens: {n} routed batches x 2 placements x {workers} workers, "
+            "each worker timed alone")
+        for i in range(n):
+            routing = zipf_routing(rng, tokens, E, K, exponent)
+            for name, p in placements.items():  # interleaved: both placements see the same machine state
+                shares = worker_shares(p, 0, routing, np.random.default_rng(seed + 1000 * tokens + i))
+                measured = [time_share(s, m, x, repeats) for s, m in zip(shares, modules[name])]
+                predicted = []
+                for s in shares:
+                    per_expert = np.bincount([e for _, e in s["pairs"]], minlength=E)
+                    predicted.append(cost((per_expert > 0).sum(), len(s["pairs"]), (per_expert > 1).sum())
+                                     if s["pairs"] else 0.0)
+                r = row[name]
+                r["busiest_s"].append(max(measured))
+                r["worker_s"] += measured
+                r["predicted_s"] += predicted
+                r["pairs"] += [len(s["pairs"]) for s in shares]
+        for name in placements:
+            row[name]["mean_busiest_s"] = statistics.fmean(row[name]["busiest_s"])
+        row["speedup"] = row["token-balanced"]["mean_busiest_s"] / row["time-aware"]["mean_busiest_s"]
+        row["predicted_speedup"] = row["token-balanced"]["expected_s"] / row["time-aware"]["expected_s"]
+        row["ceiling"] = row["token-balanced"]["expected_s"] / row["floor_s"]
         rows.append(row)
     errors = [abs(p / m - 1) for r in rows for name in ("token-balanced", "time-aware")
               for p, m in zip(r[name]["predicted_s"], r[name]["worker_s"]) if m > 0]
     return {"preset": preset, "workers": workers, "replicas_per_worker": replicas_per_worker, "zipf": exponent,
+            "samples": samples, "prefill_samples": prefill_samples,
             "device": {"name": dev.name, "memory_bandwidth": dev.memory_bandwidth, "flops": dev.flops,
-                       "call_s": dev.call_s, "multi_row_bandwidth": dev.multi_row_bandwidth},
-            "rows": rows, "cost_model_error_max": max(errors), "cost_model_error_median": statistics.median(errors)}
+                       "call_s": dev.call_s, "multi_row_bandwidth": dev.multi_row_bandwidth, "overlap": dev.overlap},
+            "rows": rows, "cost_model_error_max": max(errors), "cost_model_error_median": statistics.median(errors),
+            "cost_model_error_p90": float(np.quantile(errors, 0.9)), "shares": len(errors)}
 
 
 def format_results(r: dict) -> str:
     d = r["device"]
     lines = [f"preset {r['preset']} expert shape, {r['workers']} workers x {r['replicas_per_worker']} replicas per "
-             f"layer, Zipf {r['zipf']} routing; measured on this CPU, one worker at a time, 1 thread",
+             f"layer, Zipf {r['zipf']} routing; measured on this CPU, one worker at a time, 1 thread; the busiest "
+             f"worker's share, mean over {r['samples']} routed batches ({r['prefill_samples']} for prefill)",
              f"cost model device (calibrated): {d['memory_bandwidth'] / 1e9:.1f} GB/s (2+ rows: "
-             f"{d['multi_row_bandwidth'] / 1e9:.1f}), {d['flops'] / 1e9:.1f} GFLOP/s, "
-             f"{d['call_s'] * 1e6:.0f} us per call",
-             f"{'batch':>14}{'token-balanced':>16}{'time-aware':>12}{'speedup':>9}{'replicas tb/ta':>16}"]
+             f"{d['multi_row_bandwidth'] / 1e9:.1f}), {d['flops'] / 1e9:.1f} GFLOP/s "
+             f"{'overlapping' if d['overlap'] else 'after'} the reads, {d['call_s'] * 1e6:.0f} us per call",
+             "measured: the busiest worker's share; predicted: the cost model at the window's expected loads; "
+             "ceiling: token-balanced / the floor no placement is predicted to beat",
+             f"{'batch':>14}{'token-balanced':>16}{'time-aware':>12}{'speed-up':>10}{'predicted':>11}{'ceiling':>9}"
+             f"{'replicas tb/ta':>16}"]
     for row in r["rows"]:
         tb, ta = row["token-balanced"], row["time-aware"]
-        lines.append(f"{row['kind']:>8} {row['tokens']:5d}{tb['busiest_s'] * 1e3:13.2f} ms{ta['busiest_s'] * 1e3:9.2f} ms"
-                     f"{row['speedup']:8.2f}x{tb['replicas']:>9d}/{ta['replicas']}")
-    lines.append(f"cost model vs measured, per worker: median error {r['cost_model_error_median']:.0%}, "
-                 f"max {r['cost_model_error_max']:.0%}")
+        lines.append(f"{row['kind']:>8} {row['tokens']:5d}{tb['mean_busiest_s'] * 1e3:13.2f} ms"
+                     f"{ta['mean_busiest_s'] * 1e3:9.2f} ms{row['speedup']:9.2f}x{row['predicted_speedup']:10.2f}x"
+                     f"{row['ceiling']:8.2f}x{tb['replicas']:>9d}/{ta['replicas']}")
+    lines.append(f"cost model vs measured, {r['shares']} worker shares: median error {r['cost_model_error_median']:.0%}, "
+                 f"90th percentile {r['cost_model_error_p90']:.0%}, max {r['cost_model_error_max']:.0%}")
     return "\n".join(lines)

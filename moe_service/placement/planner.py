@@ -52,13 +52,18 @@ def plan(
 
     ``objective="time"`` instead minimises each layer's predicted slowest worker
     (placement/timeaware.py) for steps routing ``pairs_per_step`` pairs, with
-    ``worker_seconds(touched replicas, pairs, replicas with 2+ pairs)`` from the cost model.
+    ``worker_seconds(touched replicas, pairs, replicas with 2+ pairs)`` from the cost model; it is never
+    predicted slower than token balance's plan or ``current``.
     """
     if objective == "time":
         if worker_seconds is None or pairs_per_step is None:
             raise ValueError("objective='time' needs worker_seconds and pairs_per_step")
         tokens = plan(load, num_workers, replicas_per_worker, current, min_balancedness=min_balancedness)
-        return plan_by_time(load, num_workers, replicas_per_worker, worker_seconds, pairs_per_step, (tokens,))
+        # starting from the current placement too: a re-plan is never predicted slower than what runs now
+        same = (current is not None and current.num_workers == num_workers
+                and current.replicas_per_worker <= replicas_per_worker)
+        return plan_by_time(load, num_workers, replicas_per_worker, worker_seconds, pairs_per_step,
+                            (tokens, current) if same else (tokens,))
     if objective != "tokens":
         raise ValueError(f"objective must be 'tokens' or 'time', got {objective!r}")
     arr = as_load(load)

@@ -43,6 +43,17 @@ def predicted_seconds(lam: np.ndarray, fractions: np.ndarray, worker_seconds: Wo
     return np.array([_worker_time(lam, fractions[:, w], worker_seconds) for w in range(fractions.shape[1])])
 
 
+def floor_seconds(lam: np.ndarray, num_workers: int, worker_seconds: WorkerSeconds) -> float:
+    """A lower bound on the busiest worker of any placement of a layer whose experts expect ``lam`` [E] pairs:
+    every expert read once (one replica each), the work spread perfectly. It bounds every placement where a
+    replica's cost is concave in its pairs, so splitting an expert never does less work in total: true for
+    the roofline's read term (touched with probability 1 - e^-m), and with the multi-row term while reading
+    2+ rows costs at most twice one row (this CPU: 1.4x)."""
+    none, one = np.exp(-lam), lam * np.exp(-lam)
+    return worker_seconds(float((1.0 - none).sum()) / num_workers, float(lam.sum()) / num_workers,
+                          float((1.0 - none - one).sum()) / num_workers)
+
+
 def _worker_time(lam: np.ndarray, col: np.ndarray, cost: WorkerSeconds) -> float:
     """A worker's predicted time when it serves share ``col`` [E] of each expert's ``lam`` pairs: pairs per
     replica are Poisson, so a replica is touched with probability 1 - e^-m and has 2+ pairs with

@@ -75,7 +75,14 @@ class ServiceConfig:
     load_window_s: float = 60.0  # routed-token counts older than this are forgotten
     load_report_interval_s: float = 1.0  # gateways send their counts this often
     rebalance_interval_s: float = 60.0  # 0: rebalance only on demand
-    rebalance_min_gain: float = 0.05  # apply a new placement only if balancedness improves this much
+    rebalance_min_gain: float = 0.05  # apply a new placement only if its objective improves this much
+    # what a rebalance evens out: "tokens" (EPLB: routed tokens per worker; gain = balancedness) or "time"
+    # (the cost model's predicted slowest worker for layer calls of `rebalance_batch` tokens, by default
+    # the scheduler's max_running; gain = relative drop of the predicted expert stage), on `cost_device`
+    # ("H100", "H200", "cpu" after `moe-service calibrate`); a simulated cluster uses its own device
+    rebalance_objective: str = "tokens"
+    rebalance_batch: int | None = None
+    cost_device: str | None = None
     autoscaling: dict[str, Any] | None = None  # AutoscaleSettings fields (min_workers, max_workers, ...)
     confirm_timeout_s: float = 30.0  # a rebalance waits this long for gateways before dropping old replicas
     gateway_recent_s: float = 10.0  # ... for the gateways that reported this recently
@@ -112,6 +119,10 @@ class ServiceConfig:
         cfg = cls(**d)
         cfg.scheduler_config()  # validate early
         cfg.simulation()
+        if cfg.rebalance_objective not in ("tokens", "time"):
+            raise ValueError(f"rebalance_objective must be 'tokens' or 'time', got {cfg.rebalance_objective!r}")
+        if cfg.rebalance_objective == "time":
+            cfg.worker_seconds(None)
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
         cfg.tls()  # a partial TLS configuration fails here, on every side
@@ -145,6 +156,25 @@ class ServiceConfig:
         from moe_service.serving.simulated import Simulation
 
         return Simulation.from_dict(self.simulate) if self.simulate is not None else None
+
+    def worker_seconds(self, args):
+        """The time objective's cost: (touched replicas, pairs, replicas with 2+ pairs) -> predicted seconds of
+        one worker's share of a layer call, on the simulated device and shape, or `cost_device` with the
+        served model's experts (`args`; None: only check the settings)."""
+        from moe_service.costmodel import device, worker_cost
+
+        sim = self.simulation()
+        if sim is not None:
+            return worker_cost(sim.args(), device(sim.device))
+        if self.cost_device is None:
+            raise ValueError("rebalance_objective 'time' needs cost_device (H100, H200, or cpu after "
+                             "`moe-service calibrate`), or a simulated cluster")
+        dev = device(self.cost_device)
+        return None if args is None else worker_cost(args, dev)
+
+    def tokens_per_call(self) -> int:
+        """The layer-call size the time objective plans for."""
+        return self.rebalance_batch or self.scheduler_config().max_running
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name

@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from moe_service.checkpoint import open_source
 from moe_service.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide, plan
+from moe_service.placement.timeaware import predicted_seconds
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -46,6 +47,7 @@ class Controller:
         self.args = open_source(cfg.model).args
         self.moe_layers = self.args.moe_layers
         self.replicas_per_worker = cfg.replicas_per_worker or math.ceil(1.25 * self.args.n_routed_experts / cfg.workers)
+        self.worker_seconds = cfg.worker_seconds(self.args) if cfg.rebalance_objective == "time" else None
         if launcher is None or recovering is None:
             from moe_service.serving.control.ray_launcher import RayLauncher
 
@@ -242,25 +244,35 @@ class Controller:
                 self.metrics.balancedness.labels(str(self.moe_layers[l])).set(float(b))
 
     def plan_rebalance(self, num_workers: int | None = None) -> dict:
-        """The placement the current load window asks for, and its expected quality; applies nothing."""
+        """The placement the current load window asks for, and its expected quality (`gain`: by the
+        objective); applies nothing."""
         load = self.window_load()
         W = num_workers or len(self.pool.workers)
         busy = load.sum() > 0
-        new = plan(load if busy else np.ones_like(load), W, self.replicas_per_worker, current=self.placement)
-        before = self.placement.balancedness(load) if busy else np.ones(len(self.moe_layers))
-        after = new.balancedness(load) if busy else np.ones(len(self.moe_layers))
-        return {"placement": new.to_dict(), "balancedness_before": before.tolist(),
-                "balancedness_after": after.tolist(),
+        load = load if busy else np.ones_like(load)
+        by_time = {}
+        if self.worker_seconds is not None:
+            by_time = dict(objective="time", worker_seconds=self.worker_seconds,
+                           pairs_per_step=self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
+        new = plan(load, W, self.replicas_per_worker, current=self.placement, **by_time)
+        before, after = self.placement.balancedness(load), new.balancedness(load)
+        out = {"objective": self.cfg.rebalance_objective, "balancedness_before": before.tolist(),
+               "balancedness_after": after.tolist(), "gain": float(np.mean(after) - np.mean(before))}
+        if by_time:
+            lam = load / load.sum(axis=1, keepdims=True) * by_time["pairs_per_step"]
+            t0, t1 = (float(np.mean([predicted_seconds(lam[l], p.fractions[l], self.worker_seconds).max()
+                                     for l in range(len(lam))])) for p in (self.placement, new))
+            out.update(predicted_expert_stage_s_before=t0, predicted_expert_stage_s_after=t1, gain=t0 / t1 - 1)
+        return {"placement": new.to_dict(), **out,
                 "moves": new.moves_from(self.placement) if new.num_workers == self.placement.num_workers else None,
-                "workers": W, "load_tokens": float(load.sum())}
+                "workers": W, "load_tokens": float(load.sum()) if busy else 0.0}
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""
         await self._up()
         async with self.rebalance_lock:
             proposal = self.plan_rebalance(num_workers)
-            gain = float(np.mean(proposal["balancedness_after"]) - np.mean(proposal["balancedness_before"]))
-            proposal["gain"] = gain
+            gain = proposal["gain"]
             changes = num_workers is not None and num_workers != len(self.pool.workers)
             if dry_run or (not force and not changes and gain < self.cfg.rebalance_min_gain):
                 proposal["applied"] = False

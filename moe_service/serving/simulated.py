@@ -94,6 +94,10 @@ class TraceRouter:
         u = torch.frac(z.abs() * 1e4).clamp(1e-6, 1 - 1e-6)  # uniform-looking, a function of the row's values
         return (self.log_shares[layer] - torch.log(-torch.log(u))).topk(k, dim=-1).indices.to(x.device)
 
-    def load(self) -> np.ndarray:
-        """The trace's expected shares [MoE layers, E], as `simulate` takes a load."""
-        return np.stack([s.numpy() for s in self.shares.values()])
+    def load(self, k: int) -> np.ndarray:
+        """The trace's expected routed pairs per token [MoE layers, E] when each token takes k distinct
+        experts, as `simulate` takes a load."""
+        from moe_service.simulate import topk_inclusion
+
+        rng = np.random.default_rng(0)
+        return np.stack([topk_inclusion(s.numpy(), k, rng) for s in self.shares.values()])
