@@ -151,7 +151,7 @@ def format_results(r: dict) -> str:
 
 def plot(model: str, device: Device, gateways: int, streams: int, trace_spec: str, path: Path) -> None:
     """Three panels, all SIMULATED: throughput against workers; before (round robin) against after a
-    rebalance; token-balanced against time-aware placement across batch sizes."""
+    rebalance, with the floor no placement beats; the placements and the floor across layer-call sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,23 +170,28 @@ def plot(model: str, device: Device, gateways: int, streams: int, trace_spec: st
     args = model_args(model)
     load = trace(args, trace_spec)
     c = Cluster(args, device, gateways, 8, streams)
-    stages = [c.step(load, c.placement(load, p))["expert_stage_s_per_layer"] * 1e6 for p in POLICIES]
-    axes[1].bar(["before\n(round robin)", "after: token-\nbalanced", "after: time-\naware"], stages,
-                color=["C0", "C1", "C2"])
+    steps = [c.step(load, c.placement(load, p)) for p in POLICIES]
+    axes[1].bar(["before\n(round robin)", "after: token-\nbalanced", "after: time-\naware"],
+                [s["expert_stage_s_per_layer"] * 1e6 for s in steps], color=["C0", "C1", "C2"])
+    axes[1].axhline(steps[0]["expert_floor_s_per_layer"] * 1e6, color="k", ls="--", label="floor (any placement)")
+    axes[1].legend(loc="lower right")
     axes[1].set_ylabel("expert stage per layer, us (simulated)")
     axes[1].set_title(f"8 workers, {streams} streams: before against after a rebalance")
-    batches = [1, 4, 8, 16, 32, 64, 128, 256]
-    tok, tim = [], []
+    batches = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+    curves: dict[str, list[float]] = {"round robin (before)": [], "token-balanced": [], "time-aware": [], "floor": []}
     for b in batches:
         cb = Cluster(args, device, gateways, 8, b)
-        tok.append(cb.step(load, cb.placement(load, "tokens"))["expert_stage_s_per_layer"] * 1e6)
-        tim.append(cb.step(load, cb.placement(load, "time"))["expert_stage_s_per_layer"] * 1e6)
-    axes[2].plot(batches, tok, "o-", label="token-balanced")
-    axes[2].plot(batches, tim, "s-", label="time-aware")
+        for name, policy in zip(curves, POLICIES):
+            st = cb.step(load, cb.placement(load, policy))
+            curves[name].append(st["expert_stage_s_per_layer"] * 1e6)
+        curves["floor"].append(st["expert_floor_s_per_layer"] * 1e6)
+    for (name, ys), style in zip(curves.items(), ("o-", "^-", "s-", "k--")):
+        axes[2].plot(batches, ys, style, label=name)
     axes[2].set_xscale("log", base=2)
-    axes[2].set_xlabel("streams per gateway")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("tokens per layer call (decode streams, or prefill tokens)")
     axes[2].set_ylabel("expert stage per layer, us (simulated)")
-    axes[2].set_title("token-balanced against time-aware")
+    axes[2].set_title("placements across batch sizes, 8 workers")
     axes[2].legend()
     fig.suptitle(f"SIMULATED with the cost model: {args.name} on {device.name}, routing {trace_spec}")
     fig.tight_layout()

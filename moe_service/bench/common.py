@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 
-def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of `fn` over `repeats` runs, after `warmup` untimed runs."""
+def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
+           reduce: Callable[[list[float]], float] = statistics.median) -> float:
+    """Median (or `reduce`) seconds of `fn` over `repeats` runs, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -19,7 +20,7 @@ def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def log(msg: str) -> None:
