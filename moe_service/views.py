@@ -57,6 +57,9 @@ def format_rebalance(r: dict) -> str:
              f"{r['moves'] if r['moves'] is not None else 'n/a'} replica moves, over {r['load_tokens']:.0f} tokens",
              f"balancedness mean {mean(before):.3f} -> {mean(after):.3f} (min {min(before, default=1):.3f} -> "
              f"{min(after, default=1):.3f})"]
+    if "predicted_expert_stage_s_before" in r:
+        lines.append(f"predicted expert stage per layer (objective: time) {r['predicted_expert_stage_s_before'] * 1e6:.1f}"
+                     f" -> {r['predicted_expert_stage_s_after'] * 1e6:.1f} us (gain {r['gain']:.1%})")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from moe_service.serving.control.pool import Found, Started, WorkerLost
 from moe_service.serving.controller import Controller
+from moe_service.views import format_rebalance
 
 CONFIG = dict(model="tiny", workers=3, expert_bind_host="127.0.0.1", sd_port=0, rebalance_interval_s=0,
               health_interval_s=0.05, confirm_timeout_s=0.5, gateway_recent_s=5.0, rebalance_min_gain=0.0)
@@ -167,6 +168,7 @@ def test_the_time_objective_plans_by_predicted_time_and_applies_only_a_predicted
         assert r["objective"] == "time" and r["applied"]
         assert r["predicted_expert_stage_s_after"] < r["predicted_expert_stage_s_before"] / 1.05
         assert r["gain"] == pytest.approx(r["predicted_expert_stage_s_before"] / r["predicted_expert_stage_s_after"] - 1)
+        assert "predicted expert stage per layer (objective: time)" in format_rebalance(r)
         hosted_as_placed(ctl, launcher)
         again = await ctl.rebalance()
         assert not again["applied"] and again["gain"] <= 1e-9
