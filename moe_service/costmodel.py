@@ -84,6 +84,15 @@ def worker_cost(args: ModelArgs, dev: Device):
     return lambda touched, pairs, multi=0.0: worker_layer_seconds(args, dev, touched, pairs, multi)
 
 
+def share_seconds(worker_seconds, pairs_per_replica) -> float:
+    """A worker_cost function applied to one worker's share of a layer call, given each of its replicas'
+    routed pairs in that call."""
+    import numpy as np
+
+    c = np.asarray(pairs_per_replica)
+    return worker_seconds(float((c > 0).sum()), float(c.sum()), float((c > 1).sum()))
+
+
 # real checkpoints' shapes (config.json), for projections only: no weights behind them
 SHAPES = {
     "DeepSeek-V2-Lite": ModelArgs(name="DeepSeek-V2-Lite"),  # ModelArgs' defaults are V2-Lite's

@@ -18,7 +18,7 @@ import numpy as np
 from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan, zipf_load
-from moe_service.placement.timeaware import floor_seconds, predicted_seconds
+from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
 
 POLICIES = ("round-robin", "tokens", "time")
 
@@ -94,17 +94,15 @@ class Cluster:
         a, B = self.args, self.streams_per_gateway
         tokens = self.gateways * B
         cost = worker_cost(a, self.device)
-        expert, floor = [], []
-        for layer in range(load.shape[0]):
-            lam = load[layer] / load[layer].sum() * tokens * a.num_experts_per_tok
-            expert.append(predicted_seconds(lam, placement.fractions[layer], cost).max())
-            floor.append(floor_seconds(lam, self.workers, cost))
+        pairs = tokens * a.num_experts_per_tok
+        expert = busiest_seconds(load, placement, cost, pairs)
+        floor = [floor_seconds(lam, self.workers, cost) for lam in layer_pairs(load, pairs)]
         gateway_s = gateway_step_seconds(a, self.device, B, self.context)
         dispatch_s = len(a.moe_layers) * dispatch_layer_seconds(a, B, self.software_s, self.rtt_s, self.link_bytes_s,
                                                                 self.device.itemsize)
-        step_s = gateway_s + dispatch_s + sum(expert)
+        step_s = gateway_s + dispatch_s + float(expert.sum())
         return {"simulated": True, "step_s": step_s, "itl_s": step_s, "tokens_per_s": tokens / step_s,
-                "gateway_s": gateway_s, "dispatch_s": dispatch_s, "experts_s": sum(expert),
+                "gateway_s": gateway_s, "dispatch_s": dispatch_s, "experts_s": float(expert.sum()),
                 "expert_stage_s_per_layer": float(np.mean(expert)), "expert_floor_s_per_layer": float(np.mean(floor)),
                 "replicas": int(placement.replica_counts().sum())}
 

@@ -3,8 +3,8 @@ same measurements. Every timing is the fastest of its repeats: the work alone, a
 machine allows (a median still let one stretch of interference double a share now and then).
 
 `calibrate()` measures this CPU's parameters for the cost model with the expert kernel at the expert shape
-(one row through many experts for bandwidth, many rows through one for FLOP/s, the smallest routed-experts
-call for the fixed cost), one thread as a worker computes here. The validation below routes real batches
+(1 to 64 rows through each of 16 experts, and the smallest routed-experts call for the fixed cost), one
+thread as a worker computes here. The validation below routes real batches
 over real placements: other row counts, experts per worker and groupings than the calibration saw.
 
 `run()` then takes the `bench` preset's expert shape, Zipf routing over its experts, and for each batch
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from moe_service.bench.common import log, timeit
-from moe_service.costmodel import CALIBRATION_FILE, Device, worker_cost
+from moe_service.costmodel import CALIBRATION_FILE, Device, share_seconds, worker_cost
 
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:
@@ -127,7 +127,7 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
     from moe_service.checkpoint import open_source
     from moe_service.model.experts import RoutedExperts
     from moe_service.placement import plan
-    from moe_service.placement.timeaware import floor_seconds, predicted_seconds
+    from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
 
     torch.set_num_threads(1)
     args = open_source(preset).args
@@ -149,13 +149,13 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
                                          worker_seconds=cost, pairs_per_step=tokens * K)}
         modules = {name: [worker_experts(pool, [e for e in range(E) if p.hosts[0, e, w]]) for w in range(workers)]
                    for name, p in placements.items()}
-        lam = window[0] / window[0].sum() * tokens * K
         # predicted at the window's expected loads; the floor: what no placement is predicted to beat
-        row = {"tokens": tokens, "kind": kind, "floor_s": floor_seconds(lam, workers, cost)}
+        row = {"tokens": tokens, "kind": kind,
+               "floor_s": floor_seconds(layer_pairs(window, tokens * K)[0], workers, cost)}
         for name, p in placements.items():
             row[name] = {"busiest_s": [], "worker_s": [], "predicted_s": [], "pairs": [],
                          "replicas": int(p.replica_counts()[0].sum()),
-                         "expected_s": float(predicted_seconds(lam, p.fractions[0], cost).max())}
+                         "expected_s": float(busiest_seconds(window, p, cost, tokens * K)[0])}
         n = prefill_samples if kind == "prefill" else samples
         log(f"[placement bench] {kind} {tokens} tokens: {n} routed batches x 2 placements x {workers} workers, "
             "each worker timed alone")
@@ -164,11 +164,8 @@ def run(preset: str = "bench", workers: int = 4, replicas_per_worker: int = 20, 
             for name, p in placements.items():  # interleaved: both placements see the same machine state
                 shares = worker_shares(p, 0, routing, np.random.default_rng(seed + 1000 * tokens + i))
                 measured = [time_share(s, m, x, repeats) for s, m in zip(shares, modules[name])]
-                predicted = []
-                for s in shares:
-                    per_expert = np.bincount([e for _, e in s["pairs"]], minlength=E)
-                    predicted.append(cost((per_expert > 0).sum(), len(s["pairs"]), (per_expert > 1).sum())
-                                     if s["pairs"] else 0.0)
+                predicted = [share_seconds(cost, np.bincount([e for _, e in s["pairs"]], minlength=E))
+                             if s["pairs"] else 0.0 for s in shares]
                 r = row[name]
                 r["busiest_s"].append(max(measured))
                 r["worker_s"] += measured

@@ -24,17 +24,30 @@ def plan_by_time(load, num_workers: int, replicas_per_worker: int, worker_second
     ``pairs_per_step`` (token, expert) pairs per layer (a batch of B tokens routes B x top-k). Each layer's
     search starts from the best of a greedy layout and ``starts`` (plan() passes token balance's, so the
     result is never predicted slower than it)."""
-    arr = as_load(load)
-    num_layers, num_experts = arr.shape
+    lams = layer_pairs(load, pairs_per_step)
+    num_layers, num_experts = lams.shape
     check_sizes(num_layers, num_experts, num_workers, replicas_per_worker)
     hosts = np.zeros((num_layers, num_experts, num_workers), dtype=bool)
     fractions = np.zeros(hosts.shape)
-    for layer, row in enumerate(np.where(arr.sum(axis=1, keepdims=True) > 0, arr, 1.0)):
-        lam = row / row.sum() * pairs_per_step
+    for layer, lam in enumerate(lams):
         fractions[layer] = _layer(lam, num_workers, replicas_per_worker, worker_seconds,
                                   [p.fractions[layer] for p in starts])
         hosts[layer] = fractions[layer] > 0
     return Placement(hosts=hosts, fractions=fractions, replicas_per_worker=replicas_per_worker)
+
+
+def layer_pairs(load, pairs_per_step: float) -> np.ndarray:
+    """The pairs ``[L, E]`` each expert expects in a step routing ``pairs_per_step`` pairs per layer the way
+    ``load`` ``[L, E]`` did (a layer that saw nothing: uniform)."""
+    arr = as_load(load)
+    arr = np.where(arr.sum(axis=1, keepdims=True) > 0, arr, 1.0)
+    return arr / arr.sum(axis=1, keepdims=True) * pairs_per_step
+
+
+def busiest_seconds(load, placement: Placement, worker_seconds: WorkerSeconds, pairs_per_step: float) -> np.ndarray:
+    """Each layer's predicted busiest worker ``[L]`` under ``placement``, for steps as in ``layer_pairs``."""
+    return np.array([predicted_seconds(lam, placement.fractions[layer], worker_seconds).max()
+                     for layer, lam in enumerate(layer_pairs(load, pairs_per_step))])
 
 
 def predicted_seconds(lam: np.ndarray, fractions: np.ndarray, worker_seconds: WorkerSeconds) -> np.ndarray:

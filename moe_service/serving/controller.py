@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from moe_service.checkpoint import open_source
 from moe_service.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide, plan
-from moe_service.placement.timeaware import predicted_seconds
+from moe_service.placement.timeaware import busiest_seconds
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -259,9 +259,8 @@ class Controller:
         out = {"objective": self.cfg.rebalance_objective, "balancedness_before": before.tolist(),
                "balancedness_after": after.tolist(), "gain": float(np.mean(after) - np.mean(before))}
         if by_time:
-            lam = load / load.sum(axis=1, keepdims=True) * by_time["pairs_per_step"]
-            t0, t1 = (float(np.mean([predicted_seconds(lam[l], p.fractions[l], self.worker_seconds).max()
-                                     for l in range(len(lam))])) for p in (self.placement, new))
+            t0, t1 = (float(busiest_seconds(load, p, self.worker_seconds, by_time["pairs_per_step"]).mean())
+                      for p in (self.placement, new))
             out.update(predicted_expert_stage_s_before=t0, predicted_expert_stage_s_after=t1, gain=t0 / t1 - 1)
         return {"placement": new.to_dict(), **out,
                 "moves": new.moves_from(self.placement) if new.num_workers == self.placement.num_workers else None,

@@ -50,14 +50,12 @@ class Simulation:
 
     def hold(self) -> Callable[[torch.Tensor], float]:
         """local [N, K] (a worker's share of one layer call, -1 = none) -> the real seconds its answer takes."""
-        from moe_service.costmodel import device, worker_cost
+        from moe_service.costmodel import device, share_seconds, worker_cost
 
         cost = worker_cost(self.args(), device(self.device))
 
         def seconds(local: torch.Tensor) -> float:
-            per_replica = torch.bincount(local[local >= 0].reshape(-1))
-            return self.time_scale * cost(float((per_replica > 0).sum()), float(per_replica.sum()),
-                                          float((per_replica > 1).sum()))
+            return self.time_scale * share_seconds(cost, torch.bincount(local[local >= 0].reshape(-1)).numpy())
 
         return seconds
 
