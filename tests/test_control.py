@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moe_service.serving.control.pool import Found, Started, WorkerLost
+from moe_service.serving.control.window import LoadWindow
 from moe_service.serving.controller import Controller
 from moe_service.views import format_rebalance
 
@@ -158,7 +159,7 @@ def test_rebalance_moves_replicas_without_a_gateway_losing_one():
 def test_the_time_objective_plans_by_predicted_time_and_applies_only_a_predicted_gain():
     """rebalance_objective "time": the plan minimises the cost model's slowest worker for layer calls of
     rebalance_batch tokens; its gain is the predicted drop of the expert stage, and a re-plan of what it
-    just applied predicts none, so the controller leaves it be."""
+    just applied predicts none, so the controller leaves it be, as it does when the window empties."""
     async def go():
         # tiny's experts cost an H200 nothing but the call: time it as a simulated cluster of V2-Lite experts
         launcher, ctl, gws = await service(rebalance_objective="time", rebalance_batch=4096, rebalance_min_gain=0.05,
@@ -172,6 +173,9 @@ def test_the_time_objective_plans_by_predicted_time_and_applies_only_a_predicted
         hosted_as_placed(ctl, launcher)
         again = await ctl.rebalance()
         assert not again["applied"] and again["gain"] <= 1e-9
+        ctl.window = LoadWindow(ctl.cfg.load_window_s)  # traffic stopped: an empty window moves nothing
+        idle = await ctl.rebalance()
+        assert not idle["applied"] and idle["gain"] == 0.0
         await stop(ctl, gws)
     run(go())
 

@@ -249,22 +249,23 @@ class Controller:
         load = self.window_load()
         W = num_workers or len(self.pool.workers)
         busy = load.sum() > 0
-        load = load if busy else np.ones_like(load)
         by_time = {}
         if self.worker_seconds is not None:
             by_time = dict(objective="time", worker_seconds=self.worker_seconds,
                            pairs_per_step=self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
-        new = plan(load, W, self.replicas_per_worker, current=self.placement, **by_time)
-        before, after = self.placement.balancedness(load), new.balancedness(load)
+        new = plan(load if busy else np.ones_like(load), W, self.replicas_per_worker, current=self.placement, **by_time)
+        # an empty window says nothing: no gain (a forced rebalance or a new worker count still applies)
+        before = self.placement.balancedness(load) if busy else np.ones(len(self.moe_layers))
+        after = new.balancedness(load) if busy else np.ones(len(self.moe_layers))
         out = {"objective": self.cfg.rebalance_objective, "balancedness_before": before.tolist(),
                "balancedness_after": after.tolist(), "gain": float(np.mean(after) - np.mean(before))}
-        if by_time:
+        if by_time and busy:
             t0, t1 = (float(busiest_seconds(load, p, self.worker_seconds, by_time["pairs_per_step"]).mean())
                       for p in (self.placement, new))
             out.update(predicted_expert_stage_s_before=t0, predicted_expert_stage_s_after=t1, gain=t0 / t1 - 1)
         return {"placement": new.to_dict(), **out,
                 "moves": new.moves_from(self.placement) if new.num_workers == self.placement.num_workers else None,
-                "workers": W, "load_tokens": float(load.sum()) if busy else 0.0}
+                "workers": W, "load_tokens": float(load.sum())}
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""
