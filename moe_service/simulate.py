@@ -63,6 +63,18 @@ def topk_inclusion(shares: np.ndarray, k: int, rng: np.random.Generator, samples
     return np.bincount(top.ravel(), minlength=len(shares)) / samples
 
 
+def topk_weights(inclusion: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 30) -> np.ndarray:
+    """Weights [E] whose draws of k distinct experts include each as often as ``inclusion`` [E] says (per token,
+    summing to k, each at most 1): the inverse of `topk_inclusion`, by multiplicative updates. An expert
+    never seen keeps a small weight, so k distinct ones always exist."""
+    target = np.clip(inclusion, 1e-4, 1.0)
+    weights = target / target.sum()
+    for _ in range(iterations):
+        weights *= target / np.maximum(topk_inclusion(weights, k, rng, samples=8000), 1e-4)
+        weights /= weights.sum()
+    return weights
+
+
 @dataclass
 class Cluster:
     args: ModelArgs

@@ -119,9 +119,12 @@ def test_simulation_settings_are_checked_and_trace_routing_is_a_function_of_the_
         Simulation.from_dict({"device": "TPU"})
     with pytest.raises(ValueError, match="zipf"):
         Simulation.from_dict({"routing": "uniform"})
+    with pytest.raises(ValueError, match="existing file"):
+        Simulation.from_dict({"routing": "window:/nonexistent/window.json"})
     sim = Simulation.from_dict({"device": "H200", "routing": "zipf:1.2", "time_scale": 100})
-    trace = sim.trace([1, 2], 64, 32)
-    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
+    args = simulate.model_args("tiny-64")  # MoE layers 1 and 2, 64 experts, top-6, hidden 64
+    trace = sim.trace(args)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
     together = trace.route(1, x, 6)
     assert torch.equal(together, trace.route(1, x.clone(), 6))  # the same hidden states, the same experts
     assert not torch.equal(together, trace.route(2, x, 6))  # each layer its own hot experts
@@ -132,10 +135,35 @@ def test_simulation_settings_are_checked_and_trace_routing_is_a_function_of_the_
     # ones saturating at once per token
     expected = trace.load(6)[0]
     assert expected.sum() == pytest.approx(6) and expected.max() <= 1.0
-    many = torch.randn(8192, 32, generator=torch.Generator().manual_seed(1))
+    many = torch.randn(8192, 64, generator=torch.Generator().manual_seed(1))
     drawn = torch.bincount(trace.route(1, many, 6).reshape(-1), minlength=64).numpy() / 8192
     assert np.abs(drawn - expected).max() < 0.03
     # a held answer: time_scale x the cost model's time for the share (2 experts touched, one of them twice)
     held = sim.hold()(torch.tensor([[0, 1], [0, -1]]))
     want = 100 * worker_cost(LITE, DEVICES["H200"])(2, 3, 1)
     assert held == pytest.approx(want)
+
+
+def test_a_recorded_window_routes_as_it_was_recorded(tmp_path):
+    """routing "window:PATH": the live router draws each expert as often per token as the recorded window
+    routed it, so a live simulated cluster and `simulate` (which reads the same file) see the same load."""
+    import json
+
+    import torch
+
+    from moe_service.serving.simulated import Simulation
+
+    args = simulate.model_args("tiny-64")
+    # as a service records it: 1000 tokens x top-6 = 6000 pairs a layer, no expert more than once a token
+    window = np.empty((2, 64))
+    window[0, :4], window[0, 4:] = [900, 600, 300, 200], 4000 / 60  # layer 1: four hot experts
+    window[1, :10], window[1, 10:] = 400, 2000 / 54  # layer 2: ten warm ones
+    (tmp_path / "window.json").write_text(json.dumps({"load": window.tolist()}))
+    trace = Simulation.from_dict({"routing": f"window:{tmp_path / 'window.json'}"}).trace(args)
+    recorded = simulate.trace(args, str(tmp_path / "window.json"))
+    x = torch.randn(8192, 64, generator=torch.Generator().manual_seed(2))
+    for i, layer in enumerate(args.moe_layers):
+        want = recorded[i] / recorded[i].sum() * 6
+        drawn = torch.bincount(trace.route(layer, x, 6).reshape(-1), minlength=64).numpy() / 8192
+        assert np.abs(drawn - want).max() < 0.03, (layer, np.abs(drawn - want).max())
+        assert np.abs(trace.load(6)[i] - want).max() < 0.03

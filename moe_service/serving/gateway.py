@@ -103,7 +103,7 @@ class Gateway:
         if sim is not None:
             sim.export(self.metrics.registry)
         # a simulated cluster may route by a trace instead of the gate
-        self.trace = sim.trace(self.args.moe_layers, self.args.n_routed_experts, self.args.hidden_size) if sim else None
+        self.trace = sim.trace(self.args) if sim else None
         host = cfg.expert_bind_host or _node_ip()
         self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
         # routed (token, expert) pairs per MoE layer since the last report to the controller, and the tokens

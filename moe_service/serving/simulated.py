@@ -10,6 +10,7 @@ and the simulated bench divides measured times by `time_scale` and labels them."
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,7 +22,9 @@ class Simulation:
     device: str = "H200"  # a costmodel device name
     shape: str = "DeepSeek-V2-Lite"  # whose expert shape the held time is for (costmodel.SHAPES or a preset)
     time_scale: float = 1000.0  # real seconds per simulated second
-    routing: str | None = None  # "zipf:EXPONENT": expert ids from a trace instead of the gate
+    # expert ids from a trace instead of the gate: "zipf:EXPONENT", or "window:PATH", a recorded load window
+    # (JSON [MoE layers, E] routed-token counts, as `moe-service placement --json` writes under "load")
+    routing: str | None = None
     seed: int = 0
 
     @classmethod
@@ -36,8 +39,10 @@ class Simulation:
         sim.args()
         if not sim.time_scale > 0:
             raise ValueError(f"simulate.time_scale must be > 0, got {sim.time_scale}")
-        if sim.routing is not None and not (sim.routing.startswith("zipf:") and float(sim.routing[5:]) >= 0):
-            raise ValueError(f"simulate.routing must be 'zipf:EXPONENT', got {sim.routing!r}")
+        r = sim.routing
+        if r is not None and not ((r.startswith("zipf:") and float(r[5:]) >= 0)
+                                  or (r.startswith("window:") and Path(r[7:]).is_file())):
+            raise ValueError(f"simulate.routing must be 'zipf:EXPONENT' or 'window:PATH' of an existing file, got {r!r}")
         return sim
 
     def to_dict(self) -> dict:
@@ -59,10 +64,22 @@ class Simulation:
 
         return seconds
 
-    def trace(self, moe_layers: list[int], num_experts: int, hidden: int) -> "TraceRouter | None":
+    def trace(self, args) -> "TraceRouter | None":
+        """The served model's (`args`) router by this trace, or None (route by the gate)."""
+        from moe_service.simulate import topk_weights, trace
+
         if self.routing is None:
             return None
-        return TraceRouter(moe_layers, num_experts, hidden, float(self.routing[5:]), self.seed)
+        E, k = args.n_routed_experts, args.num_experts_per_tok
+        g = torch.Generator().manual_seed(self.seed)
+        if self.routing.startswith("zipf:"):  # rank r weighs 1/r^s, the ranks permuted per layer
+            ranked = np.arange(1, E + 1, dtype=np.float64) ** -float(self.routing[5:])
+            weights = np.stack([ranked[torch.randperm(E, generator=g).numpy()] for _ in args.moe_layers])
+        else:  # weights whose draws include each expert as often as the window recorded
+            rng = np.random.default_rng(self.seed)
+            recorded = trace(args, self.routing[7:])
+            weights = np.stack([topk_weights(row / max(row.sum(), 1e-12) * k, k, rng) for row in recorded])
+        return TraceRouter(args.moe_layers, args.hidden_size, weights, g)
 
     def export(self, registry) -> None:
         from prometheus_client import Gauge
@@ -73,18 +90,15 @@ class Simulation:
 
 
 class TraceRouter:
-    """Expert ids from a Zipf trace: expert of rank r has share 1/r^exponent (the hot ones permuted per layer).
-    A row's K experts are a Gumbel top-k over the trace's log-shares with noise hashed from the row's values,
-    so routing is a function of the hidden states: the same requests route the same way every time, and a
-    rebalance (which changes no hidden state) changes no token."""
+    """Expert ids from a trace: each MoE layer's experts have weights ([L, E], e.g. Zipf's 1/rank^s with the
+    hot ones differing per layer). A row's K experts are a Gumbel top-k over the log-weights with noise
+    hashed from the row's values, so routing is a function of the hidden states: the same requests route
+    the same way every time, and a rebalance (which changes no hidden state) changes no token."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, hidden: int, exponent: float, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        shares = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -exponent
-        shares /= shares.sum()
-        self.shares = {layer: shares[torch.randperm(num_experts, generator=g)] for layer in moe_layers}
+    def __init__(self, moe_layers: list[int], hidden: int, weights: np.ndarray, g: torch.Generator) -> None:
+        self.shares = {layer: torch.as_tensor(w / w.sum(), dtype=torch.float64) for layer, w in zip(moe_layers, weights)}
         self.log_shares = {layer: s.log().float() for layer, s in self.shares.items()}
-        self.project = {layer: torch.randn(hidden, num_experts, generator=g) for layer in moe_layers}
+        self.project = {layer: torch.randn(hidden, weights.shape[1], generator=g) for layer in moe_layers}
 
     def route(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
         """x [N, D] -> experts [N, k] (int64), distinct per row."""
