@@ -17,7 +17,7 @@ import numpy as np
 
 from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
 from moe_service.model.args import ModelArgs
-from moe_service.placement import Placement, plan, zipf_load
+from moe_service.placement import Placement, plan
 from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
 
 POLICIES = ("round-robin", "tokens", "time")
@@ -43,14 +43,26 @@ def trace(args: ModelArgs, spec: str, seed: int = 0) -> np.ndarray:
     counts, e.g. `moe-service placement --json`'s "load")."""
     L, E = len(args.moe_layers), args.n_routed_experts
     if spec.startswith("zipf:"):
+        import torch
+
+        shares = zipf_weights(L, E, float(spec.split(":", 1)[1]), torch.Generator().manual_seed(seed))
         rng = np.random.default_rng(seed)
-        shares = zipf_load(L, E, float(spec.split(":", 1)[1]), 1.0, rng)
         return np.stack([topk_inclusion(row, args.num_experts_per_tok, rng) for row in shares])
     data = json.loads(Path(spec).read_text())
     load = np.asarray(data.get("load", data) if isinstance(data, dict) else data, dtype=float)
     if load.shape != (L, E):
         raise ValueError(f"the trace {spec} is {load.shape}; this model routes over {(L, E)}")
     return load
+
+
+def zipf_weights(num_layers: int, num_experts: int, exponent: float, g) -> np.ndarray:
+    """Zipf weights [L, E]: rank r weighs 1/r^exponent, the ranks permuted per layer by the torch generator
+    ``g``, so `simulate` and the live trace router (serving/simulated.py) draw the same hot experts for the
+    same seed."""
+    import torch
+
+    ranked = np.arange(1, num_experts + 1, dtype=np.float64) ** -exponent
+    return np.stack([ranked[torch.randperm(num_experts, generator=g).numpy()] for _ in range(num_layers)])
 
 
 def topk_inclusion(shares: np.ndarray, k: int, rng: np.random.Generator, samples: int = 20000) -> np.ndarray:

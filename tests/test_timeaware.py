@@ -133,6 +133,7 @@ def test_simulation_settings_are_checked_and_trace_routing_is_a_function_of_the_
     assert counts.max() > 4 * counts.mean()  # skewed as the trace says
     # what `simulate` takes for this trace is what the router draws: k distinct experts per token, the hot
     # ones saturating at once per token
+    assert np.array_equal(trace.load(6), simulate.trace(args, "zipf:1.2"))  # `simulate` sees the same trace
     expected = trace.load(6)[0]
     assert expected.sum() == pytest.approx(6) and expected.max() <= 1.0
     many = torch.randn(8192, 64, generator=torch.Generator().manual_seed(1))

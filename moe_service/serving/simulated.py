@@ -66,15 +66,14 @@ class Simulation:
 
     def trace(self, args) -> "TraceRouter | None":
         """The served model's (`args`) router by this trace, or None (route by the gate)."""
-        from moe_service.simulate import topk_weights, trace
+        from moe_service.simulate import topk_weights, trace, zipf_weights
 
         if self.routing is None:
             return None
-        E, k = args.n_routed_experts, args.num_experts_per_tok
+        k = args.num_experts_per_tok
         g = torch.Generator().manual_seed(self.seed)
-        if self.routing.startswith("zipf:"):  # rank r weighs 1/r^s, the ranks permuted per layer
-            ranked = np.arange(1, E + 1, dtype=np.float64) ** -float(self.routing[5:])
-            weights = np.stack([ranked[torch.randperm(E, generator=g).numpy()] for _ in args.moe_layers])
+        if self.routing.startswith("zipf:"):
+            weights = zipf_weights(len(args.moe_layers), args.n_routed_experts, float(self.routing[5:]), g)
         else:  # weights whose draws include each expert as often as the window recorded
             rng = np.random.default_rng(self.seed)
             recorded = trace(args, self.routing[7:])
