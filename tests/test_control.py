@@ -60,6 +60,10 @@ class FakeLauncher:
     async def running(self) -> list[Found]:
         return [Found(w, w.address, "m:1", w.worker_id, w.generation, sorted(w.pairs)) for w in self.workers if w.alive]
 
+    async def stop_all(self) -> None:
+        for w in self.workers:
+            w.alive = False
+
     def hosting(self, address: str) -> set:
         w = next(w for w in self.workers if w.address == address)
         return w.pairs if w.alive else set()

@@ -3,6 +3,7 @@ fail no request."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -15,6 +16,8 @@ from moe_service.client import Client
 from moe_service.engine import Engine
 from moe_service.views import fetch
 from moe_service.sampling import SamplingParams
+from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
+from moe_service.serving.control.ray_launcher import RayLauncher
 from moe_service.serving.local import start_service
 
 pytestmark = pytest.mark.slow
@@ -195,3 +198,48 @@ def test_losing_the_controller_stops_no_traffic_and_reloads_nothing(ray_local, p
     finally:
         svc.shutdown()
     assert not [n for n in ray_local.util.list_named_actors() if "_worker_" in n], "shutdown left workers running"
+
+
+def test_a_worker_still_starting_is_never_left_running(ray_local):
+    """Expert workers are detached actors named after the service and its worker ids. One whose start the
+    controller abandons (its task is cancelled: the service is shut down while the autoscaler adds it) must
+    die, and the shutdown's sweep must return only once every worker's name is free, or the next service
+    on the cluster cannot start its workers ("The name moe_controller_worker_1_g1 is already taken": CI)."""
+    launcher = RayLauncher(ServiceConfig.from_dict(config()), 16, None, "abandoned")
+    pairs = [(load_model(PRESET).args.moe_layers[0], 0)]
+
+    def named() -> set[str]:
+        return {a["name"] for a in ray_local.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("abandoned_")}
+
+    async def scenario() -> None:
+        start = asyncio.ensure_future(launcher.start(0, 1, pairs))
+        while named() != {"abandoned_worker_0_g1"}:
+            await asyncio.sleep(0)  # until the task has created the actor and waits for it to start
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        assert not named(), "an abandoned start left its worker running"
+
+        start = asyncio.ensure_future(launcher.start(1, 1, pairs))  # a start nobody will cancel ...
+        while not named():
+            await asyncio.sleep(0)
+        await launcher.stop_all()  # ... swept while it is still starting
+        assert not named(), "the sweep returned before the worker was gone"
+        with pytest.raises(RuntimeError, match="failed to start"):
+            await start
+        started = await launcher.start(1, 1, pairs)  # its name is free again
+        assert started.address
+        await launcher.stop_all()
+        assert not named()
+
+    asyncio.run(scenario())
+
+
+def test_a_service_whose_workers_cannot_be_placed_says_why(ray_local):
+    """Serve reports only that the gateway failed to deploy; start_service adds the replica's own error."""
+    with pytest.raises(RuntimeError, match=r"expert worker \d did not start within 1s; it asks for 8.0 GPU"):
+        start_service(config(gpus_per_worker=8.0, worker_start_timeout_s=1))
+    ray_local.kill(ray_local.get_actor(CONTROLLER_NAME, namespace=NAMESPACE))
+    serve.shutdown()
+    assert not [n for n in ray_local.util.list_named_actors() if "_worker_" in n], "a worker was left running"

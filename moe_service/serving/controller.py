@@ -204,9 +204,10 @@ class Controller:
         self.draining = True
         for t in self.tasks:
             t.cancel()
+        if self.tasks:  # a worker being started or stopped meanwhile is killed as its task unwinds
+            await asyncio.wait(self.tasks, timeout=10)
         await self.pool.stop_all()
-        for f in await self.launcher.running():  # any the pool did not know of
-            await self.launcher.stop(f.handle)
+        await self.launcher.stop_all()  # any the pool did not know of, or did not finish starting
         for key in [k for k in self.targets if k.startswith("worker-")]:
             del self.targets[key]
         await self.publish(ready=False)

@@ -133,7 +133,12 @@ def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  request_timeout_s=request_timeout_s),
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # Serve says only that the deployment failed; its status holds the replica's error
+        app = serve.status().applications.get(APP_NAME)
+        why = "\n".join(d.message for d in app.deployments.values() if d.message) if app else ""
+        raise RuntimeError(f"{e}\n{why}" if why else str(e)) from None
     svc = LocalService(grpc_port, http_port, config)
     if wait:
         svc.wait_serving()

@@ -39,6 +39,7 @@ class Launcher(Protocol):
     async def ping(self, handle: Any) -> None: ...  # WorkerLost if gone
     async def stop(self, handle: Any) -> None: ...
     async def running(self) -> list[Found]: ...  # the service's workers alive now
+    async def stop_all(self) -> None: ...  # every worker of the service, starting or running, known or not
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -37,15 +38,16 @@ class RayLauncher:
             cfg.expert_port_range, cfg.metrics_port_range, cfg.simulate)
         try:
             addrs = await asyncio.wait_for(handle.start.remote(pairs), cfg.worker_start_timeout_s)
-        except asyncio.TimeoutError:
-            ray.kill(handle)
-            raise RuntimeError(
-                f"expert worker {worker_id} did not start within {cfg.worker_start_timeout_s:.0f}s; it asks for "
-                f"{cfg.gpus_per_worker} GPU(s) and {cfg.worker_resources or 'no custom resources'}: does the cluster "
-                f"have (or can its autoscaler add) a node with them?") from None
-        except Exception as e:
-            ray.kill(handle)
-            raise RuntimeError(f"expert worker {worker_id} failed to start: {e}") from e
+        except BaseException as e:  # it did not start, or the controller stopped waiting (shutting down)
+            await _kill(handle)
+            if isinstance(e, asyncio.TimeoutError):
+                raise RuntimeError(
+                    f"expert worker {worker_id} did not start within {cfg.worker_start_timeout_s:.0f}s; it asks for "
+                    f"{cfg.gpus_per_worker} GPU(s) and {cfg.worker_resources or 'no custom resources'}: does the "
+                    f"cluster have (or can its autoscaler add) a node with them?") from None
+            if isinstance(e, Exception):
+                raise RuntimeError(f"expert worker {worker_id} failed to start: {e}") from e
+            raise
         return Started(handle, addrs["address"], addrs["metrics"])
 
     async def load(self, handle, pairs: Pairs) -> None:
@@ -65,19 +67,35 @@ class RayLauncher:
             await asyncio.wait_for(handle.stop.remote(), 5)
         except Exception:  # gone already, or stuck: killed below either way
             pass
-        ray.kill(handle)
+        finally:  # also when the caller is cancelled meanwhile
+            await _kill(handle)
 
-    async def running(self) -> list[Found]:
-        latest: dict[int, int] = {}
+    async def stop_all(self) -> None:
+        handles = []
+        for name in self._names():
+            try:
+                handles.append(ray.get_actor(name, namespace=NAMESPACE))
+            except ValueError:  # gone meanwhile
+                pass
+        await asyncio.gather(*map(_kill, handles))
+
+    def _names(self) -> list[str]:
+        """Every actor named after this service, starting or running."""
+        names = []
         for name in ray.util.list_named_actors(all_namespaces=True):
             if isinstance(name, dict):
                 if name.get("namespace") != NAMESPACE:
                     continue
                 name = name["name"]
-            m = self.pattern.match(name)
-            if m:
-                w, g = int(m.group(1)), int(m.group(2))
-                latest[w] = max(g, latest.get(w, 0))
+            if self.pattern.match(name):
+                names.append(name)
+        return names
+
+    async def running(self) -> list[Found]:
+        latest: dict[int, int] = {}
+        for name in self._names():
+            w, g = map(int, self.pattern.match(name).groups())
+            latest[w] = max(g, latest.get(w, 0))
         found = []
         for w, g in sorted(latest.items()):
             try:
@@ -88,3 +106,16 @@ class RayLauncher:
             if info.get("address"):
                 found.append(Found(handle, info["address"], info["metrics"], w, g, [tuple(p) for p in info["hosted"]]))
         return found
+
+
+async def _kill(handle, timeout_s: float = 10.0) -> None:
+    """Kills a worker and returns once it is dead, its name free for the next one: ray.kill only sends the
+    request (the GCS frees the name as it acts on it), and a call may still be answered before it lands."""
+    ray.kill(handle)
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.wait_for(handle.ping.remote(), left)
+        except Exception:  # dead (or silent past the deadline)
+            return
+        await asyncio.sleep(0.05)  # answered before the kill landed: ask again
