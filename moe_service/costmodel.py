@@ -6,10 +6,10 @@ produces is a prediction, labelled so wherever it is shown."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from moe_service.model.args import ModelArgs
 
@@ -58,12 +58,17 @@ def device(name: str) -> Device:
 CALIBRATION_FILE = Path.home() / ".cache" / "moe-service" / "cpu-calibration.json"
 
 
+def save_calibration(dev: Device, path: Path = CALIBRATION_FILE, **measured) -> None:
+    """`dev` as load_calibration reads it, with what it was fitted on (`measured`) beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**dataclasses.asdict(dev), **measured}, indent=2))
+
+
 def load_calibration(path: Path = CALIBRATION_FILE) -> Device:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `moe-service calibrate` first (about a minute)")
     d = json.loads(path.read_text())
-    return Device(d["name"], d["memory_bandwidth"], d["flops"], d["source"], d["itemsize"], d["call_s"],
-                  d.get("multi_row_bandwidth"), d.get("overlap", True))
+    return Device(**{f.name: d[f.name] for f in dataclasses.fields(Device) if f.name in d})
 
 
 def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: float, multi: float = 0.0) -> float:

@@ -168,3 +168,25 @@ def test_a_recorded_window_routes_as_it_was_recorded(tmp_path):
         drawn = torch.bincount(trace.route(layer, x, 6).reshape(-1), minlength=64).numpy() / 8192
         assert np.abs(drawn - want).max() < 0.03, (layer, np.abs(drawn - want).max())
         assert np.abs(trace.load(6)[i] - want).max() < 0.03
+
+
+def test_calibration_fits_the_device_that_produced_its_timings(tmp_path):
+    """`moe-service calibrate` times this CPU; its fit is checked here on timings a known device gives: reads
+    then arithmetic (no overlap), the multi-row read slower than the one-row GEMV. Saved, it loads as the same
+    device; timings that fall with more rows are refused."""
+    from moe_service.bench.placement_bench import fit_device
+    from moe_service.costmodel import load_calibration, save_calibration
+
+    dim, inter = 1024, 704
+    weights, row_flops = 3 * dim * inter * 4, 2 * 3 * dim * inter
+    gemv, packed, flops = 20e9, 8e9, 50e9
+    per_expert = {r: weights / (gemv if r == 1 else packed) + r * row_flops / flops for r in (1, 2, 4, 8, 16, 32, 64)}
+    dev = fit_device(per_expert, 30e-6, dim, inter, threads=1)
+    assert dev.memory_bandwidth == pytest.approx(gemv)
+    assert dev.multi_row_bandwidth == pytest.approx(packed)
+    assert dev.flops == pytest.approx(flops)
+    assert (dev.call_s, dev.itemsize, dev.overlap) == (30e-6, 4, False)
+    save_calibration(dev, tmp_path / "cal.json", seconds_per_expert_by_rows=per_expert)
+    assert load_calibration(tmp_path / "cal.json") == dev
+    with pytest.raises(RuntimeError, match="no linear cost in rows"):
+        fit_device({r: 1e-3 / r for r in per_expert}, 30e-6, dim, inter, threads=1)

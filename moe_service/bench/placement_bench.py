@@ -14,7 +14,6 @@ busiest worker's time is the layer's; the cost model's prediction for each worke
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from moe_service.bench.common import log, timeit
-from moe_service.costmodel import CALIBRATION_FILE, Device, share_seconds, worker_cost
+from moe_service.costmodel import CALIBRATION_FILE, Device, save_calibration, share_seconds, worker_cost
 
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:
@@ -50,23 +49,28 @@ def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = 
     for r in (1, 2, 4, 8, 16, 32, 64):
         x, w, e = torch.randn(n * r, dim), torch.full((n * r, 1), 0.1), torch.arange(n).repeat_interleave(r)[:, None]
         per_expert[r] = (timeit(lambda: many(x, w, e), 5, reduce=min) - call_s) / n
+    dev = fit_device(per_expert, call_s, dim, inter, threads)
+    save_calibration(dev, path, threads=threads, seconds_per_expert_by_rows=per_expert)
+    log(f"[calibrate] {dev.name}: {dev.memory_bandwidth / 1e9:.1f} GB/s ({dev.multi_row_bandwidth / 1e9:.1f} for 2+ "
+        f"rows), {dev.flops / 1e9:.1f} GFLOP/s after the reads, {call_s * 1e6:.0f} us per call -> {path}")
+    return dev
+
+
+def fit_device(per_expert: dict[int, float], call_s: float, dim: int, inter: int, threads: int) -> Device:
+    """The device whose cost model gives `per_expert` (seconds per expert by rows through it, fixed cost
+    removed): a line over 2+ rows (intercept: reading the weights, slope: one row's arithmetic), and the
+    one-row read apart."""
     rows = np.array([r for r in per_expert if r > 1])
-    slope, intercept = np.polyfit(rows, [per_expert[r] for r in rows], 1)
+    slope, intercept = map(float, np.polyfit(rows, [per_expert[r] for r in rows], 1))
     weight_bytes, row_flops = 3 * dim * inter * 4, 2 * 3 * dim * inter
     if slope <= 0 or intercept <= 0 or per_expert[1] <= slope:
         raise RuntimeError(f"calibration measured no linear cost in rows per expert: {per_expert}; rerun on a quiet machine")
-    flops, multi_row, bandwidth = row_flops / slope, weight_bytes / intercept, weight_bytes / (per_expert[1] - slope)
-    dev = Device(f"this CPU ({threads} thread{'s' * (threads > 1)}, fp32)", bandwidth, flops,
-                 f"moe-service calibrate: routed experts {dim}x{inter}, 1-64 rows to each of {n} experts (a linear fit "
-                 "over 2+ rows: multi-row bandwidth and FLOP/s; 1 row: bandwidth), a 1-row call of a tiny expert "
-                 "(fixed cost)", itemsize=4, call_s=call_s, multi_row_bandwidth=multi_row, overlap=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": dev.name, "memory_bandwidth": bandwidth, "flops": flops, "source": dev.source,
-                                "itemsize": 4, "call_s": call_s, "multi_row_bandwidth": multi_row, "overlap": False,
-                                "threads": threads, "seconds_per_expert_by_rows": per_expert}, indent=2))
-    log(f"[calibrate] {dev.name}: {bandwidth / 1e9:.1f} GB/s ({multi_row / 1e9:.1f} for 2+ rows), {flops / 1e9:.1f} "
-        f"GFLOP/s after the reads, {call_s * 1e6:.0f} us per call -> {path}")
-    return dev
+    return Device(f"this CPU ({threads} thread{'s' * (threads > 1)}, fp32)", weight_bytes / (per_expert[1] - slope),
+                  row_flops / slope,
+                  f"moe-service calibrate: routed experts {dim}x{inter}, 1-{max(per_expert)} rows to each expert (a "
+                  "linear fit over 2+ rows: multi-row bandwidth and FLOP/s; 1 row: bandwidth), a 1-row call of a "
+                  "tiny expert (fixed cost)", itemsize=4, call_s=call_s, multi_row_bandwidth=weight_bytes / intercept,
+                  overlap=False)
 
 
 def zipf_routing(rng: np.random.Generator, tokens: int, experts: int, k: int, exponent: float) -> np.ndarray:
