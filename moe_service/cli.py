@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -129,13 +130,47 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def shared_gpus(workers: int, gpus: int) -> float:
+    """GPUs for each of `workers` expert workers and one gateway replica out of `gpus`: one each where
+    there are enough, else an even share (a Ray fraction, which must fit on one GPU), 0 (the CPU) where
+    there are none."""
+    users = workers + 1
+    if gpus <= 0:
+        return 0.0
+    if gpus >= users:
+        return 1.0
+    per_gpu = -(-users // gpus)
+    return math.floor(10_000 / per_gpu) / 10_000  # Ray keeps 4 decimals; never round up past one GPU
+
+
+def _gpu_settings(ns: argparse.Namespace) -> tuple[float, float]:
+    """(gpus_per_worker, gateway_gpus): as given, else from the GPUs there are. Locally: this host's.
+    On a cluster (--ray-address, Ray already connected): the cluster's, where every worker and the gateway
+    get a whole GPU or none exist; anything in between is a choice for the operator."""
+    if ns.gpus_per_worker is not None and ns.gateway_gpus is not None:
+        return ns.gpus_per_worker, ns.gateway_gpus
+    if ns.ray_address:
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if 0 < gpus < ns.workers + 1:
+            raise ValueError(f"the cluster has {gpus} GPU(s) for {ns.workers} expert worker(s) and a gateway replica: "
+                             "say how to share them with --gpus-per-worker and --gateway-gpus (fractions allowed)")
+        if gpus == 0:
+            print("the cluster has no GPUs now: workers and gateway run on CPUs (an autoscaling cluster adds GPU "
+                  "nodes only when asked: --gpus-per-worker 1 --gateway-gpus 1)", file=sys.stderr, flush=True)
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    auto = shared_gpus(ns.workers, gpus)
+    return (auto if ns.gpus_per_worker is None else ns.gpus_per_worker,
+            auto if ns.gateway_gpus is None else ns.gateway_gpus)
+
+
 def _service_config(ns: argparse.Namespace) -> dict:
+    """The service settings the command line asks for; with --ray-address, Ray is connected already."""
     from moe_service.serving.config import overlap_pays
 
-    # auto: a GPU per worker and per gateway replica where there are GPUs, the CPU elsewhere
-    auto = 1.0 if torch.cuda.is_available() else 0.0
-    gpus = auto if ns.gpus_per_worker is None else ns.gpus_per_worker
-    gateway_gpus = auto if ns.gateway_gpus is None else ns.gateway_gpus
+    gpus, gateway_gpus = _gpu_settings(ns)
     cfg = {"model": _model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
            "gateway_gpus": gateway_gpus, "http_api": not ns.no_http_api,
            "redundant_experts": ns.redundant_experts, "api_key": ns.api_key,
@@ -161,13 +196,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from moe_service.serving.local import check_cluster_auth, start_service
     from moe_service.serving.proxy_limits import RUNTIME_ENV as PROXY_RUNTIME_ENV
 
-    config = _service_config(ns)
     if ns.ray_address:
         check_cluster_auth(ns.ray_address)  # fails at once, naming RAY_AUTH_MODE and the token
         ray.init(address=ns.ray_address, namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
     else:  # always a Ray of its own, whatever cluster an earlier `ray start` left recorded
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                  namespace="moe_service", runtime_env=PROXY_RUNTIME_ENV)
+    try:
+        config = _service_config(ns)
+    except ValueError:
+        ray.shutdown()
+        raise
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
     svc = start_service(config, grpc_port=ns.port, http_port=ns.http_port, host=ns.host)
     print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
@@ -417,9 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text)
         _add_model_args(sp)
         sp.add_argument("--workers", type=int, default=2, help="expert worker actors")
-        sp.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
+        sp.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="default: 1 where there is a GPU for every worker and the gateway, an even share of "
+                        "this host's GPUs where fewer, 0 where none (with --ray-address: the cluster's)")
         sp.add_argument("--gateway-gpus", type=float, default=None,
-                        help="GPUs per gateway replica (attention, KV cache, sampling); default: 1 with CUDA, else 0")
+                        help="GPUs per gateway replica (attention, KV cache, sampling); default: as --gpus-per-worker")
         sp.add_argument("--replicas-per-worker", type=int, default=None, help="expert replicas per layer per worker")
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")

@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""GPU checks, without Ray, in at most a few minutes; writes one JSON file (scripts/gpu_check.sh).
+"""GPU checks, without Ray, within a fixed budget; results in one JSON file, rewritten after every check.
 
-On CUDA it checks and times what the CPU machines cannot:
-- parity: the in-process model (the gateway's compute) against transformers' DeepseekV2 on the same
-  weights, fp32 logits and bf16 greedy tokens;
-- the routed experts' grouped GEMM in bf16 against the per-expert loop;
-- an expert gRPC server in a subprocess holding experts on the GPU, called over loopback on a
-  persistent stream, against the in-process experts and a streamed echo;
-- per-layer timings of a DeepSeek-V2-Lite-shaped stack (real dimensions, few layers) at batch 1, 32, 256.
+On CUDA it checks and times what the CPU machines cannot. The plan on an H200 (expected seconds; the
+whole run fits 4 minutes, the budget is GPU_CHECK_S, default 280):
 
+| step           | expected | what                                                                        |
+| -------------- | -------- | --------------------------------------------------------------------------- |
+| environment    |     15 s | versions of torch, grpcio, protobuf, transformers; the device (first)       |
+| parity         |     25 s | in-process model vs transformers' DeepseekV2: fp32 logits, bf16 greedy      |
+| grouped_gemm   |     10 s | the routed experts' grouped GEMM in bf16 against the per-expert loop        |
+| expert_server  |     40 s | experts on the GPU in a server process, called on a stream, vs a stream echo |
+| remote_experts |     10 s | RemoteExperts.run with CUDA inputs (T = 1, 256) against that server         |
+| layer_timings  |     40 s | a DeepSeek-V2-Lite-shaped stack: decode step, and per-layer parts apart     |
+
+A check that would not fit in what is left of the budget is skipped, and says so. The file lands in
+`$OUT/gpu_check.json` when OUT is set (the device machine returns only what is under $OUT), else at
+`--out`; a check killed halfway (SIGTERM from the caller's limit, or worse) leaves the ones done in it.
 Where there is no GPU it says so and exits 0. `--device cpu` runs the same checks on the CPU at small
 shapes (the suite does, so the script cannot rot where no GPU is lent).
 """
@@ -19,18 +26,43 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+BUDGET_S = float(os.environ.get("GPU_CHECK_S", "280"))  # the caller's limit sits about 20 s above this
+CALL_TIMEOUT_S = 10.0  # one call to the expert server
+SERVER_START_S = 90.0  # a server process's start, CUDA initialisation included
+EXPECTED_S = {"parity": 25, "grouped_gemm": 10, "expert_server": 40, "remote_experts": 10, "layer_timings": 40}
+
+
+class Report:
+    """The results so far, rewritten atomically after every change: a kill never leaves half a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.data = path, {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
 
 
 class Timer:
@@ -56,8 +88,24 @@ class Timer:
         return statistics.median(times)
 
 
+def environment(device: torch.device) -> dict:
+    """What ran: package versions first, so an old package is named even if every check then fails."""
+    out = {"python": platform.python_version(), "device": str(device), "cuda_available": torch.cuda.is_available()}
+    for pkg in ("torch", "grpcio", "protobuf", "transformers", "safetensors", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        out.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+                   torch_cuda=torch.version.cuda)
+    return out
+
+
 def check_parity(device: torch.device, tokens: int) -> dict:
-    """fp32 logits and bf16 greedy tokens of the in-process model against transformers'."""
+    """fp32 logits and bf16 greedy tokens of the in-process model against transformers'. The bf16 run is
+    reported, not judged: transformers rounds its gate weights to bf16 where this project keeps them in
+    fp32, so near-ties may legitimately go another way."""
     from moe_service.checkpoint import load_model
     from moe_service.engine import Engine
     from moe_service.sampling import SamplingParams
@@ -84,21 +132,30 @@ def check_parity(device: torch.device, tokens: int) -> dict:
                                      pad_token_id=0)[0, prompt.shape[1]:].tolist()
         got_ids = Engine(ours16).generate([prompt[0].tolist()], SamplingParams(max_new_tokens=tokens,
                                                                                ignore_eos=True))[0].output
-        same = next((i for i, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b), len(want_ids))
-        out.update(bf16_tokens=tokens, bf16_tokens_equal_before_first_difference=same,
-                   bf16_ok=same == len(want_ids))
+        first = next((i for i, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b), None)
+        out.update(bf16_tokens=tokens, bf16_first_differing_position=first)
     return out
+
+
+def _random_experts(E: int, D: int, inter: int, device: torch.device, dtype: torch.dtype, seed: int):
+    from moe_service.model.experts import RoutedExperts
+
+    torch.manual_seed(seed)
+    experts = RoutedExperts(E, D, inter)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    return experts.to(device=device, dtype=dtype)
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def check_grouped_gemm(device: torch.device, dims: dict) -> dict:
     """The routed experts' grouped path against the per-expert loop, and both timed, in the serving dtype."""
-    from moe_service.model.experts import RoutedExperts
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _dtype(device)
     E, D, inter, K = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
-    experts = RoutedExperts(E, D, inter).to(device=device, dtype=dtype)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
-    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    experts = _random_experts(E, D, inter, device, dtype, 3)
     timer = Timer(device)
     out = {"dtype": str(dtype).removeprefix("torch."), "grouped_path_available": None, "batches": {}}
     for T in dims["batches"]:
@@ -123,21 +180,17 @@ def check_grouped_gemm(device: torch.device, dims: dict) -> dict:
 
 
 def _server(queue, device: str, dims: dict, seed: int) -> None:
-    """An expert gRPC server holding experts on `device`, and a stream echo beside it."""
+    """An expert gRPC server holding layer 1's experts on `device`, and a stream echo beside it."""
     import grpc
 
     from moe_service.bench.transport_bench import _start_echo
-    from moe_service.model.experts import RoutedExperts
     from moe_service.transport import fastwire
     from moe_service.transport.expert_server import EXPERT_SERVICE, ExpertServicer, HostedLayer
     from moe_service.transport.options import grpc_options
 
     async def main() -> None:
-        torch.manual_seed(seed)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        module = RoutedExperts(dims["experts"], dims["hidden"], dims["inter"]).to(device=device, dtype=dtype)
-        torch.nn.init.normal_(module.gate_up_proj, std=0.02)
-        torch.nn.init.normal_(module.down_proj, std=0.02)
+        module = _random_experts(dims["experts"], dims["hidden"], dims["inter"], torch.device(device),
+                                 _dtype(torch.device(device)), seed)
         servicer = ExpertServicer({1: HostedLayer.build(module, list(range(dims["experts"])), dims["experts"])},
                                   worker_id="gpu-check", hidden_size=dims["hidden"], num_experts=dims["experts"],
                                   replicas_per_layer=dims["experts"])
@@ -155,77 +208,133 @@ def _server(queue, device: str, dims: dict, seed: int) -> None:
     asyncio.run(main())
 
 
-def check_expert_server(device: torch.device, dims: dict) -> dict:
+class ExpertServerProcess:
+    """The server of `_server` in a process of its own; one that dies is seen at once, with its exit code."""
+
+    def __init__(self, device: torch.device, dims: dict, seed: int = 11) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.queue = ctx.Queue()
+        self.proc = ctx.Process(target=_server, args=(self.queue, device.type, dims, seed), daemon=True)
+        self.proc.start()
+        self.address: str | None = None
+        self.echo_port = 0
+
+    def ready(self, timeout_s: float = SERVER_START_S) -> tuple[str, int]:
+        import queue
+
+        deadline = time.monotonic() + timeout_s
+        while self.address is None:
+            self.alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the expert server did not start within {timeout_s:.0f} s")
+            try:
+                self.address, self.echo_port = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                pass
+        return self.address, self.echo_port
+
+    def alive(self) -> None:
+        if not self.proc.is_alive():
+            raise RuntimeError(f"the expert server process died (exit code {self.proc.exitcode})")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+
+def check_expert_server(device: torch.device, dims: dict, server: ExpertServerProcess) -> dict:
     """Experts on `device` in a server process, called on a persistent stream as a gateway calls them."""
     from moe_service.bench.transport_bench import StreamEcho
-    from moe_service.model.experts import RoutedExperts
     from moe_service.transport import fastwire
     from moe_service.transport.expert_client import ExpertStreams
 
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_server, args=(queue, device.type, dims, 11), daemon=True)
-    proc.start()
+    address, echo_port = server.ready()
+    dtype = _dtype(device)
+    local = _random_experts(dims["experts"], dims["hidden"], dims["inter"], device, dtype, 11)  # the server's
+    out: dict = {"batches": {}}
+    streams, echo = ExpertStreams(), StreamEcho([echo_port])
+    try:
+        for T in dims["batches"]:
+            x = torch.randn(T, dims["hidden"], dtype=dtype)
+            e = torch.stack([torch.randperm(dims["experts"])[: dims["top_k"]] for _ in range(T)]).to(torch.int32)
+            w = torch.rand(T, dims["top_k"])
+
+            def call():
+                seq = streams.next_seq()
+                payload = fastwire.encode_request(1, x, e, w, seq=seq, deadline_s=CALL_TIMEOUT_S)
+                deadline = time.monotonic() + CALL_TIMEOUT_S
+                sent = streams.send([(address, payload, seq, (dtype, (T, dims["hidden"])))], deadline)
+                answer = streams.receive(sent, deadline)[0]
+                if not isinstance(answer, fastwire.Response):
+                    server.alive()
+                    raise RuntimeError(f"the expert server answered {answer}")
+                return answer
+
+            answer = call()
+            want = local(x.to(device), w.to(device), e.to(device)).float().cpu()
+            rel = float((answer.output.float() - want).norm() / want.norm().clamp_min(1e-12))
+            rtts, computes, floors = [], [], []
+            blob = fastwire.encode_request(1, x, e, w, seq=1, deadline_s=CALL_TIMEOUT_S)
+            for i in range(50):
+                t0 = time.perf_counter()
+                r = call()
+                t1 = time.perf_counter()
+                echo.round_trip(blob)
+                t2 = time.perf_counter()
+                if i >= 5:
+                    rtts.append(t1 - t0)
+                    computes.append(r.compute_seconds)
+                    floors.append(t2 - t1)
+            rtt, compute, floor = (statistics.median(v) for v in (rtts, computes, floors))
+            out["batches"][T] = {"relative_difference": rel, "round_trip_s": rtt, "worker_compute_s": compute,
+                                 "transport_s": rtt - compute, "stream_echo_s": floor,
+                                 "transport_vs_echo": (rtt - compute) / floor}
+    finally:
+        streams.close()
+        echo.close()
+    return out
+
+
+def check_remote_experts(device: torch.device, dims: dict, server: ExpertServerProcess) -> dict:
+    """The gateway's path with inputs on `device`: RemoteExperts.run stages them to the host, plans, sends,
+    and brings the answer back (T x top_k pairs: 1 row takes the small planner, 256 the tensor one)."""
+    from moe_service.routing import LayerRoutes
+    from moe_service.serving.experts import RemoteExperts, RoutingTable
+
+    address, _ = server.ready()
+    dtype = _dtype(device)
+    local = _random_experts(dims["experts"], dims["hidden"], dims["inter"], device, dtype, 11)  # the server's
+    E, K = dims["experts"], dims["top_k"]
+    table = RoutingTable(1, {1: LayerRoutes(1, [[0]] * E)}, {0: address})
+    # on a CPU dry run the host tensors are staged all the same, so the copies' logic runs there too
+    remote = RemoteExperts(table, call_timeout_s=CALL_TIMEOUT_S, table_wait_s=1.0, stage_always=device.type == "cpu")
+    timer = Timer(device)
     out: dict = {"batches": {}}
     try:
-        address, echo_port = queue.get(timeout=120)
-        torch.manual_seed(11)  # the same experts, in this process, for the expected answers
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        local = RoutedExperts(dims["experts"], dims["hidden"], dims["inter"]).to(device=device, dtype=dtype)
-        torch.nn.init.normal_(local.gate_up_proj, std=0.02)
-        torch.nn.init.normal_(local.down_proj, std=0.02)
-        streams, echo = ExpertStreams(), StreamEcho([echo_port])
-        try:
-            for T in dims["batches"]:
-                x = torch.randn(T, dims["hidden"], dtype=dtype)
-                e = torch.stack([torch.randperm(dims["experts"])[: dims["top_k"]] for _ in range(T)]).to(torch.int32)
-                w = torch.rand(T, dims["top_k"])
-
-                def call():
-                    seq = streams.next_seq()
-                    payload = fastwire.encode_request(1, x, e, w, seq=seq, deadline_s=60.0)
-                    deadline = time.monotonic() + 60
-                    sent = streams.send([(address, payload, seq, (dtype, (T, dims["hidden"])))], deadline)
-                    return streams.receive(sent, deadline)[0]
-
-                answer = call()
-                if not isinstance(answer, fastwire.Response):
-                    raise RuntimeError(f"the expert server answered {answer}")
-                want = local(x.to(device), w.to(device), e.to(device)).float().cpu()
-                rel = float((answer.output.float() - want).norm() / want.norm().clamp_min(1e-12))
-                rtts, computes, floors = [], [], []
-                blob = fastwire.encode_request(1, x, e, w, seq=1, deadline_s=60.0)
-                for i in range(50):
-                    t0 = time.perf_counter()
-                    r = call()
-                    t1 = time.perf_counter()
-                    echo.round_trip(blob)
-                    t2 = time.perf_counter()
-                    if i >= 5:
-                        rtts.append(t1 - t0)
-                        computes.append(r.compute_seconds)
-                        floors.append(t2 - t1)
-                rtt, compute, floor = (statistics.median(v) for v in (rtts, computes, floors))
-                out["batches"][T] = {"relative_difference": rel, "round_trip_s": rtt, "worker_compute_s": compute,
-                                     "transport_s": rtt - compute, "stream_echo_s": floor,
-                                     "transport_vs_echo": (rtt - compute) / floor}
-        finally:
-            streams.close()
-            echo.close()
+        for T in (1, 256):
+            x = torch.randn(T, dims["hidden"], device=device, dtype=dtype)
+            scores = torch.rand(T, E, device=device)
+            w, e = scores.topk(K, dim=-1)
+            got = remote.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S)
+            want = local(x, w, e)
+            rel = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+            t = timer.median(lambda: remote.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S), repeats=20)
+            out["batches"][T] = {"pairs": T * K, "answer_device": str(got.device), "relative_difference": rel,
+                                 "s": t}
     finally:
-        proc.kill()
-        proc.join(10)
+        remote.close()
     return out
 
 
 def check_layer_timings(device: torch.device, dims: dict) -> dict:
-    """A DeepSeek-V2-Lite-shaped stack (real dimensions, `layers` layers): per MoE layer, attention
-    over a 512-token context, the gate, the shared experts and the routed experts, at each batch size."""
+    """A DeepSeek-V2-Lite-shaped stack (real dimensions, `layers` layers): a decode step over a 512-token
+    context timed as it runs, then per MoE layer its attention, gate, shared and routed experts, each
+    timed apart (synchronising around every part, which the step's own time must not include)."""
     from moe_service.model.args import ModelArgs
     from moe_service.model.cache import LatentCache
     from moe_service.model.transformer import Transformer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _dtype(device)
     args = ModelArgs(**dims["model"])
     with torch.device(device):
         model = Transformer(args).to(dtype)
@@ -245,14 +354,10 @@ def check_layer_timings(device: torch.device, dims: dict) -> dict:
             parts[name].append(parts[name].pop() + time.perf_counter())
         return pre, post
 
-    for layer in model.layers:
-        if layer.is_moe:
-            for name, module in (("attention", layer.self_attn), ("gate", layer.mlp.gate),
-                                 ("shared_experts", layer.mlp.shared_experts), ("routed_experts", layer.mlp.experts)):
-                pre, post = timed(name)
-                module.register_forward_pre_hook(pre)
-                module.register_forward_hook(post)
-    out = {"model": {k: v for k, v in dims["model"].items()}, "dtype": str(dtype).removeprefix("torch."),
+    modules = [(name, module) for layer in model.layers if layer.is_moe
+               for name, module in (("attention", layer.self_attn), ("gate", layer.mlp.gate),
+                                    ("shared_experts", layer.mlp.shared_experts), ("routed_experts", layer.mlp.experts))]
+    out = {"model": dict(dims["model"]), "dtype": str(dtype).removeprefix("torch."),
            "context_tokens": dims["context"], "batches": {}}
     for B in dims["batches"]:
         cache = LatentCache(args, B, dims["context"] + 8, dtype=dtype, device=device)
@@ -260,30 +365,45 @@ def check_layer_timings(device: torch.device, dims: dict) -> dict:
         start = torch.full((B,), dims["context"], device=device)
         with torch.inference_mode():
             step = timer.median(lambda: model(ids, cache=cache, start=start, last_only=True), repeats=5)
-            for v in parts.values():
-                v.clear()
-            model(ids, cache=cache, start=start, last_only=True)
+            handles = []
+            for name, module in modules:
+                pre, post = timed(name)
+                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            try:
+                for v in parts.values():
+                    v.clear()
+                model(ids, cache=cache, start=start, last_only=True)
+            finally:
+                for h in handles:
+                    h.remove()
         out["batches"][B] = {"decode_step_s": step, **{f"{k}_s_per_layer": statistics.median(v)
                                                         for k, v in parts.items()}}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--out", default=None, help="default: $OUT/gpu_check.json when OUT is set, else gpu_check.json")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run at small shapes")
     ns = p.parse_args(argv)
+    out = Path(ns.out) if ns.out else Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") \
+        else Path("gpu_check.json")
     device = torch.device(ns.device)
-    report: dict = {"python": platform.python_version(), "torch": torch.__version__, "device": ns.device,
-                    "cuda_available": torch.cuda.is_available()}
+    report = Report(out)
+    report.set("environment", environment(device))
+    report.set("budget_s", BUDGET_S)
+
+    def interrupted(signum, _frame):  # the caller's limit: say where it struck, keep what is done
+        report.set("interrupted", f"signal {signum} after {time.monotonic() - t_start:.0f} s")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, interrupted)
     if device.type == "cuda" and not torch.cuda.is_available():
-        report["skipped"] = "no CUDA device on this machine: nothing to check"
-        Path(ns.out).write_text(json.dumps(report, indent=2))
-        print(report["skipped"])
+        report.set("skipped", "no CUDA device on this machine: nothing to check")
+        print(report.data["skipped"])
         return 0
     if device.type == "cuda":
-        report["gpu"] = torch.cuda.get_device_name(device)
-        report["capability"] = list(torch.cuda.get_device_capability(device))
         lite = dict(num_hidden_layers=4, vocab_size=102400, max_position_embeddings=4096)  # V2-Lite's dims
         dims = {"experts": 64, "hidden": 2048, "inter": 1408, "top_k": 6, "batches": [1, 32, 256],
                 "model": lite, "context": 512, "parity_tokens": 32}
@@ -293,24 +413,34 @@ def main(argv: list[str] | None = None) -> int:
                      moe_intermediate_size=128, n_routed_experts=16, vocab_size=1000, max_position_embeddings=512)
         dims = {"experts": 16, "hidden": 256, "inter": 128, "top_k": 4, "batches": [1, 8], "model": small,
                 "context": 64, "parity_tokens": 8}
+    server = ExpertServerProcess(device, dims)  # starts now: its CUDA start-up overlaps the first checks
     checks = {
         "parity": lambda: check_parity(device, dims["parity_tokens"]),
         "grouped_gemm": lambda: check_grouped_gemm(device, dims),
-        "expert_server": lambda: check_expert_server(device, dims),
+        "expert_server": lambda: check_expert_server(device, dims, server),
+        "remote_experts": lambda: check_remote_experts(device, dims, server),
         "layer_timings": lambda: check_layer_timings(device, dims),
     }
     failed = False
-    for name, fn in checks.items():
-        t0 = time.perf_counter()
-        print(f"[gpu check] {name} ...", file=sys.stderr, flush=True)
-        try:
-            report[name] = fn()
-        except Exception:  # recorded: the other checks still run
-            report[name] = {"error": traceback.format_exc()}
-            failed = True
-        report[name]["seconds"] = time.perf_counter() - t0
-    Path(ns.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    try:
+        for name, fn in checks.items():
+            left = BUDGET_S - (time.monotonic() - t_start)
+            if device.type == "cuda" and left < EXPECTED_S[name]:
+                report.set(name, {"skipped": f"{left:.0f} s of the budget left; it takes about {EXPECTED_S[name]} s"})
+                continue
+            t0 = time.perf_counter()
+            print(f"[gpu check] {name} ...", file=sys.stderr, flush=True)
+            try:
+                result = fn()
+            except Exception:  # recorded: the other checks still run
+                result = {"error": traceback.format_exc()}
+                failed = True
+            result["seconds"] = time.perf_counter() - t0
+            report.set(name, result)
+    finally:
+        server.stop()
+    print(json.dumps(report.data, indent=2, default=str))
+    print(f"results: {out}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -89,6 +89,69 @@ def test_a_device_gateways_copies_run_on_this_machine_too(loop, model):
             loop.run(s.stop(0))
 
 
+@pytest.mark.parametrize("T", [4, 40])  # 24 pairs: the small planner; 240: the tensor planner
+def test_a_layer_call_plans_from_the_staged_tensors_not_the_callers(loop, model, monkeypatch, T):
+    """A GPU gateway's tensors live where the host-side plan cannot read them. The meta device stands in
+    for it here: its tensors have no data at all, so a plan (or a retry) made from the caller's tensors
+    instead of the staged host copies fails."""
+    from moe_service.transport.staging import HostStaging
+
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    layer, x, w, e = layer_inputs(model, T, seed=T)
+    answers = []
+
+    def to_host(self, x_, w_, e_):
+        assert x_.is_meta and w_.is_meta and e_.is_meta
+        return x.clone(), w.clone(), e.clone()
+
+    def to_device(self, y, device):
+        assert device.type == "meta"
+        answers.append(y.clone())
+        return y.to(device)
+
+    monkeypatch.setattr(HostStaging, "to_host", to_host)
+    monkeypatch.setattr(HostStaging, "to_device", to_device)
+    remote = RemoteExperts(table_of(replicas, servers))
+    try:
+        loop.run(servers[2].stop(0))  # and a retry: the lost worker's pairs are planned again
+        got = remote.run(layer, x.to("meta"), w.to("meta"), e.to("meta"))
+        assert got.is_meta and len(answers) == 1
+        assert (answers[0] - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+    finally:
+        remote.close()
+        for s in servers.values():
+            loop.run(s.stop(0))
+
+
+def test_a_worker_started_empty_serves_the_dtype_it_is_then_given(loop, model):
+    """The controller's recovery path starts a worker with no experts and loads them afterwards: it then
+    computes in the loaded experts' dtype (bfloat16 here), not the float32 it would have guessed empty."""
+    from moe_service.checkpoint import load_experts
+    from moe_service.transport.expert_server import HostedLayer, start_expert_server
+
+    args = model.args
+    servicer = ExpertServicer({}, worker_id="late", hidden_size=args.hidden_size, num_experts=args.n_routed_experts,
+                              replicas_per_layer=args.n_routed_experts)
+    server = loop.run(start_expert_server(servicer))
+    layer = args.moe_layers[0]
+    pairs = [(layer, e) for e in range(args.n_routed_experts)]
+    (module, ids), = load_experts(PRESET, pairs, torch.bfloat16).values()
+    servicer.set_hosted({layer: HostedLayer.build(module, ids, args.n_routed_experts)})
+    remote = RemoteExperts(RoutingTable(1, {layer: LayerRoutes(layer, [[0]] * args.n_routed_experts)},
+                                        {0: server.address}))
+    try:
+        for T in (3, 40):  # computed inline, and on the compute thread
+            _, x, w, e = layer_inputs(model, T)
+            x = x.bfloat16()
+            got = remote.run(layer, x, w, e)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, module(x, w, e))
+    finally:
+        remote.close()
+        loop.run(server.stop(0))
+
+
 def test_each_thread_uses_its_own_streams(loop, model):
     """Two threads call at once (two micro-batches): each writes and reads on its own streams, and
     both get exact answers."""

@@ -36,7 +36,13 @@ class RoutedExperts(nn.Module):
             y = self._grouped(x[g.rows], g.counts)
         else:
             y = self._looped(x[g.rows], g.sizes)
-        return torch.zeros_like(x).index_add_(0, g.rows, (y * g.weights).to(x.dtype))
+        # Each pair's weighted output goes to its own (row, k) place in fp32, and a row's K places are
+        # summed in a fixed order, then cast once. An index_add_ in bf16 would round at every add and, on
+        # CUDA, in whichever order its atomics land: answers would differ run to run by ~1e-3.
+        N, D = x.shape
+        per_pair = torch.zeros(N * g.top_k, D, dtype=torch.float32, device=x.device)
+        per_pair[g.pairs] = y.float() * g.weights
+        return per_pair.view(N, g.top_k, D).sum(dim=1).to(x.dtype)
 
     def forward_train(self, x: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The same sum as `forward`, with gradients (model/train.py): the per-expert loop, which autograd
@@ -86,12 +92,15 @@ class Grouping:
     """A dispatch's (row, expert) pairs grouped by local index: what the experts' matmuls need."""
 
     rows: torch.Tensor  # [P] the row of each pair, pairs in local-index order
+    pairs: torch.Tensor  # [P] the flat (row * K + k) place of each pair in the dispatch's [N, K]
     weights: torch.Tensor  # [P, 1] each pair's gate weight (fp32)
     counts: torch.Tensor  # [S] pairs per local expert
     sizes: list[int]  # the same counts, on the host (the per-expert loop's bounds)
+    top_k: int  # K, the dispatch's columns
 
     def to(self, device: torch.device) -> "Grouping":
-        return Grouping(self.rows.to(device), self.weights.to(device), self.counts.to(device), self.sizes)
+        return Grouping(self.rows.to(device), self.pairs.to(device), self.weights.to(device),
+                        self.counts.to(device), self.sizes, self.top_k)
 
 
 def group_pairs(weights: torch.Tensor, local: torch.Tensor, num_local: int) -> Grouping:
@@ -106,6 +115,6 @@ def group_pairs(weights: torch.Tensor, local: torch.Tensor, num_local: int) -> G
         pairs = (flat >= 0).nonzero().squeeze(1)
         flat, w = flat[pairs], w[pairs]
     order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by local index
-    rows = (order if pairs is None else pairs[order]) // K
+    places = order if pairs is None else pairs[order]
     counts = torch.bincount(flat, minlength=num_local)
-    return Grouping(rows, w[order, None], counts, counts.tolist())
+    return Grouping(places // K, places, w[order, None], counts, counts.tolist(), K)

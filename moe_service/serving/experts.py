@@ -146,8 +146,12 @@ class LayerCall:
         self.deadline = deadline if deadline is not None else float("inf")
         self.table = remote.table
         self.streams, self.staging = remote.streams(), remote.staging()
+        # timed as dispatch: on a GPU gateway the copies wait for the layer's attention and gate to finish
+        self.t_staging = time.perf_counter()
         self.x, self.weights, self.experts = self.staging.to_host(x, weights, experts)
-        self.pending = experts  # [T, K]: the pairs still owed an answer, -1 elsewhere
+        # [T, K] on the host: the pairs still owed an answer, -1 elsewhere. Never the caller's `experts`,
+        # which on a GPU gateway live on the device the host-side plan cannot index.
+        self.pending = self.experts
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.excluded: set[int] = set()
         self.retried = False
@@ -157,10 +161,10 @@ class LayerCall:
         """Plans the pending pairs (waiting for a newer table while a pair has no live replica) and
         writes each worker its message."""
         r = self.remote
+        t0, self.t_staging = self.t_staging, time.perf_counter()  # the first send counts the staging too
         while True:
             if time.monotonic() >= self.deadline:
                 raise StepDeadline(f"layer {self.layer}: the step's deadline passed before the experts answered")
-            t0 = time.perf_counter()
             try:
                 self.plan = plan_dispatch(self.pending, self.weights, self.table.routes[self.layer].without(self.excluded))
                 break

@@ -100,9 +100,6 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         self.hold = hold  # a simulated device: local ids -> the seconds an answer takes at least
         # one compute thread: experts are matmul-bound and torch already uses every core per op
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
-        first = next(iter(hosted.values()), None)
-        self.dtype = first.experts.gate_up_proj.dtype if first else torch.float32
-        self.device = first.experts.gate_up_proj.device if first else torch.device("cpu")
 
     def set_hosted(self, hosted: dict[int, HostedLayer]) -> None:
         self.hosted = hosted
@@ -176,10 +173,13 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """-> (output [N, D] in x's dtype, written into `out` if given; seconds)"""
         t0 = time.perf_counter()
+        # the layer's own device and dtype: a worker started with no experts learns them from what it
+        # is given to host (the controller's recovery path), and layers may differ
+        w = layer.experts.gate_up_proj
         # grouped here, where the request arrived: on a GPU worker nothing then waits on the device
         # before the experts run
-        grouping = group_pairs(weights, local, layer.experts.num_local).to(self.device)
-        y = layer.experts.run(x.to(self.device, self.dtype), grouping)
+        grouping = group_pairs(weights, local, layer.experts.num_local).to(w.device)
+        y = layer.experts.run(x.to(w.device, w.dtype), grouping)
         y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
         return y, time.perf_counter() - t0
 
@@ -230,12 +230,16 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                 yield await self._answer(request, deadline)
             except BadRequest as e:
                 yield fastwire.encode_error(request.seq, e.code.value[0], str(e))
+            except Exception as e:  # a bug here, not a lost worker: say so, and keep the stream for the next
+                yield fastwire.encode_error(request.seq, grpc.StatusCode.INTERNAL.value[0], f"the experts failed: {e!r}")
 
     async def Describe(self, request, context):
-        hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in sorted(self.hosted.items()) for e in h.expert_ids]
+        layers = sorted(self.hosted.items())
+        hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in layers for e in h.expert_ids]
+        w = layers[0][1].experts.gate_up_proj if layers else None
         return moe_pb2.DescribeResponse(
             worker_id=self.worker_id, hosted=hosted, replicas_per_layer=self.replicas_per_layer,
-            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            device=str(w.device) if w is not None else "", dtype=str(w.dtype).removeprefix("torch.") if w is not None else "",
             max_message_bytes=self.max_message_bytes,
         )
 
