@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_service.sampling import SamplingParams
+from moe_service.engine.sampling import SamplingParams
 from moe_service.transport.codec import decode
 from moe_service.transport.options import TLSConfig, grpc_options
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc

@@ -107,8 +107,8 @@ def check_parity(device: torch.device, tokens: int) -> dict:
     reported, not judged: transformers rounds its gate weights to bf16 where this project keeps them in
     fp32, so near-ties may legitimately go another way."""
     from moe_service.checkpoint import load_model
-    from moe_service.engine import Engine
-    from moe_service.sampling import SamplingParams
+    from moe_service.engine.engine import Engine
+    from moe_service.engine.sampling import SamplingParams
     from tests.oracle import CONFIGS, write_checkpoint
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
@@ -185,7 +185,7 @@ def _server(queue, device: str, dims: dict, seed: int) -> None:
 
     from moe_service.bench.transport_bench import _start_echo
     from moe_service.transport import fastwire
-    from moe_service.transport.expert_server import EXPERT_SERVICE, ExpertServicer, HostedLayer
+    from moe_service.serving.worker.servicer import EXPERT_SERVICE, ExpertServicer, HostedLayer
     from moe_service.transport.options import grpc_options
 
     async def main() -> None:
@@ -299,7 +299,7 @@ def check_remote_experts(device: torch.device, dims: dict, server: ExpertServerP
     """The gateway's path with inputs on `device`: RemoteExperts.run stages them to the host, plans, sends,
     and brings the answer back (T x top_k pairs: 1 row takes the small planner, 256 the tensor one)."""
     from moe_service.routing import LayerRoutes
-    from moe_service.serving.experts import RemoteExperts, RoutingTable
+    from moe_service.serving.gateway.remote import RemoteExperts, RoutingTable
 
     address, _ = server.ready()
     dtype = _dtype(device)

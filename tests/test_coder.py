@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from moe_service import load_model
-from moe_service.coder import CODER_DIR, corpus_files, encode_corpus, read
-from moe_service.engine import Engine
+from moe_service.coder.train import CODER_DIR, corpus_files, encode_corpus, read
+from moe_service.engine.engine import Engine
 from moe_service.model.train import lm_loss
-from moe_service.sampling import SamplingParams
-from moe_service.tokenizer import load_tokenizer
+from moe_service.engine.sampling import SamplingParams
+from moe_service.engine.tokenizer import load_tokenizer
 
 RECORD = json.loads((CODER_DIR / "training.json").read_text())
 SEQ = 256
@@ -71,7 +71,7 @@ def test_the_demo_prompt_continues_as_python(coder):
 
 
 def test_experts_specialise_by_token_class(coder):
-    from moe_service.specialisation import CLASSES, held_out_sample, specialisation
+    from moe_service.coder.specialisation import CLASSES, held_out_sample, specialisation
 
     model, tok = coder
     r = specialisation(model, tok, held_out_sample(8000))

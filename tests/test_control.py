@@ -14,8 +14,8 @@ import pytest
 
 from moe_service.serving.control.pool import Found, Started, WorkerLost
 from moe_service.serving.control.window import LoadWindow
-from moe_service.serving.controller import Controller
-from moe_service.views import format_rebalance
+from moe_service.serving.control.controller import Controller
+from moe_service.cli.views import format_rebalance
 
 CONFIG = dict(model="tiny", workers=3, expert_bind_host="127.0.0.1", sd_port=0, rebalance_interval_s=0,
               health_interval_s=0.05, confirm_timeout_s=0.5, gateway_recent_s=5.0, rebalance_min_gain=0.0)

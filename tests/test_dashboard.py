@@ -24,7 +24,7 @@ def test_dashboard_and_configmap_are_generated_and_in_sync():
 def test_dashboard_has_the_views_operators_need_and_only_real_metrics():
     from prometheus_client import CollectorRegistry
 
-    from moe_service.metrics import ControllerMetrics, GatewayMetrics, WorkerMetrics
+    from moe_service.serving.metrics import ControllerMetrics, GatewayMetrics, WorkerMetrics
 
     names = set()
     for m in (GatewayMetrics(CollectorRegistry()), WorkerMetrics(0, CollectorRegistry()),

@@ -13,12 +13,12 @@ import torch
 
 from moe_service import load_model
 from moe_service.routing import LayerRoutes
-from moe_service.engine import Engine
-from moe_service.sampling import SamplingParams
-from moe_service.scheduler import Scheduler, SchedulerConfig, StepDeadline
-from moe_service.serving.experts import RemoteExperts, RoutingTable
+from moe_service.engine.engine import Engine
+from moe_service.engine.sampling import SamplingParams
+from moe_service.engine.scheduler import Scheduler, SchedulerConfig, StepDeadline
+from moe_service.serving.gateway.remote import RemoteExperts, RoutingTable
 from moe_service.transport import fastwire
-from moe_service.transport.expert_server import ExpertServicer
+from moe_service.serving.worker.servicer import ExpertServicer
 from tests.aio import LoopThread
 from tests.test_transport import layer_inputs, split_experts, start_workers
 
@@ -129,7 +129,7 @@ def test_a_worker_started_empty_serves_the_dtype_it_is_then_given(loop, model):
     """The controller's recovery path starts a worker with no experts and loads them afterwards: it then
     computes in the loaded experts' dtype (bfloat16 here), not the float32 it would have guessed empty."""
     from moe_service.checkpoint import load_experts
-    from moe_service.transport.expert_server import HostedLayer, start_expert_server
+    from moe_service.serving.worker.servicer import HostedLayer, start_expert_server
 
     args = model.args
     servicer = ExpertServicer({}, worker_id="late", hidden_size=args.hidden_size, num_experts=args.n_routed_experts,

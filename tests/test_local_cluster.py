@@ -18,8 +18,8 @@ import yaml
 
 from moe_service import load_model
 from moe_service.client import Client
-from moe_service.engine import Engine
-from moe_service.sampling import SamplingParams
+from moe_service.engine.engine import Engine
+from moe_service.engine.sampling import SamplingParams
 from moe_service.serving.local import free_port
 
 pytestmark = pytest.mark.slow

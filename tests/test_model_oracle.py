@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moe_service import load_model
-from moe_service.engine import Engine
+from moe_service.engine.engine import Engine
 from moe_service.model.cache import LatentCache
-from moe_service.sampling import SamplingParams
+from moe_service.engine.sampling import SamplingParams
 from tests.oracle import CONFIGS, write_checkpoint
 
 TOL = 1e-4

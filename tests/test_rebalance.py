@@ -13,9 +13,9 @@ from ray import serve
 
 from moe_service import load_model
 from moe_service.client import Client
-from moe_service.engine import Engine
-from moe_service.views import fetch
-from moe_service.sampling import SamplingParams
+from moe_service.engine.engine import Engine
+from moe_service.cli.views import fetch
+from moe_service.engine.sampling import SamplingParams
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
 from moe_service.serving.control.ray_launcher import RayLauncher
 from moe_service.serving.local import start_service

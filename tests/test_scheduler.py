@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moe_service import load_model
-from moe_service.engine import Engine
-from moe_service.sampling import SamplingParams
-from moe_service.scheduler import Rejected, Scheduler, SchedulerConfig
+from moe_service.engine.engine import Engine
+from moe_service.engine.sampling import SamplingParams
+from moe_service.engine.scheduler import Rejected, Scheduler, SchedulerConfig
 
 
 @pytest.fixture(scope="module")

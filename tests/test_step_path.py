@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "moe_service"
-# the step path: the model, the scheduler, the dispatch plan, and the gateway's per-layer code
-STEP_PATH = sorted([*PKG.glob("model/*.py"), PKG / "scheduler.py", *PKG.glob("routing/*.py"),
-                    PKG / "serving" / "experts.py"])
+# the step path: the model, the engine, the dispatch plan, and the gateway's per-layer code
+STEP_PATH = sorted([*PKG.glob("model/*.py"), *PKG.glob("engine/*.py"), *PKG.glob("routing/*.py"),
+                    PKG / "serving" / "gateway" / "remote.py"])
 
 
 def device_pins(source: str) -> list[str]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_service import simulate
-from moe_service.costmodel import DEVICES, SHAPES, Device, worker_cost
+from moe_service.capacity import simulate
+from moe_service.capacity.costmodel import DEVICES, SHAPES, Device, worker_cost
 from moe_service.placement import Placement, plan, zipf_load
 from moe_service.placement.timeaware import floor_seconds, predicted_seconds
 
@@ -175,7 +175,7 @@ def test_calibration_fits_the_device_that_produced_its_timings(tmp_path):
     then arithmetic (no overlap), the multi-row read slower than the one-row GEMV. Saved, it loads as the same
     device; timings that fall with more rows are refused."""
     from moe_service.bench.placement_bench import fit_device
-    from moe_service.costmodel import load_calibration, save_calibration
+    from moe_service.capacity.costmodel import load_calibration, save_calibration
 
     dim, inter = 1024, 704
     weights, row_flops = 3 * dim * inter * 4, 2 * 3 * dim * inter

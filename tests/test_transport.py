@@ -20,7 +20,7 @@ from moe_service.model.experts import RoutedExperts
 from moe_service.transport import fastwire
 from moe_service.transport.codec import CodecError, decode, decode_bytes, encode
 from moe_service.transport.expert_client import ExpertClient
-from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer, start_expert_server
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
 from tests.aio import LoopThread
 

@@ -109,8 +109,8 @@ def sweep(svc, preset: str, factors: tuple[int, ...] = (1, 2, 4, 8), new_tokens:
     from ray import serve
 
     from moe_service import load_model
-    from moe_service.engine import Engine
-    from moe_service.sampling import SamplingParams
+    from moe_service.engine.engine import Engine
+    from moe_service.engine.sampling import SamplingParams
 
     prompt = [1, 17, 42]
     want = Engine(load_model(preset)).generate([prompt], SamplingParams(max_new_tokens=new_tokens,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from moe_service.bench.common import log, timeit
-from moe_service.costmodel import CALIBRATION_FILE, Device, save_calibration, share_seconds, worker_cost
+from moe_service.capacity.costmodel import CALIBRATION_FILE, Device, save_calibration, share_seconds, worker_cost
 
 
 def calibrate(threads: int = 1, dim: int = 1024, inter: int = 704, path: Path = CALIBRATION_FILE) -> Device:

@@ -5,7 +5,7 @@ measured; scripts/gpu_check.sh measures the terms on a real GPU."""
 
 from __future__ import annotations
 
-from moe_service.costmodel import DEVICES, SHAPES, dense_params, expert_bytes, project_decode_step
+from moe_service.capacity.costmodel import DEVICES, SHAPES, dense_params, expert_bytes, project_decode_step
 
 BATCHES = (1, 32, 256)
 

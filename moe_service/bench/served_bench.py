@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from moe_service.bench.common import local_service, log
-from moe_service.engine import Engine
-from moe_service.sampling import SamplingParams
+from moe_service.engine.engine import Engine
+from moe_service.engine.sampling import SamplingParams
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

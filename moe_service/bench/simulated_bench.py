@@ -61,11 +61,11 @@ def run(workers: int = 8, streams: int = 64, new_tokens: int = 8, device: str = 
     controller rebalances by `objective` ("time": for layer calls of this size), whatever the gain."""
     import ray
 
-    from moe_service.costmodel import device as named_device
+    from moe_service.capacity.costmodel import device as named_device
     from moe_service.serving.local import start_service
     from moe_service.serving.simulated import Simulation
-    from moe_service.simulate import Cluster
-    from moe_service.views import fetch
+    from moe_service.capacity.simulate import Cluster
+    from moe_service.cli.views import fetch
 
     if not ray.is_initialized():
         from moe_service.serving.proxy_limits import RUNTIME_ENV

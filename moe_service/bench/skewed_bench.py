@@ -16,8 +16,8 @@ def _text_prompts(preset: str, n: int, length: int) -> list[list[int]] | None:
     preset of random weights, whose skew is made by scaling gate rows)."""
     if preset != "coder":
         return None
-    from moe_service.specialisation import held_out_sample
-    from moe_service.tokenizer import load_tokenizer
+    from moe_service.coder.specialisation import held_out_sample
+    from moe_service.engine.tokenizer import load_tokenizer
     from moe_service.checkpoint import open_source
 
     ids = load_tokenizer(preset, open_source(preset).args).encode(held_out_sample(200_000))
@@ -35,7 +35,7 @@ def run(preset: str = "bench-skewed", workers: int = 2, clients: int = 8, prompt
     import ray
 
     from moe_service.checkpoint import open_source
-    from moe_service.views import fetch
+    from moe_service.cli.views import fetch
     from moe_service.serving.local import start_service
 
     if not ray.is_initialized():

@@ -20,7 +20,7 @@ from moe_service.bench.common import log
 from moe_service.model.experts import RoutedExperts
 from moe_service.transport import fastwire
 from moe_service.transport.expert_client import ExpertClient, ExpertStreams
-from moe_service.transport.expert_server import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer, start_expert_server
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import grpc_options
 

@@ -1,5 +1,5 @@
 """Training the model code itself: the forward the service runs, with gradients, plus DeepSeek-V2's
-expert-level balance loss. Used to train the embedded `coder` checkpoint (`moe-service train`, moe_service/coder.py).
+expert-level balance loss. Used to train the embedded `coder` checkpoint (`moe-service train`, moe_service/coder/train.py).
 
 The inference path is untouched: `Transformer.forward` stays under inference_mode and the routed experts
 under no_grad; this forward walks the same modules with the same math (the grouped kernel is replaced by

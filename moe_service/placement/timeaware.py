@@ -3,7 +3,7 @@
 Token balance (planner.py) evens out routed pairs. At small batch a worker's time is mostly the weights of
 the experts it touches: replicating a hot expert halves its pairs on each replica but reads its weights
 twice. Here a worker's time comes from a cost function of (expected touched replicas, expected pairs,
-expected replicas with two or more pairs), the roofline of moe_service.costmodel in practice, and an expert
+expected replicas with two or more pairs), the roofline of moe_service.capacity.costmodel in practice, and an expert
 is replicated only where that lowers the layer's maximum. Pairs per replica and step are Poisson."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_service.scheduler import SchedulerConfig
+from moe_service.engine.scheduler import SchedulerConfig
 from moe_service.transport.options import TLSConfig
 
 CONTROLLER_NAME = "moe_controller"
@@ -161,7 +161,7 @@ class ServiceConfig:
         """The time objective's cost: (touched replicas, pairs, replicas with 2+ pairs) -> predicted seconds of
         one worker's share of a layer call, on the simulated device and shape, or `cost_device` with the
         served model's experts (`args`; None: only check the settings)."""
-        from moe_service.costmodel import device, worker_cost
+        from moe_service.capacity.costmodel import device, worker_cost
 
         sim = self.simulation()
         if sim is not None:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from moe_service.serving.app import APP_NAME, SERVICER_FUNCTIONS, build_app
+from moe_service.serving.gateway.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE
 
 

@@ -29,7 +29,7 @@ class Simulation:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Simulation":
-        from moe_service.costmodel import device
+        from moe_service.capacity.costmodel import device
 
         known = set(cls.__dataclass_fields__)
         if set(d) - known:
@@ -49,13 +49,13 @@ class Simulation:
         return asdict(self)
 
     def args(self):
-        from moe_service.simulate import model_args
+        from moe_service.capacity.simulate import model_args
 
         return model_args(self.shape)
 
     def hold(self) -> Callable[[torch.Tensor], float]:
         """local [N, K] (a worker's share of one layer call, -1 = none) -> the real seconds its answer takes."""
-        from moe_service.costmodel import device, share_seconds, worker_cost
+        from moe_service.capacity.costmodel import device, share_seconds, worker_cost
 
         cost = worker_cost(self.args(), device(self.device))
 
@@ -66,7 +66,7 @@ class Simulation:
 
     def trace(self, args) -> "TraceRouter | None":
         """The served model's (`args`) router by this trace, or None (route by the gate)."""
-        from moe_service.simulate import topk_weights, trace, zipf_weights
+        from moe_service.capacity.simulate import topk_weights, trace, zipf_weights
 
         if self.routing is None:
             return None
@@ -108,7 +108,7 @@ class TraceRouter:
     def load(self, k: int) -> np.ndarray:
         """The trace's expected routed pairs per token [MoE layers, E] when each token takes k distinct
         experts, as `simulate` takes a load."""
-        from moe_service.simulate import topk_inclusion
+        from moe_service.capacity.simulate import topk_inclusion
 
         rng = np.random.default_rng(0)
         return np.stack([topk_inclusion(s.numpy(), k, rng) for s in self.shares.values()])

@@ -12,7 +12,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from moe_service.serving.config import NAMESPACE, ServiceConfig
 from moe_service.serving.control.pool import Found, Pairs, Started, WorkerLost
-from moe_service.serving.worker import ExpertWorkerActor
+from moe_service.serving.worker.actor import ExpertWorkerActor
 from moe_service.transport.options import TLSConfig
 
 class RayLauncher:

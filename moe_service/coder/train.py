@@ -18,7 +18,7 @@ import torch
 
 from moe_service.model.args import ModelArgs
 
-CODER_DIR = Path(__file__).resolve().parent / "models" / "coder"
+CODER_DIR = Path(__file__).resolve().parents[1] / "models" / "coder"
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<pad>"  # DeepSeek's own special tokens
 
 # every part the service serves: q and kv low-rank MLA with the latent cache, yarn rope as V2's config carries

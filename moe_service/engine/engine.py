@@ -11,8 +11,8 @@ import torch
 from moe_service.model.cache import LatentCache
 from moe_service.model.moe import ExpertBackend
 from moe_service.model.transformer import Transformer
-from moe_service.sampling import SamplerState, SamplingParams, sample
-from moe_service.tokenizer import Detokenizer, Tokenizer
+from moe_service.engine.sampling import SamplerState, SamplingParams, sample
+from moe_service.engine.tokenizer import Detokenizer, Tokenizer
 
 
 def check_tokens(ids: list[int], vocab_size: int, limit: int, what: str = "prompt") -> None:

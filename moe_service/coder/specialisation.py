@@ -72,7 +72,7 @@ def token_classes(text: str, offsets: list[tuple[int, int]]) -> list[str]:
 
 
 def held_out_sample(max_chars: int = 40_000) -> str:
-    from moe_service.coder import corpus_files
+    from moe_service.coder.train import corpus_files
 
     _, held = corpus_files()
     return "".join(p.read_text(encoding="utf-8") for p in held)[:max_chars]

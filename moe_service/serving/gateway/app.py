@@ -1,6 +1,6 @@
 """The Serve application: the gateway deployment, and the builder `serve run`/`serve deploy` import.
 
-Serve config: `import_path: moe_service.serving.app:build_app` with the ServiceConfig fields as `args`.
+Serve config: `import_path: moe_service.serving.gateway.app:build_app` with the ServiceConfig fields as `args`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 from ray import serve
 
-from moe_service.metrics import quantile
+from moe_service.serving.metrics import quantile
 from moe_service.serving.config import ServiceConfig
-from moe_service.serving.controller import get_or_create_controller
-from moe_service.serving.gateway import ControllerLink, Gateway, GatewayError
+from moe_service.serving.control.controller import get_or_create_controller
+from moe_service.serving.gateway.gateway import ControllerLink, Gateway, GatewayError
 
 GATEWAY_NAME = "MoEGateway"
 APP_NAME = "moe"
@@ -59,7 +59,7 @@ def _fail(grpc_context, e: GatewayError):
 
 class GatewayDeployment:
     """moe.v1.Inference and grpc.health.v1.Health, as the Serve gRPC proxy calls them, and (with `http_api`,
-    the default; build_app wraps the class in serve.ingress) the OpenAI HTTP API (serving/http_api.py) on
+    the default; build_app wraps the class in serve.ingress) the OpenAI HTTP API (serving/gateway/http_api.py) on
     Serve's HTTP proxy: both run through the one Gateway of the replica."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
@@ -70,7 +70,7 @@ class GatewayDeployment:
 
     def __serve_build_asgi_app__(self):
         # Serve calls this once the constructor has run: the HTTP routes need the replica's gateway
-        from moe_service.serving.http_api import build_http_app
+        from moe_service.serving.gateway.http_api import build_http_app
 
         return build_http_app(self.gateway, self.gateway.cfg.model_name())
 

@@ -20,7 +20,7 @@ import ray
 from prometheus_client import generate_latest
 
 from moe_service.checkpoint import open_source
-from moe_service.metrics import ControllerMetrics
+from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide, plan
 from moe_service.placement.timeaware import busiest_seconds
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig

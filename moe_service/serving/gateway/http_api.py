@@ -19,9 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from moe_service.chat import ChatError, ChatTemplate
-from moe_service.sampling import MAX_LOGPROBS
-from moe_service.serving.gateway import MAX_CHOICES, Gateway, GatewayError
+from moe_service.serving.gateway.chat import ChatError, ChatTemplate
+from moe_service.engine.sampling import MAX_LOGPROBS
+from moe_service.serving.gateway.gateway import MAX_CHOICES, Gateway, GatewayError
 from moe_service.transport.pb import moe_pb2
 
 HTTP_STATUS = {

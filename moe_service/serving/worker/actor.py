@@ -10,10 +10,10 @@ import ray
 import torch
 
 from moe_service.checkpoint import load_experts, open_source
-from moe_service.metrics import WorkerMetrics, serve_metrics
+from moe_service.serving.metrics import WorkerMetrics, serve_metrics
 from moe_service.model.args import DTYPES
 from moe_service.serving.simulated import Simulation
-from moe_service.transport.expert_server import ExpertServicer, HostedLayer, RunningServer, start_expert_server
+from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer, RunningServer, start_expert_server
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import TLSConfig
 

@@ -1,5 +1,5 @@
 """`moe-service simulate`: a capacity planner over the cost model, with no Ray and no gRPC. SIMULATED: every
-number it prints is a prediction from moe_service.costmodel, never a measurement.
+number it prints is a prediction from moe_service.capacity.costmodel, never a measurement.
 
 A decode step of G gateways with B streams each: every gateway computes its dense part (weights and latent
 KV cache read once), then for each MoE layer the G x B tokens are routed (by a trace: Zipf or a recorded
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_service.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
+from moe_service.capacity.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan
 from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
@@ -25,7 +25,7 @@ POLICIES = ("round-robin", "tokens", "time")
 
 def model_args(source: str) -> ModelArgs:
     """A preset or embedded model's name, a checkpoint directory, a config.json, or a named real shape."""
-    from moe_service.costmodel import SHAPES
+    from moe_service.capacity.costmodel import SHAPES
 
     if source in SHAPES:
         return SHAPES[source]

@@ -35,7 +35,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(ns: argparse.Namespace):
-    from moe_service.sampling import SamplingParams
+    from moe_service.engine.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
                           top_k=ns.top_k, seed=ns.seed, stop_strings=tuple(ns.stop))
@@ -72,8 +72,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
                     print(f"\n[finish: {piece.finish_reason}; {piece.usage}]", file=sys.stderr)
         return 0
     from moe_service.checkpoint import load_model
-    from moe_service.engine import Engine
-    from moe_service.tokenizer import load_tokenizer
+    from moe_service.engine.engine import Engine
+    from moe_service.engine.tokenizer import load_tokenizer
 
     source = _model_source(ns)
     model = load_model(source, dtype=DTYPES[ns.dtype], progress=True)
@@ -270,8 +270,8 @@ def cmd_experts(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moe_service.checkpoint import load_model
-    from moe_service.specialisation import format_table, held_out_sample, plot, specialisation
-    from moe_service.tokenizer import HFTokenizer, load_tokenizer
+    from moe_service.coder.specialisation import format_table, held_out_sample, plot, specialisation
+    from moe_service.engine.tokenizer import HFTokenizer, load_tokenizer
 
     source = _model_source(ns)
     model = load_model(source, dtype=DTYPES[ns.dtype])
@@ -299,8 +299,8 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moe_service import simulate
-    from moe_service.costmodel import device
+    from moe_service.capacity import simulate
+    from moe_service.capacity.costmodel import device
 
     dev = device(ns.device)
     r = simulate.run(ns.model_config, dev, ns.gateways, ns.workers, ns.streams, ns.trace, ns.rtt_us * 1e-6,
@@ -317,7 +317,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     import dataclasses
 
-    from moe_service.coder import CODER_DIR, TrainConfig, train
+    from moe_service.coder.train import CODER_DIR, TrainConfig, train
 
     cfg = TrainConfig()
     if ns.tokens:
@@ -328,7 +328,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_placement(ns: argparse.Namespace) -> int:
-    from moe_service.views import fetch, format_hottest, format_placement
+    from moe_service.cli.views import fetch, format_hottest, format_placement
 
     s = fetch(ns.controller, "/stats", timeout=10)
     print(json.dumps(s, indent=2) if ns.json else f"{format_placement(s)}\n\n{format_hottest(s)}")
@@ -336,7 +336,7 @@ def cmd_placement(ns: argparse.Namespace) -> int:
 
 
 def cmd_rebalance(ns: argparse.Namespace) -> int:
-    from moe_service.views import fetch, format_rebalance
+    from moe_service.cli.views import fetch, format_rebalance
 
     r = fetch(ns.controller, "/rebalance" + ("?dry_run=1" if ns.dry_run else ""), method="POST",
               api_key=ns.api_key or os.environ.get("MOE_SERVICE_ADMIN_API_KEY") or os.environ.get("MOE_SERVICE_API_KEY"))
@@ -345,7 +345,7 @@ def cmd_rebalance(ns: argparse.Namespace) -> int:
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
-    from moe_service.views import stats_screen
+    from moe_service.cli.views import stats_screen
 
     stats_screen(ns.controller, ns.interval, ns.iterations)
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from moe_service.model.moe import ExpertBackend
 from moe_service.routing import LayerRoutes, NoReplicaError, combine, plan_dispatch
-from moe_service.scheduler import StepDeadline
+from moe_service.engine.scheduler import StepDeadline
 from moe_service.transport import fastwire
 from moe_service.transport.expert_client import ExpertStreams, Sent
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig

@@ -17,18 +17,18 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from moe_service.checkpoint import load_model, open_source
-from moe_service.engine import check_tokens
-from moe_service.metrics import GatewayMetrics, serve_metrics
+from moe_service.engine.engine import check_tokens
+from moe_service.serving.metrics import GatewayMetrics, serve_metrics
 from moe_service.model.args import DTYPES
 from moe_service.model.moe import ExpertBackend
 from moe_service.model.summary import summarize
 from moe_service.routing import LayerRoutes
-from moe_service.sampling import SamplingParams
-from moe_service.scheduler import EngineLoop, Rejected, Scheduler, StepDeadline
+from moe_service.engine.sampling import SamplingParams
+from moe_service.engine.scheduler import EngineLoop, Rejected, Scheduler, StepDeadline
 from moe_service.serving.config import ServiceConfig, key_matches
-from moe_service.tokenizer import load_tokenizer
+from moe_service.engine.tokenizer import load_tokenizer
 from moe_service.transport.codec import encode
-from moe_service.serving.experts import CallStats, RemoteExperts, RoutingTable
+from moe_service.serving.gateway.remote import CallStats, RemoteExperts, RoutingTable
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.pb import moe_pb2
 

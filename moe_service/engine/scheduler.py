@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from moe_service.engine import Sequence, check_tokens
+from moe_service.engine.engine import Sequence, check_tokens
 from moe_service.model.cache import LatentCache
 from moe_service.model.moe import ExpertBackend
 from moe_service.model.transformer import Transformer
-from moe_service.sampling import SamplingParams, sample
-from moe_service.tokenizer import Tokenizer
+from moe_service.engine.sampling import SamplingParams, sample
+from moe_service.engine.tokenizer import Tokenizer
 
 
 class Rejected(Exception):
