@@ -10,7 +10,7 @@ whole run fits 4 minutes, the budget is GPU_CHECK_S, default 280):
 | parity         |     25 s | in-process model vs transformers' DeepseekV2: fp32 logits, bf16 greedy      |
 | grouped_gemm   |     10 s | the routed experts' grouped GEMM in bf16 against the per-expert loop        |
 | expert_server  |     40 s | experts on the GPU in a server process, called on a stream, vs a stream echo |
-| remote_experts |     10 s | RemoteExperts.run with CUDA inputs (T = 1, 256) against that server         |
+| remote_experts |     10 s | a gateway layer call with CUDA inputs (T = 1, 256) against that server      |
 | layer_timings  |     40 s | a DeepSeek-V2-Lite-shaped stack: decode step, and per-layer parts apart     |
 
 A check that would not fit in what is left of the budget is skipped, and says so. The file lands in
@@ -184,21 +184,17 @@ def _server(queue, device: str, dims: dict, seed: int) -> None:
     import grpc
 
     from moe_service.bench.transport_bench import _start_echo
-    from moe_service.transport import fastwire
-    from moe_service.serving.worker.servicer import EXPERT_SERVICE, ExpertServicer, HostedLayer
+    from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
     from moe_service.transport.options import grpc_options
+    from moe_service.transport.server import expert_handlers
 
     async def main() -> None:
         module = _random_experts(dims["experts"], dims["hidden"], dims["inter"], torch.device(device),
                                  _dtype(torch.device(device)), seed)
         servicer = ExpertServicer({1: HostedLayer.build(module, list(range(dims["experts"])), dims["experts"])},
-                                  worker_id="gpu-check", hidden_size=dims["hidden"], num_experts=dims["experts"],
-                                  replicas_per_layer=dims["experts"])
+                                  worker_id="gpu-check", hidden_size=dims["hidden"], num_experts=dims["experts"])
         server = grpc.aio.server(options=grpc_options())
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EXPERT_SERVICE, {
-            "RunExpertsStream": grpc.stream_stream_rpc_method_handler(
-                servicer.RunExpertsStream, request_deserializer=fastwire.decode_request, response_serializer=None),
-        }),))
+        server.add_generic_rpc_handlers((expert_handlers(servicer),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         _, echo_port = await _start_echo(256 << 20)
@@ -296,8 +292,8 @@ def check_expert_server(device: torch.device, dims: dict, server: ExpertServerPr
 
 
 def check_remote_experts(device: torch.device, dims: dict, server: ExpertServerProcess) -> dict:
-    """The gateway's path with inputs on `device`: RemoteExperts.run stages them to the host, plans, sends,
-    and brings the answer back (T x top_k pairs: 1 row takes the small planner, 256 the tensor one)."""
+    """The gateway's path with inputs on `device`: a dispatcher's layer call stages them to the host, plans,
+    sends, and brings the answer back (T x top_k pairs: 6 for one row, 1536 for 256)."""
     from moe_service.routing import LayerRoutes
     from moe_service.serving.gateway.remote import RemoteExperts, RoutingTable
 
@@ -308,6 +304,7 @@ def check_remote_experts(device: torch.device, dims: dict, server: ExpertServerP
     table = RoutingTable(1, {1: LayerRoutes(1, [[0]] * E)}, {0: address})
     # on a CPU dry run the host tensors are staged all the same, so the copies' logic runs there too
     remote = RemoteExperts(table, call_timeout_s=CALL_TIMEOUT_S, table_wait_s=1.0, stage_always=device.type == "cpu")
+    d = remote.dispatcher()
     timer = Timer(device)
     out: dict = {"batches": {}}
     try:
@@ -315,10 +312,10 @@ def check_remote_experts(device: torch.device, dims: dict, server: ExpertServerP
             x = torch.randn(T, dims["hidden"], device=device, dtype=dtype)
             scores = torch.rand(T, E, device=device)
             w, e = scores.topk(K, dim=-1)
-            got = remote.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S)
+            got = d.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S)
             want = local(x, w, e)
             rel = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
-            t = timer.median(lambda: remote.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S), repeats=20)
+            t = timer.median(lambda: d.run(1, x, w, e, deadline=time.monotonic() + CALL_TIMEOUT_S), repeats=20)
             out["batches"][T] = {"pairs": T * K, "answer_device": str(got.device), "relative_difference": rel,
                                  "s": t}
     finally:

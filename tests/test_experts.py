@@ -1,6 +1,7 @@
 """The gateway's routed experts over real expert servers on loopback (no Ray): the same output as
-in-process through any layout, each thread on its own streams, and the failover policy (a lost
-worker's pairs go to other replicas, or wait for a new table, and only the step's deadline fails a step)."""
+in-process through any layout, each model thread on its own dispatcher's streams, and the failover policy
+(a lost worker's pairs go to other replicas, or wait for a new table, and only the step's deadline fails
+a step)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from moe_service import load_model
 from moe_service.routing import LayerRoutes
 from moe_service.engine.engine import Engine
 from moe_service.engine.sampling import SamplingParams
-from moe_service.engine.scheduler import Scheduler, SchedulerConfig, StepDeadline
+from moe_service.engine.runner import StepDeadline
+from moe_service.engine.scheduler import SchedulerConfig
 from moe_service.serving.gateway.remote import RemoteExperts, RoutingTable
 from moe_service.transport import fastwire
 from moe_service.serving.worker.servicer import ExpertServicer
@@ -42,26 +44,29 @@ def table_of(replicas, servers, version: int = 1) -> RoutingTable:
                         {w: s.address for w, s in servers.items()})
 
 
+def call(remote: RemoteExperts, layer, x, w, e, deadline=None):
+    """One layer call on a dispatcher of its own: (the answer, the worker calls it made)."""
+    d = remote.dispatcher()
+    return d.run(layer, x, w, e, deadline), d.record.calls
+
+
 @pytest.mark.parametrize("num_workers,replicate", [(1, None), (2, None), (3, {0: [1, 2], 5: [0]}), (4, {3: [0, 1, 2]})])
 def test_remote_moe_layer_equals_in_process(loop, model, num_workers, replicate):
     hosts, replicas = split_experts(model, num_workers, replicate)
     servers = loop.run(start_workers(hosts))
-    stages: list[tuple[str, float]] = []
-    calls: list = []
-    remote = RemoteExperts(table_of(replicas, servers), on_stage=lambda *a: stages.append(a), on_call=calls.append)
+    remote = RemoteExperts(table_of(replicas, servers))
+    d = remote.dispatcher()
     try:
         # 37 tokens: every message small; 1200: large ones (tensors viewed, outputs written in place)
         for layer, T in itertools.product(model.args.moe_layers, (37, 1200)):
             _, x, w, e = layer_inputs(model, T, seed=layer)
             want = model.layers[layer].mlp.experts(x, w, e)
-            stages.clear()
-            calls.clear()
-            got = remote.run(layer, x, w, e)
+            got = d.run(layer, x, w, e)
+            calls, stages = d.record.calls, d.clock.totals()
             assert (got - want).abs().max().item() <= 1e-5
-            assert [s for s, _ in stages] == ["dispatch", "experts", "wire", "combine"]
-            seen = dict(stages)  # the wire's share of the experts stage: a part of it, never more
-            assert 0 <= seen["wire"] <= seen["experts"]
-            assert all(c.ok and c.compute_seconds > 0 for c in calls)
+            assert sorted(stages) == ["combine", "dispatch", "experts", "wire"]
+            assert 0 <= stages["wire"] <= stages["experts"]  # the wire's share of the experts stage, never more
+            assert all(c.ok and c.compute_seconds > 0 for c in calls) and len(calls) == len(servers)
             largest = max(c.bytes_received for c in calls)
             assert (largest >= fastwire.SMALL_MESSAGE) == (T > 37), largest
         assert remote.open_addresses() == {s.address for s in servers.values()}  # one stream per worker
@@ -77,12 +82,13 @@ def test_a_device_gateways_copies_run_on_this_machine_too(loop, model):
     hosts, replicas = split_experts(model, 2, {0: [1]})
     servers = loop.run(start_workers(hosts))
     remote = RemoteExperts(table_of(replicas, servers), stage_always=True)
+    d = remote.dispatcher()
     try:
         layer, x, w, e = layer_inputs(model, 9)
         for _ in range(3):  # buffers reused call after call
-            got = remote.run(layer, x, w, e)
+            got = d.run(layer, x, w, e)
             assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
-        assert remote.staging().copies == {"to_host": 6, "to_device": 3}
+        assert d.staging.copies == {"to_host": 6, "to_device": 3}
     finally:
         remote.close()
         for s in servers.values():
@@ -116,7 +122,7 @@ def test_a_layer_call_plans_from_the_staged_tensors_not_the_callers(loop, model,
     remote = RemoteExperts(table_of(replicas, servers))
     try:
         loop.run(servers[2].stop(0))  # and a retry: the lost worker's pairs are planned again
-        got = remote.run(layer, x.to("meta"), w.to("meta"), e.to("meta"))
+        got, _ = call(remote, layer, x.to("meta"), w.to("meta"), e.to("meta"))
         assert got.is_meta and len(answers) == 1
         assert (answers[0] - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
     finally:
@@ -129,11 +135,11 @@ def test_a_worker_started_empty_serves_the_dtype_it_is_then_given(loop, model):
     """The controller's recovery path starts a worker with no experts and loads them afterwards: it then
     computes in the loaded experts' dtype (bfloat16 here), not the float32 it would have guessed empty."""
     from moe_service.checkpoint import load_experts
-    from moe_service.serving.worker.servicer import HostedLayer, start_expert_server
+    from moe_service.serving.worker.servicer import HostedLayer
+    from moe_service.transport.server import start_expert_server
 
     args = model.args
-    servicer = ExpertServicer({}, worker_id="late", hidden_size=args.hidden_size, num_experts=args.n_routed_experts,
-                              replicas_per_layer=args.n_routed_experts)
+    servicer = ExpertServicer({}, worker_id="late", hidden_size=args.hidden_size, num_experts=args.n_routed_experts)
     server = loop.run(start_expert_server(servicer))
     layer = args.moe_layers[0]
     pairs = [(layer, e) for e in range(args.n_routed_experts)]
@@ -145,16 +151,47 @@ def test_a_worker_started_empty_serves_the_dtype_it_is_then_given(loop, model):
         for T in (3, 40):  # computed inline, and on the compute thread
             _, x, w, e = layer_inputs(model, T)
             x = x.bfloat16()
-            got = remote.run(layer, x, w, e)
+            got, _ = call(remote, layer, x, w, e)
             assert got.dtype == torch.bfloat16 and torch.equal(got, module(x, w, e))
     finally:
         remote.close()
         loop.run(server.stop(0))
 
 
+@pytest.mark.parametrize("T", [1, 40])
+def test_a_layer_call_turns_no_ids_or_rows_into_python_lists(loop, model, monkeypatch, T):
+    """Ids and rows cross the wire in one form each (the plan's tensors' bytes, read back with one
+    frombuffer): no Tensor.tolist anywhere in a layer call, gateway or worker side (the servers run in
+    this process), replicas split by share, and a lost worker's pairs planned again."""
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    remote = RemoteExperts(table_of(replicas, servers))
+    d = remote.dispatcher()
+    layer, x, w, e = layer_inputs(model, T, seed=T)
+    want = model.layers[layer].mlp.experts(x, w, e)
+
+    def no_lists(self):
+        raise AssertionError("a layer call turned a tensor into a Python list")
+
+    try:
+        d.run(layer, x, w, e)  # streams opened, routing tables built: once, not per call
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "tolist", no_lists)
+            got = d.run(layer, x, w, e)
+            loop.run(servers[2].stop(0))
+            retried = d.run(layer, x, w, e)
+        assert (got - want).abs().max().item() <= 1e-5 and (retried - want).abs().max().item() <= 1e-5
+        assert any(c.retried for c in d.record.calls)
+    finally:
+        remote.close()
+        for s in (servers[0], servers[1]):
+            loop.run(s.stop(0))
+
+
 def test_each_thread_uses_its_own_streams(loop, model):
-    """Two threads call at once (two micro-batches): each writes and reads on its own streams, and
-    both get exact answers."""
+    """Two threads call at once (two micro-batches), each with its own dispatcher: each writes and reads on
+    its own streams, and both get exact answers."""
     import threading
 
     hosts, replicas = split_experts(model, 2)
@@ -164,9 +201,10 @@ def test_each_thread_uses_its_own_streams(loop, model):
     try:
         def run(i: int) -> None:
             layer, x, w, e = layer_inputs(model, 5 + i, seed=i)
+            d = remote.dispatcher()
             for _ in range(20):
-                results[i] = (remote.run(layer, x, w, e) - model.layers[layer].mlp.experts(x, w, e)).abs().max()
-            mine[i] = remote.streams()
+                results[i] = (d.run(layer, x, w, e) - model.layers[layer].mlp.experts(x, w, e)).abs().max()
+            mine[i] = d.streams
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
         for t in threads:
@@ -176,7 +214,7 @@ def test_each_thread_uses_its_own_streams(loop, model):
         assert all(v.item() <= 1e-5 for v in results.values()) and len(results) == 2
         assert mine[0] is not mine[1] and mine[0].loop is not mine[1].loop
         assert remote.open_addresses() == {servers[0].address, servers[1].address}
-        # a new table without worker 1 (between steps): every thread's stream to it closes
+        # a new table without worker 1 (between steps): every dispatcher's stream to it closes
         remote.switch(RoutingTable(2, remote.table.routes, {0: servers[0].address}))
         assert remote.open_addresses() == {servers[0].address}
     finally:
@@ -185,18 +223,17 @@ def test_each_thread_uses_its_own_streams(loop, model):
             loop.run(s.stop(0))
 
 
-@pytest.mark.parametrize("T", [4, 40])  # 16 pairs: the small re-plan; 160: the tensor path
+@pytest.mark.parametrize("T", [4, 40])
 def test_lost_worker_with_replicas_retries_only_its_pairs(loop, model, T):
     E = model.args.n_routed_experts
     # every expert on its home worker e % 3 and on one more, so any one worker can be lost
     hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
     servers = loop.run(start_workers(hosts))
-    calls = []
-    remote = RemoteExperts(table_of(replicas, servers), on_call=calls.append)
+    remote = RemoteExperts(table_of(replicas, servers))
     try:
         layer, x, w, e = layer_inputs(model, T, seed=T)
         loop.run(servers[2].stop(0))
-        got = remote.run(layer, x, w, e)
+        got, calls = call(remote, layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         failed = [c for c in calls if not c.ok]
         assert [c.worker for c in failed] == [2]
@@ -226,13 +263,12 @@ def test_lost_only_replica_waits_for_a_new_table_and_keeps_the_steps_own(loop, m
         asked.append((set(excluded), version))
         return newer
 
-    calls = []
     first = table_of(replicas, servers)
-    remote = RemoteExperts(first, wait_for_table=wait_for_table, on_call=calls.append)
+    remote = RemoteExperts(first, wait_for_table=wait_for_table)
     try:
         layer, x, w, e = layer_inputs(model, T, seed=T)
         loop.run(servers[1].stop(0))
-        got = remote.run(layer, x, w, e)
+        got, calls = call(remote, layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         assert asked == [({1}, 1)]
         assert remote.table is first, "a call's new table replaced the gateway's mid-step"
@@ -249,12 +285,11 @@ def test_a_worker_that_no_longer_hosts_an_expert_is_a_lost_worker(loop, model):
     E = model.args.n_routed_experts
     hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
     servers = loop.run(start_workers(hosts))
-    calls = []
-    remote = RemoteExperts(table_of(replicas, servers), on_call=calls.append)
+    remote = RemoteExperts(table_of(replicas, servers))
     try:
         layer, x, w, e = layer_inputs(model, 40)
         servers[1].servicer.set_hosted({})  # worker 1 dropped every replica
-        got = remote.run(layer, x, w, e)
+        got, calls = call(remote, layer, x, w, e)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         assert any(not c.ok and c.worker == 1 for c in calls) and all(c.worker == 0 for c in calls if c.retried)
     finally:
@@ -281,12 +316,12 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
     stuck = RemoteExperts(RoutingTable(1, table.routes, {0: hung_too.address, 1: hung.address}), call_timeout_s=0.3)
     try:
         layer, x, w, e = layer_inputs(model, 8)
-        got = remote.run(layer, x, w, e, deadline=time.monotonic() + 20)
+        got, _ = call(remote, layer, x, w, e, deadline=time.monotonic() + 20)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         # with every replica hung, the step fails when its deadline passes, and only then
         t0 = time.monotonic()
         with pytest.raises(StepDeadline):
-            stuck.run(layer, x, w, e, deadline=t0 + 1.0)
+            call(stuck, layer, x, w, e, deadline=t0 + 1.0)
         assert 0.9 <= time.monotonic() - t0 < 3.0
     finally:
         remote.close()
@@ -295,45 +330,51 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
             loop.run(s.stop(0))
 
 
+class KillingServicer(ExpertServicer):
+    """Worker 0: at its 20th request, stops worker 2's server on this loop, while other calls are in flight."""
+
+    requests = 0
+    victim = None
+
+    async def _answer(self, request, deadline):
+        KillingServicer.requests += 1
+        if KillingServicer.requests == 20:
+            asyncio.ensure_future(KillingServicer.victim.stop(0))
+        return await super()._answer(request, deadline)
+
+
 def test_worker_lost_in_a_step_mixing_prefill_and_decode_changes_no_token(loop, model):
-    """The scheduler runs decode and prefill micro-batches in one step; a worker goes away during
-    one of them. Every stream equals the in-process engine's, and no request fails."""
+    """The engine runs decode and prefill micro-batches in one step; a worker goes away during one of
+    them. Every stream equals the in-process engine's, and no request fails."""
     E = model.args.n_routed_experts
     hosts, replicas = split_experts(model, 3, {e: [(e + 1) % 3] for e in range(E)})
-    servers = loop.run(start_workers(hosts))
-    state = {"calls": 0, "killed_at": None, "retried": 0}
-
-    def on_call(c) -> None:
-        state["calls"] += 1
-        state["retried"] += c.retried
-        if state["calls"] == 40 and state["killed_at"] is None:
-            state["killed_at"] = sched.last_step
-            # on the servers' loop, while other calls are in flight
-            loop.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(servers[2].stop(0)))
-
-    remote = RemoteExperts(table_of(replicas, servers), on_call=on_call)
-
-    sched = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=128, prefill_chunk=8, step_token_budget=8,
-                                             micro_batches=2), backend=lambda deadline, _: remote.backend(deadline))
+    servers = {**loop.run(start_workers({0: hosts[0]}, servicer_class=KillingServicer)),
+               **loop.run(start_workers({1: hosts[1], 2: hosts[2]}))}
+    KillingServicer.requests, KillingServicer.victim = 0, servers[2]
+    remote = RemoteExperts(table_of(replicas, servers))
+    engine = Engine(model, config=SchedulerConfig(max_running=8, max_seq_len=128, prefill_chunk=8, step_token_budget=8,
+                                                  micro_batches=2), dispatchers=remote.dispatcher)
     g = torch.Generator().manual_seed(3)
     prompts = [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 5, 21)]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     events: dict[int, list] = {i: [] for i in range(len(prompts))}
-    mixed = []
+    mixed, retried = [], 0
     try:
         for i, p in enumerate(prompts):
-            sched.submit(p, params, events[i].append, timeout_s=60)
-        while sched.has_work:
-            stats = sched.step()
+            engine.add(p, params, events[i].append, timeout_s=60)
+        while engine.has_work:
+            stats = engine.step()
             mixed.append(stats.decode_rows > 0 and stats.prefill_rows > 0)
+            retried += sum(c.retried for o in stats.outcomes for c in o.record.calls)
             assert not stats.failures, [e for ev in events.values() for e in ev if e[0] == "error"]
-        engine = Engine(model)
+        reference = Engine(model)
         for i, p in enumerate(prompts):
             tokens = [ev[1][0] for ev in events[i] if ev[0] == "token"]
             assert events[i][-1][0] == "finish", events[i][-1]
-            assert tokens == engine.generate([p], params)[0].output, i
-        assert state["killed_at"] is not None and state["retried"] and any(mixed)
+            assert tokens == reference.generate([p], params)[0].output, i
+        assert KillingServicer.requests > 20 and retried and any(mixed)
     finally:
+        engine.close()
         remote.close()
         for w in (0, 1):
             loop.run(servers[w].stop(0))
@@ -361,14 +402,15 @@ def test_ping_pong_keeps_one_micro_batch_on_the_wire_while_the_other_computes(lo
     slow = loop.run(start_workers(hosts, servicer_class=SlowServicer))[0]
     SlowServicer.intervals = []
     remote = RemoteExperts(table_of(replicas, {0: slow}))
-    sched = Scheduler(model, SchedulerConfig(max_running=4, max_seq_len=64, micro_batches=2), backend=lambda deadline, _: remote.backend(deadline))
+    sched = Engine(model, config=SchedulerConfig(max_running=4, max_seq_len=64, micro_batches=2),
+                   dispatchers=remote.dispatcher)
     g = torch.Generator().manual_seed(5)
     prompts = [[1] + torch.randint(3, 512, (4,), generator=g).tolist() for _ in range(4)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     events: dict[int, list] = {i: [] for i in range(len(prompts))}
     try:
         for i, p in enumerate(prompts):
-            sched.submit(p, params, events[i].append, timeout_s=60)
+            sched.add(p, params, events[i].append, timeout_s=60)
         decode_steps = []
         while sched.has_work:
             stats = sched.step()
@@ -384,5 +426,6 @@ def test_ping_pong_keeps_one_micro_batch_on_the_wire_while_the_other_computes(lo
         for i, p in enumerate(prompts):
             assert [ev[1][0] for ev in events[i] if ev[0] == "token"] == engine.generate([p], params)[0].output
     finally:
+        sched.close()
         remote.close()
         loop.run(slow.stop(0))

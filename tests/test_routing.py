@@ -1,5 +1,5 @@
-"""Dispatch plans: every (token, expert) pair goes to exactly one replica, shares are honoured, and
-the small-batch path plans exactly like the tensor path."""
+"""Dispatch plans: every (token, expert) pair goes to exactly one replica, shares are honoured, and the
+tensor planner plans exactly as a plain loop over the pairs would."""
 
 from __future__ import annotations
 
@@ -7,7 +7,53 @@ import pytest
 import torch
 
 from moe_service.routing import LayerRoutes, NoReplicaError, combine, plan_dispatch
-from moe_service.routing import dispatch
+
+
+def reference_plan(experts: torch.Tensor, weights: torch.Tensor, routes: LayerRoutes) -> list[tuple]:
+    """The replica rule as a plain loop: an expert's pairs split by share in token order (pair i of an
+    expert's n sits at (i + 0.5) / n and goes to the replica whose cumulative share first reaches it);
+    -1 is no pair. -> [(worker, rows, experts, weights)] by worker."""
+    ex, wt = experts.tolist(), weights.tolist()
+    K = len(ex[0]) if ex else 0
+    counts: dict[int, int] = {}
+    for row in ex:
+        for e in row:
+            if e >= 0:
+                counts[e] = counts.get(e, 0) + 1
+    seen: dict[int, int] = {}
+    per_worker: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
+    for t, (row, wrow) in enumerate(zip(ex, wt)):
+        for k, (e, w) in enumerate(zip(row, wrow)):
+            if e < 0:
+                continue
+            reps = routes.replicas[e]
+            if not reps:
+                raise NoReplicaError(routes.layer, e)
+            rank = seen.get(e, 0)
+            seen[e] = rank + 1
+            place = (rank + 0.5) / counts[e]
+            shares = routes.shares[e] if routes.shares else [1.0 / len(reps)] * len(reps)
+            acc, worker = 0.0, reps[-1]
+            for r, sh in zip(reps, shares):
+                acc += sh
+                if place <= acc:
+                    worker = r
+                    break
+            es, ws = per_worker.setdefault(worker, {}).setdefault(t, ([-1] * K, [0.0] * K))
+            es[k], ws[k] = e, w
+    return [(w, sorted(rows), [rows[t][0] for t in sorted(rows)], [rows[t][1] for t in sorted(rows)])
+            for w, rows in sorted(per_worker.items())]
+
+
+def planned(experts, weights, routes) -> list:
+    """plan_dispatch's plan, checked against the reference and the wire's forms."""
+    plan = plan_dispatch(experts, weights, routes)
+    want = reference_plan(experts, weights, routes)
+    assert [d.worker for d in plan] == [w for w, *_ in want]
+    for d, (_, rows, ex, wt) in zip(plan, want):
+        assert d.rows.tolist() == rows and d.experts.tolist() == ex and torch.equal(d.weights, torch.tensor(wt))
+        assert d.experts.dtype == torch.int32 and d.weights.dtype == torch.float32
+    return plan
 
 
 def random_routes(E: int, W: int, seed: int) -> LayerRoutes:
@@ -42,28 +88,13 @@ def test_every_pair_lands_once_and_paths_agree(T):
                     assert float(d.weights[i, k]) == float(weights[t, kk])
                     seen[t, kk] += 1
     assert bool((seen == 1).all())
-    # the plain-Python plan for small batches equals the tensor plan
-    old = dispatch.SMALL_PLAN
-    try:
-        dispatch.SMALL_PLAN = -1
-        tensor_plan = plan_dispatch(experts, weights, routes)
-    finally:
-        dispatch.SMALL_PLAN = old
-    assert [d.worker for d in plan] == [d.worker for d in tensor_plan]
-    for a, b in zip(plan, tensor_plan):
-        assert torch.equal(a.rows, b.rows) and torch.equal(a.experts, b.experts) and torch.equal(a.weights, b.weights)
+    planned(experts, weights, routes)
 
 
 def test_shares_split_a_hot_expert_in_proportion():
     routes = LayerRoutes(0, [[0, 1]], [[0.25, 0.75]])
-    experts = torch.zeros(400, 1, dtype=torch.long)
-    for limit in (10**9, -1):  # both paths
-        dispatch.SMALL_PLAN, old = limit, dispatch.SMALL_PLAN
-        try:
-            plan = {d.worker: len(d.rows) for d in plan_dispatch(experts, torch.ones(400, 1), routes)}
-        finally:
-            dispatch.SMALL_PLAN = old
-        assert plan == {0: 100, 1: 300}
+    plan = planned(torch.zeros(400, 1, dtype=torch.long), torch.ones(400, 1), routes)
+    assert {d.worker: len(d.rows) for d in plan} == {0: 100, 1: 300}
 
 
 def test_no_replica_left_is_an_error_and_combine_adds_parts():
@@ -75,8 +106,10 @@ def test_no_replica_left_is_an_error_and_combine_adds_parts():
 
 
 def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
-    """A backend may answer with a function (the gateway's does, having sent the dispatch): the
-    shared experts run before it is called, and the layer's output is the same as in-process."""
+    """A dispatcher sends a layer's routed experts and answers later: the shared experts run before the
+    model waits, and the layer's output is the same as in-process."""
+    from types import SimpleNamespace
+
     from moe_service.checkpoint import load_model
 
     model = load_model("tiny")
@@ -85,14 +118,17 @@ def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
     expected = moe(x)
     events: list[str] = []
 
-    def backend(layer, h, weights, experts):
-        value = moe.experts(h, weights, experts)
+    class Dispatcher:
+        @staticmethod
+        def send(layer, h, weights, experts):
+            value = moe.experts(h, weights, experts)
+            events.append("sent")
 
-        def answer():
-            events.append("answer awaited")
-            return value
+            def wait():
+                events.append("answer awaited")
+                return value
 
-        return answer
+            return SimpleNamespace(wait=wait)
 
     shared = moe.shared_experts.forward
 
@@ -101,24 +137,11 @@ def test_shared_experts_run_while_a_remote_result_is_pending(monkeypatch):
         return shared(h)
 
     monkeypatch.setattr(moe.shared_experts, "forward", shared_then_answer)
-    assert torch.equal(moe(x, backend), expected)
-    assert events == ["shared experts", "answer awaited"]
+    assert torch.equal(moe(x, Dispatcher), expected)
+    assert events == ["sent", "shared experts", "answer awaited"]
 
 
-def _both_paths(experts, weights, routes):
-    """(small-path plan, tensor-path plan) of the same input."""
-    old = dispatch.SMALL_PLAN
-    try:
-        dispatch.SMALL_PLAN = 10**9
-        small = plan_dispatch(experts, weights, routes)
-        dispatch.SMALL_PLAN = -1
-        large = plan_dispatch(experts, weights, routes)
-    finally:
-        dispatch.SMALL_PLAN = old
-    return small, large
-
-
-@pytest.mark.parametrize("T", [3, 40])  # a small re-plan (<= 64 pairs) and a large one
+@pytest.mark.parametrize("T", [3, 40])
 @pytest.mark.parametrize("replicated", [False, True])
 def test_padding_is_never_planned_as_an_expert(T, replicated):
     """A re-plan gets the lost worker's pairs with -1 elsewhere (the wire's convention): -1 is no
@@ -136,23 +159,20 @@ def test_padding_is_never_planned_as_an_expert(T, replicated):
     keep = torch.rand(T, K, generator=g) < 0.3
     keep[::4] = False  # some rows are padding only
     pending = torch.where(keep, experts, -1)
-    for plan in _both_paths(pending, weights, routes):
-        sent = torch.cat([d.rows for d in plan]) if plan else torch.zeros(0, dtype=torch.long)
-        assert set(sent.tolist()) == set(keep.any(1).nonzero().squeeze(1).tolist())
-        count = torch.zeros(T, K, dtype=torch.long)
-        for d in plan:
-            assert bool((d.experts >= 0).any(1).all()), "a row with only padding was sent"
-            for i, t in enumerate(d.rows.tolist()):
-                for k in range(K):
-                    if d.experts[i, k] >= 0:
-                        assert d.worker in reps[int(d.experts[i, k])]
-                        count[t, k] += 1
-                        assert int(d.experts[i, k]) == int(experts[t, k])
-                        assert float(d.weights[i, k]) == float(weights[t, k])
-        assert torch.equal(count, keep.long())
-    small, large = _both_paths(pending, weights, routes)
-    assert [(d.worker, d.rows.tolist(), d.experts.tolist()) for d in small] == \
-           [(d.worker, d.rows.tolist(), d.experts.tolist()) for d in large]
+    plan = planned(pending, weights, routes)
+    sent = torch.cat([d.rows for d in plan]) if plan else torch.zeros(0, dtype=torch.long)
+    assert set(sent.tolist()) == set(keep.any(1).nonzero().squeeze(1).tolist())
+    count = torch.zeros(T, K, dtype=torch.long)
+    for d in plan:
+        assert bool((d.experts >= 0).any(1).all()), "a row with only padding was sent"
+        for i, t in enumerate(d.rows.tolist()):
+            for k in range(K):
+                if d.experts[i, k] >= 0:
+                    assert d.worker in reps[int(d.experts[i, k])]
+                    count[t, k] += 1
+                    assert int(d.experts[i, k]) == int(experts[t, k])
+                    assert float(d.weights[i, k]) == float(weights[t, k])
+    assert torch.equal(count, keep.long())
 
 
 def test_padding_does_not_skew_a_replicated_split():
@@ -162,5 +182,5 @@ def test_padding_does_not_skew_a_replicated_split():
     routes = LayerRoutes(0, [[0]] * (E - 1) + [[0, 1]], [[1.0]] * (E - 1) + [[0.5, 0.5]])
     experts = torch.full((80, 1), E - 1)
     padded = torch.cat([experts, torch.full((80, 1), -1)], 1)
-    for a, b in zip(_both_paths(experts, torch.ones(80, 1), routes), _both_paths(padded, torch.ones(80, 2), routes)):
-        assert {d.worker: len(d.rows) for d in a} == {d.worker: len(d.rows) for d in b} == {0: 40, 1: 40}
+    a, b = planned(experts, torch.ones(80, 1), routes), planned(padded, torch.ones(80, 2), routes)
+    assert {d.worker: len(d.rows) for d in a} == {d.worker: len(d.rows) for d in b} == {0: 40, 1: 40}

@@ -1,5 +1,5 @@
-"""Continuous batching without Ray: chunked prefill, KV accounting, bounded queue, cancellation,
-and per-request sampling that does not depend on the batch."""
+"""The engine's continuous batching without Ray: chunked prefill, KV accounting, bounded queue,
+cancellation, and per-request sampling that does not depend on the batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from moe_service import load_model
 from moe_service.engine.engine import Engine
 from moe_service.engine.sampling import SamplingParams
-from moe_service.engine.scheduler import Rejected, Scheduler, SchedulerConfig
+from moe_service.engine.scheduler import Rejected, SchedulerConfig
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ class Collector:
         return any(e[0] in ("finish", "error") for e in self.events)
 
 
-def run_all(s: Scheduler, max_steps: int = 10_000) -> int:
+def run_all(s: Engine, max_steps: int = 10_000) -> int:
     steps = 0
     while s.has_work and steps < max_steps:
         s.step()
@@ -46,12 +46,12 @@ def run_all(s: Scheduler, max_steps: int = 10_000) -> int:
 
 def test_outputs_equal_the_reference_engine(model):
     cfg = SchedulerConfig(max_running=3, max_seq_len=512, prefill_chunk=32, step_token_budget=48)
-    s = Scheduler(model, cfg)
+    s = Engine(model, config=cfg)
     lengths = (3, 70, 9, 200, 17)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     cols = [Collector() for _ in lengths]
     for i, (n, c) in enumerate(zip(lengths, cols)):
-        s.submit(prompt(n, i), params, c)
+        s.add(prompt(n, i), params, c)
     run_all(s)
     eng = Engine(model)
     for i, (n, c) in enumerate(zip(lengths, cols)):
@@ -59,18 +59,18 @@ def test_outputs_equal_the_reference_engine(model):
         assert c.events[-1][0] == "finish" and c.events[-1][1][0] == "length"
     assert s.stats() == {"running": 0, "waiting": 0, "kv_reserved_tokens": 0, "kv_capacity_tokens": 3 * 512,
                          "kv_used_tokens": 0}
-    assert sorted(s.free_slots) == [0, 1, 2]
+    assert sorted(s.scheduler.free_slots) == [0, 1, 2]
 
 
 def test_long_prompt_is_chunked_while_streams_keep_flowing(model):
     cfg = SchedulerConfig(max_running=4, max_seq_len=1024, prefill_chunk=64, step_token_budget=64)
-    s = Scheduler(model, cfg)
+    s = Engine(model, config=cfg)
     short = Collector()
-    s.submit(prompt(5), SamplingParams(max_new_tokens=50, ignore_eos=True), short)
+    s.add(prompt(5), SamplingParams(max_new_tokens=50, ignore_eos=True), short)
     s.step()
     assert len(short.tokens) == 1
     long = Collector()
-    s.submit(prompt(400, 1), SamplingParams(max_new_tokens=4, ignore_eos=True), long)
+    s.add(prompt(400, 1), SamplingParams(max_new_tokens=4, ignore_eos=True), long)
     for i in range(6):  # 400 prompt tokens at 64 per step: six steps of prefill
         before = len(short.tokens)
         stats = s.step()
@@ -83,13 +83,13 @@ def test_long_prompt_is_chunked_while_streams_keep_flowing(model):
 
 def test_kv_capacity_makes_requests_wait_and_rejects_what_never_fits(model):
     cfg = SchedulerConfig(max_running=4, max_seq_len=256, kv_capacity_tokens=100)
-    s = Scheduler(model, cfg)
+    s = Engine(model, config=cfg)
     with pytest.raises(Rejected) as err:
-        s.submit(prompt(60), SamplingParams(max_new_tokens=50), Collector())
+        s.add(prompt(60), SamplingParams(max_new_tokens=50), Collector())
     assert err.value.kind == "exhausted" and "needs 110 KV cache tokens; the cache holds 100" in str(err.value)
     a, b = Collector(), Collector()
-    s.submit(prompt(30), SamplingParams(max_new_tokens=30, ignore_eos=True), a)  # reserves 60
-    s.submit(prompt(30, 1), SamplingParams(max_new_tokens=30, ignore_eos=True), b)  # 60 more: must wait
+    s.add(prompt(30), SamplingParams(max_new_tokens=30, ignore_eos=True), a)  # reserves 60
+    s.add(prompt(30, 1), SamplingParams(max_new_tokens=30, ignore_eos=True), b)  # 60 more: must wait
     s.step()
     assert s.stats()["running"] == 1 and s.stats()["waiting"] == 1 and s.stats()["kv_reserved_tokens"] == 60
     while not a.done:
@@ -101,12 +101,12 @@ def test_kv_capacity_makes_requests_wait_and_rejects_what_never_fits(model):
 
 
 def test_full_queue_rejects_at_once(model):
-    s = Scheduler(model, SchedulerConfig(max_running=1, max_seq_len=64, max_queue=2))
+    s = Engine(model, config=SchedulerConfig(max_running=1, max_seq_len=64, max_queue=2))
     p = SamplingParams(max_new_tokens=4)
-    s.submit(prompt(4), p, Collector())
-    s.submit(prompt(4), p, Collector())
+    s.add(prompt(4), p, Collector())
+    s.add(prompt(4), p, Collector())
     with pytest.raises(Rejected) as err:
-        s.submit(prompt(4), p, Collector())
+        s.add(prompt(4), p, Collector())
     assert err.value.kind == "exhausted" and "queue is full (2 requests waiting" in str(err.value)
 
 
@@ -118,40 +118,40 @@ def test_full_queue_rejects_at_once(model):
     (dict(stop_token_ids=(10**7,)), "stop_token_ids"),
 ])
 def test_bad_sampling_parameters_are_invalid(model, bad, words):
-    s = Scheduler(model, SchedulerConfig(max_running=1, max_seq_len=64))
+    s = Engine(model, config=SchedulerConfig(max_running=1, max_seq_len=64))
     with pytest.raises(Rejected) as err:
-        s.submit(prompt(4), SamplingParams(**bad), Collector())
+        s.add(prompt(4), SamplingParams(**bad), Collector())
     assert err.value.kind == "invalid" and words in str(err.value)
 
 
 def test_cancel_and_deadline_free_slot_and_cache(model):
-    s = Scheduler(model, SchedulerConfig(max_running=2, max_seq_len=128))
+    s = Engine(model, config=SchedulerConfig(max_running=2, max_seq_len=128))
     p = SamplingParams(max_new_tokens=100, ignore_eos=True)
     a, b = Collector(), Collector()
-    ra = s.submit(prompt(8), p, a)
-    s.submit(prompt(8, 1), p, b, timeout_s=1e-9)  # its deadline has passed by the next step
+    ra = s.add(prompt(8), p, a)
+    s.add(prompt(8, 1), p, b, timeout_s=1e-9)  # its deadline has passed by the next step
     s.step()
     assert b.events and b.events[-1][0] == "error" and b.events[-1][1][0] == "deadline"
     assert s.stats()["running"] == 1
     s.cancel(ra)
     s.step()
     assert a.events[-1] == ("error", ("cancelled", "request cancelled"))
-    assert s.stats()["running"] == 0 and s.stats()["kv_reserved_tokens"] == 0 and len(s.free_slots) == 2
+    assert s.stats()["running"] == 0 and s.stats()["kv_reserved_tokens"] == 0 and len(s.scheduler.free_slots) == 2
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_batch(model):
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone = Collector()
-    s = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=256))
-    s.submit(prompt(10), params, alone)
+    s = Engine(model, config=SchedulerConfig(max_running=8, max_seq_len=256))
+    s.add(prompt(10), params, alone)
     run_all(s)
-    s = Scheduler(model, SchedulerConfig(max_running=8, max_seq_len=256, prefill_chunk=16, step_token_budget=32))
+    s = Engine(model, config=SchedulerConfig(max_running=8, max_seq_len=256, prefill_chunk=16, step_token_budget=32))
     others = [Collector() for _ in range(5)]
     for i, c in enumerate(others[:3]):
-        s.submit(prompt(5 + 7 * i, 10 + i), SamplingParams(max_new_tokens=15, temperature=1.0, seed=i), c)
+        s.add(prompt(5 + 7 * i, 10 + i), SamplingParams(max_new_tokens=15, temperature=1.0, seed=i), c)
     mixed = Collector()
-    s.submit(prompt(10), params, mixed)
+    s.add(prompt(10), params, mixed)
     for i, c in enumerate(others[3:]):
-        s.submit(prompt(30, 20 + i), SamplingParams(max_new_tokens=25, temperature=0.7), c)
+        s.add(prompt(30, 20 + i), SamplingParams(max_new_tokens=25, temperature=0.7), c)
     run_all(s)
     assert mixed.tokens == alone.tokens and len(alone.tokens) == 20

@@ -179,7 +179,7 @@ def test_worker_that_cannot_load_fails_loudly(ray_local, tmp_path):
     """A missing expert tensor: the controller's start fails naming it, and nothing reports healthy."""
     from safetensors.torch import load_file, save_file
 
-    from moe_service.serving.control.controller import ControllerActor
+    from moe_service.serving.control.actor import ControllerActor
 
     write_checkpoint(tmp_path, ORACLE_CONFIG)
     tensors = load_file(tmp_path / "model.safetensors")

@@ -20,7 +20,8 @@ from moe_service.bench.common import log
 from moe_service.model.experts import RoutedExperts
 from moe_service.transport import fastwire
 from moe_service.transport.expert_client import ExpertClient, ExpertStreams
-from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer, start_expert_server
+from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
+from moe_service.transport.server import start_expert_server
 from moe_service.transport.memory import keep_large_buffers
 from moe_service.transport.options import grpc_options
 
@@ -145,7 +146,7 @@ async def _start_servers(hidden: int, experts: int) -> tuple[list, str, int]:
     torch.nn.init.normal_(module.gate_up_proj, std=0.02)
     torch.nn.init.normal_(module.down_proj, std=0.02)
     servicer = ExpertServicer({1: HostedLayer.build(module, list(range(experts)), experts)}, worker_id="bench",
-                              hidden_size=hidden, num_experts=experts, replicas_per_layer=experts,
+                              hidden_size=hidden, num_experts=experts,
                               max_message_bytes=MAX_BYTES)
     expert_server = await start_expert_server(servicer)
     echo_server, echo_port = await _start_echo(MAX_BYTES)

@@ -11,6 +11,7 @@ import io
 import keyword
 import tokenize
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -83,12 +84,15 @@ def route(model, ids: list[int], window: int = 512) -> dict[int, torch.Tensor]:
     """Each MoE layer's chosen experts [N, K] for the tokens `ids`, run in windows of `window` tokens."""
     chosen: dict[int, list[torch.Tensor]] = {layer: [] for layer in model.args.moe_layers}
 
-    def backend(layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        chosen[layer].append(experts.clone())
-        return model.layers[layer].mlp.experts(x, weights, experts)
+    class Recorder:  # a dispatcher that runs the layer's own experts and notes what the gate chose
+        @staticmethod
+        def send(layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+            chosen[layer].append(experts.clone())
+            out = model.layers[layer].mlp.experts(x, weights, experts)
+            return SimpleNamespace(wait=lambda: out)
 
     for i in range(0, len(ids), window):
-        model(torch.tensor([ids[i : i + window]]), backend=backend)
+        model(torch.tensor([ids[i : i + window]]), dispatcher=Recorder)
     return {layer: torch.cat(parts) for layer, parts in chosen.items()}
 
 

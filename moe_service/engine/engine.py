@@ -1,87 +1,38 @@
-"""In-process generation with the compressed KV cache: the reference the service is checked against."""
+"""The engine: continuous batching over the compressed KV cache, one step at a time.
+
+`step()` is the one generation loop's body: the scheduler decides what runs, the runner runs it, and
+the results are applied here (tokens appended and sent to their clients, finished sequences released).
+In-process, `Engine(model).generate(prompts, params)` is the reference the service is checked against;
+the gateway runs the same engine with its routed experts remote, stepped by `EngineLoop`.
+"""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
-import torch
-
+from moe_service.engine.runner import ModelRunner, Outcome, StepDispatcher
+from moe_service.engine.sampling import Logprobs, SamplingParams
+from moe_service.engine.scheduler import Rejected, Scheduler, SchedulerConfig
+from moe_service.engine.sequence import Event, Sequence
+from moe_service.engine.tokenizer import Tokenizer
 from moe_service.model.cache import LatentCache
-from moe_service.model.moe import ExpertBackend
 from moe_service.model.transformer import Transformer
-from moe_service.engine.sampling import SamplerState, SamplingParams, sample
-from moe_service.engine.tokenizer import Detokenizer, Tokenizer
-
-
-def check_tokens(ids: list[int], vocab_size: int, limit: int, what: str = "prompt") -> None:
-    """The one check of a token sequence from a client: not empty, at most `limit` tokens, every id in
-    the vocabulary. ValueError naming what was wrong and what is allowed."""
-    if not ids:
-        raise ValueError(f"{what} is empty; give text or at least one token id")
-    if len(ids) > limit:
-        raise ValueError(f"{what} has {len(ids)} tokens; this service accepts at most {limit}")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"{what} has token id {bad}; token ids are in [0, {vocab_size})")
 
 
 @dataclass
-class Sequence:
-    """One request's state: what it asked for, what it has produced, whether it is done."""
+class StepStats:
+    decode_rows: int = 0
+    prefill_rows: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)  # the cause of each micro-batch that failed
+    outcomes: list[Outcome] = field(default_factory=list)  # each micro-batch's stages and dispatch record
 
-    prompt: list[int]
-    params: SamplingParams
-    eos_token_id: int | None = None
-    detok: Detokenizer | None = None
-    output: list[int] = field(default_factory=list)
-    text: str = ""  # released so far
-    pending: str = ""  # decoded, held back (it may start a stop string)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | ...
-    sampler: SamplerState = field(init=False)
-    t_start: float = field(default_factory=time.monotonic)
-    t_first: float | None = None
-
-    def __post_init__(self) -> None:
-        self.sampler = SamplerState(self.params)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def length(self) -> int:
-        """Tokens in the cache once the last output token is fed back."""
-        return len(self.prompt) + len(self.output)
-
-    def append(self, token: int) -> str:
-        """Record a sampled token, update the stop state, and return the text it releases. With stop
-        strings, text that may be the start of one is held back until it is not (or the sequence ends);
-        the text never includes the stop string itself."""
-        if self.t_first is None:
-            self.t_first = time.monotonic()
-        self.output.append(token)
-        p = self.params
-        if self.detok is not None:
-            self.pending += self.detok.push(token)
-        if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
-            self.finish_reason = "stop"
-        elif len(self.output) >= p.max_new_tokens:
-            self.finish_reason = "length"
-        hold = 0
-        if p.stop_strings and self.pending:
-            # a stop string can only begin in the held-back text (everything that might start one is held)
-            tail = self.pending
-            hit = min((i for i in (tail.find(s) for s in p.stop_strings) if i >= 0), default=-1)
-            if hit >= 0:
-                self.finish_reason, self.pending = "stop", tail[:hit]
-            elif not self.finished:
-                hold = max((k for s in p.stop_strings for k in range(min(len(s) - 1, len(tail)), 0, -1)
-                            if s.startswith(tail[-k:])), default=0)
-        piece, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        self.text += piece
-        return piece
 
 @dataclass
 class StepOutput:
@@ -89,59 +40,151 @@ class StepOutput:
     token: int
     piece: str
     finish_reason: str | None
+    logprobs: Logprobs | None = None  # with params.logprobs
 
 
 class Engine:
-    """Static batching over one LatentCache: prefill every prompt in one padded step, then decode
-    the unfinished rows together. `backend` moves the routed experts elsewhere (the service)."""
+    """`config` sizes the cache and the batch; without one (the in-process reference), each `generate` or
+    `stream` call gets a cache sized for its prompts. `dispatchers` runs the routed experts elsewhere
+    (ModelRunner)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
-                 backend: ExpertBackend | None = None) -> None:
-        self.model, self.tokenizer, self.backend = model, tokenizer, backend
-        self.args = model.args
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: SchedulerConfig | None = None,
+                 dispatchers: Callable[[], StepDispatcher] | None = None, workload_rows: bool = False) -> None:
+        self.model, self.tokenizer, self.args = model, tokenizer, model.args
+        self.dispatchers, self.workload_rows = dispatchers, workload_rows
+        self.sized_per_call = config is None
+        self.lock = threading.Lock()  # the inbox: add() from any thread, step() on one
+        self.inbox: deque[Sequence] = deque()
+        self.ids = itertools.count(1)
+        self._size(config or SchedulerConfig(max_running=1, max_seq_len=1))
 
-    def _new(self, prompt: list[int], params: SamplingParams) -> Sequence:
-        check_tokens(prompt, self.args.vocab_size, self.args.max_position_embeddings)
-        params.validate(self.args.vocab_size)
+    def _size(self, config: SchedulerConfig) -> None:
+        if config.max_seq_len > self.args.max_position_embeddings:
+            config.max_seq_len = self.args.max_position_embeddings
+        self.config = config
+        w = self.model.embed_tokens.weight
+        self.cache = LatentCache(self.args, config.max_running, config.max_seq_len, dtype=w.dtype, device=w.device)
+        self.scheduler = Scheduler(config)
+        self.runner = ModelRunner(self.model, self.cache, self.dispatchers, config.micro_batches or 1,
+                                  self.workload_rows)
+
+    # ---- requests (any thread) ---------------------------------------------------------------
+
+    def add(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None] = lambda e: None,
+            timeout_s: float | None = None, workload: int = 0) -> Sequence:
+        c = self.config
+        c.validate(prompt, params, self.args.vocab_size)
         detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
-        return Sequence(prompt, params, self.args.eos_token_id, detok)
+        seq = Sequence(prompt, params, self.args.eos_token_id, detok, emit,
+                       time.monotonic() + timeout_s if timeout_s else None, workload, next(self.ids))
+        with self.lock:
+            if len(self.inbox) + len(self.scheduler.waiting) >= c.max_queue:
+                raise Rejected("exhausted", f"the waiting queue is full ({c.max_queue} requests waiting, "
+                                            f"{c.max_running} running: scheduler.max_queue and "
+                                            "scheduler.max_running)", "queue_full")
+            self.inbox.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True  # acted on at the next step
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.inbox) or self.scheduler.has_work
+
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler.stats()
+        s["waiting"] += len(self.inbox)
+        return s
+
+    # ---- one step (one thread) ----------------------------------------------------------------
+
+    def step(self) -> StepStats:
+        t0 = time.perf_counter()
+        with self.lock:
+            while self.inbox:
+                self.scheduler.add(self.inbox.popleft())
+        batch = self.scheduler.schedule()
+        for s, kind, message in batch.ended:
+            s.finish_reason = kind
+            s.emit(("error", (kind, message)))
+        outcomes = self.runner.run(batch) if batch else []
+        now = time.monotonic()
+        for o in outcomes:
+            if o.error is not None:
+                self._failed(o, now)
+                continue
+            for s, n in zip(o.seqs, o.prefilled or ()):
+                s.prefilled += n
+            for s, token, logprobs in o.tokens:
+                s.emit(("token", (token, s.append(token), logprobs)))
+        for s in [s for s in self.scheduler.running if s.finished]:
+            self._end(s, s.finish_reason)
+        return StepStats(len(batch.decode), len(batch.prefill), sum(n for _, n in batch.prefill),
+                         time.perf_counter() - t0, [o.error[0] for o in outcomes if o.error], outcomes)
+
+    def _failed(self, o: Outcome, now: float) -> None:
+        """A micro-batch whose experts failed changed nothing: its sequences run again from where they
+        were, unless the failure was a bug ("error") or their own deadline has passed."""
+        cause, message = o.error
+        for s in o.seqs:
+            if cause == "error":
+                self._end(s, "error", ("error", ("internal", message)))
+            elif s.deadline is not None and now > s.deadline:
+                self._end(s, "deadline", ("error", ("deadline", f"deadline passed after {len(s.output)} tokens "
+                                                                f"while {message}")))
+
+    def _end(self, s: Sequence, reason: str, event: Event | None = None) -> None:
+        s.finish_reason = reason
+        self.scheduler.finish(s)
+        s.emit(event or ("finish", (reason, s.usage())))
+
+    def fail_running(self, error: BaseException) -> None:
+        """A step failed outside any micro-batch (a bug): its running requests end, the engine goes on."""
+        for s in list(self.scheduler.running):
+            self._end(s, "error", ("error", ("internal", f"step failed: {error!r}")))
+
+    def close(self) -> None:
+        self.runner.close()
+
+    # ---- in-process generation --------------------------------------------------------------------
 
     def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> Iterator[StepOutput]:
         """Yields each new token of every prompt as it is produced."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self._new(p, sp) for p, sp in zip(prompts, plist)]
-        max_len = max(len(s.prompt) + s.params.max_new_tokens for s in seqs)
-        if max_len > self.args.max_position_embeddings:
-            raise ValueError(f"prompt plus max_new_tokens reaches {max_len} tokens; "
-                             f"this model accepts at most {self.args.max_position_embeddings}")
-        w = self.model.embed_tokens.weight
-        dev = w.device
-        cache = LatentCache(self.args, len(seqs), max_len, dtype=w.dtype, device=dev)
-        T = max(len(s.prompt) for s in seqs)
-        ids = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in seqs], device=dev)
-        lengths = torch.tensor([len(s.prompt) for s in seqs], device=dev)
-        logits = self.model(ids, cache=cache, num_new=lengths, last_only=True, backend=self.backend)
-        active = list(range(len(seqs)))
-        while True:
-            tokens, _ = sample(logits, [seqs[b].sampler for b in active])
-            for b, tok in zip(active, tokens):
-                piece = seqs[b].append(tok)
-                yield StepOutput(b, tok, piece, seqs[b].finish_reason)
-            active = [b for b in active if not seqs[b].finished]
-            if not active:
-                return
-            slots = torch.tensor(active, device=dev)
-            start = torch.tensor([seqs[b].length - 1 for b in active], device=dev)
-            ids = torch.tensor([[seqs[b].output[-1]] for b in active], device=dev)
-            logits = self.model(ids, cache=cache, slots=slots, start=start, last_only=True, backend=self.backend)
+        if self.sized_per_call:
+            longest = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, plist))
+            self.runner.close()
+            self._size(SchedulerConfig(
+                max_running=len(prompts), max_seq_len=longest, max_queue=len(prompts),
+                max_prompt_tokens=self.args.max_position_embeddings, max_new_tokens=max(sp.max_new_tokens for sp in plist),
+                prefill_chunk=max(map(len, prompts)), step_token_budget=sum(map(len, prompts))))
+        events: list[tuple[int, Event]] = []
+        seqs = [self.add(p, sp, lambda e, i=i: events.append((i, e))) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        while self.has_work:
+            self.step()
+            for i, (kind, payload) in events:
+                if kind == "token":
+                    token, piece, logprobs = payload
+                    yield StepOutput(i, token, piece, seqs[i].finish_reason, logprobs)
+                elif kind == "error":
+                    raise RuntimeError(f"prompt {i}: {payload[1]}")
+            events.clear()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list["Completion"]:
         """Token ids (and text, with a tokenizer) of every prompt's completion."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        outs = [Sequence(p, sp) for p, sp in zip(prompts, plist)]
+        outs = [Completion() for _ in prompts]
         for step in self.stream(prompts, plist):
             o = outs[step.index]
             o.output.append(step.token)
             o.text += step.piece
             o.finish_reason = step.finish_reason
         return outs
+
+
+@dataclass
+class Completion:
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None

@@ -8,6 +8,8 @@ import torch
 
 MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+MAX_SAMPLES = 16  # samples of one prompt (a request's n)
+MAX_REQUEST_ID = 128  # characters of a client's request id
 
 
 @dataclass

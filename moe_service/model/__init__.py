@@ -4,11 +4,11 @@ from moe_service.model.args import ModelArgs
 from moe_service.model.cache import LatentCache
 from moe_service.model.experts import RoutedExperts
 from moe_service.model.gate import Gate
-from moe_service.model.moe import ExpertBackend, MoE
+from moe_service.model.moe import Dispatcher, MoE, Pending
 from moe_service.model.presets import PRESETS, preset_args
 from moe_service.model.transformer import Transformer
 
 __all__ = [
-    "ModelArgs", "LatentCache", "RoutedExperts", "Gate", "ExpertBackend", "MoE", "PRESETS", "preset_args",
+    "ModelArgs", "LatentCache", "RoutedExperts", "Gate", "Dispatcher", "Pending", "MoE", "PRESETS", "preset_args",
     "Transformer",
 ]

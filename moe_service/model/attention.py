@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,9 @@ from moe_service.model.args import ModelArgs
 from moe_service.model.cache import LatentCache
 from moe_service.model.layers import RMSNorm
 from moe_service.model.rope import apply_rotary, softmax_scale
+
+if TYPE_CHECKING:
+    from moe_service.model.moe import StageClock
 
 # B rows, T new tokens per row, L key positions, H heads, r kv_lora_rank, dn/dr/dv nope/rope/v head dims
 
@@ -36,7 +39,7 @@ class StepContext:
     new_b: torch.Tensor | None = None  # [N] row of each new token, when rows hold several (for the cache)
     new_t: torch.Tensor | None = None  # [N] its place in the row
     identity_slots: bool = False  # row b is cache slot b for every slot: reads need no gather
-    hook: "Callable[[str, float], None] | None" = None  # (stage, seconds): optional timing for metrics
+    clock: "StageClock | None" = None  # times the step's stages, for metrics
 
 
 class MLA(nn.Module):

@@ -35,7 +35,7 @@ class RoutedExperts(nn.Module):
         if self._use_grouped(x):
             y = self._grouped(x[g.rows], g.counts)
         else:
-            y = self._looped(x[g.rows], g.sizes)
+            y = self._looped(x[g.rows], g.counts)
         # Each pair's weighted output goes to its own (row, k) place in fp32, and a row's K places are
         # summed in a fixed order, then cast once. An index_add_ in bf16 would round at every add and, on
         # CUDA, in whichever order its atomics land: answers would differ run to run by ~1e-3.
@@ -48,7 +48,7 @@ class RoutedExperts(nn.Module):
         """The same sum as `forward`, with gradients (model/train.py): the per-expert loop, which autograd
         follows, and the gate weights stay in the graph."""
         g = group_pairs(weights, local, self.num_local)
-        y = self._looped(x[g.rows], g.sizes)
+        y = self._looped(x[g.rows], g.counts)
         return torch.zeros_like(x).index_add(0, g.rows, (y * g.weights).to(x.dtype))
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
@@ -71,10 +71,10 @@ class RoutedExperts(nn.Module):
         gate, up = h.split(self.inter_dim, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # [P, D]
 
-    def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(xs)
         start = 0
-        for i, n in enumerate(sizes):
+        for i, n in enumerate(counts.tolist()):  # the loop's bounds, on the host
             if n == 0:
                 continue
             h = F.linear(xs[start : start + n], self.gate_up_proj[i])  # [n, 2I]
@@ -95,12 +95,11 @@ class Grouping:
     pairs: torch.Tensor  # [P] the flat (row * K + k) place of each pair in the dispatch's [N, K]
     weights: torch.Tensor  # [P, 1] each pair's gate weight (fp32)
     counts: torch.Tensor  # [S] pairs per local expert
-    sizes: list[int]  # the same counts, on the host (the per-expert loop's bounds)
     top_k: int  # K, the dispatch's columns
 
     def to(self, device: torch.device) -> "Grouping":
         return Grouping(self.rows.to(device), self.pairs.to(device), self.weights.to(device),
-                        self.counts.to(device), self.sizes, self.top_k)
+                        self.counts.to(device), self.top_k)
 
 
 def group_pairs(weights: torch.Tensor, local: torch.Tensor, num_local: int) -> Grouping:
@@ -117,4 +116,4 @@ def group_pairs(weights: torch.Tensor, local: torch.Tensor, num_local: int) -> G
     order = torch.argsort(flat, stable=True)  # groups the (row, k) pairs by local index
     places = order if pairs is None else pairs[order]
     counts = torch.bincount(flat, minlength=num_local)
-    return Grouping(places // K, places, w[order, None], counts, counts.tolist(), K)
+    return Grouping(places // K, places, w[order, None], counts, K)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,16 +15,29 @@ from moe_service.model.layers import MLP
 # N tokens, D hidden, K experts per token
 
 
-class ExpertBackend(Protocol):
-    """Computes one layer's routed experts: sum_k weights[n, k] * expert_{experts[n, k]}(x[n]).
+class Pending(Protocol):
+    """One layer's routed experts in flight."""
 
-    It may answer with a function that returns the result (a remote backend that has sent the
-    dispatch): the shared experts run before it is called."""
-
-    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor) -> "torch.Tensor | Callable[[], torch.Tensor]":
-        """x [N, D], weights [N, K], experts [N, K] -> [N, D]"""
+    def wait(self) -> torch.Tensor:
+        """-> [N, D]: sum_k weights[n, k] * expert_{ids[n, k]}(hidden[n])"""
         ...
+
+
+class Dispatcher(Protocol):
+    """Runs a layer's routed experts somewhere else (the service's workers). The model sends the layer's
+    tokens, runs its shared experts meanwhile, then waits for the answer."""
+
+    def send(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Pending:
+        """hidden [N, D], weights [N, K], ids [N, K] (int64 expert ids)"""
+        ...
+
+
+class StageClock(Protocol):
+    """Times stages of a step for metrics: `mark()` now, `add(stage, mark)` the time since that mark."""
+
+    def mark(self) -> object: ...
+
+    def add(self, stage: str, since: object) -> None: ...
 
 
 class MoE(nn.Module):
@@ -43,20 +55,21 @@ class MoE(nn.Module):
             if args.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, backend: ExpertBackend | None = None,
-                hook: Callable[[str, float], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dispatcher: Dispatcher | None = None,
+                clock: StageClock | None = None) -> torch.Tensor:
         """x [N, D] -> [N, D]"""
-        t0 = time.perf_counter()
-        weights, experts = self.gate(x)
-        if hook is not None:
-            hook("gating", time.perf_counter() - t0)
-        if backend is not None:
-            routed = backend(self.layer, x, weights, experts)
+        t0 = clock.mark() if clock is not None else None
+        weights, ids = self.gate(x)  # [N, K], [N, K]
+        if clock is not None:
+            clock.add("gating", t0)
+        if dispatcher is not None:
+            pending = dispatcher.send(self.layer, x, weights, ids)
         elif self.experts is not None:
-            routed = self.experts(x, weights, experts)
+            routed = self.experts(x, weights, ids)
         else:
-            raise RuntimeError(f"layer {self.layer} has no local routed experts and no expert backend was given")
-        # with a remote backend the routed experts are in flight now: the shared ones overlap them
+            raise RuntimeError(f"layer {self.layer} has no local routed experts and no dispatcher was given")
+        # with a dispatcher the routed experts are in flight now: the shared ones overlap them
         shared = self.shared_experts(x) if self.shared_experts is not None else None
-        out = routed() if callable(routed) else routed
-        return out if shared is None else out + shared
+        if dispatcher is not None:
+            routed = pending.wait()
+        return routed if shared is None else routed + shared

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -12,7 +9,7 @@ from moe_service.model.args import ModelArgs
 from moe_service.model.attention import MLA, StepContext
 from moe_service.model.cache import LatentCache
 from moe_service.model.layers import MLP, RMSNorm
-from moe_service.model.moe import MoE, ExpertBackend
+from moe_service.model.moe import Dispatcher, MoE, StageClock
 from moe_service.model.rope import Rotary
 
 # B rows, T new tokens per row, L key positions, D hidden, V vocabulary
@@ -48,15 +45,13 @@ class DecoderLayer(nn.Module):
             return x + y.view_as(x)
         return x.reshape(-1, x.shape[-1]).index_add(0, ctx.valid_idx, y).view_as(x)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, backend: ExpertBackend | None = None) -> torch.Tensor:
-        if ctx.hook is not None:
-            t0 = time.perf_counter()
-            x = self.attention_block(x, ctx)
-            ctx.hook("attention", time.perf_counter() - t0)
-        else:
-            x = self.attention_block(x, ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext, dispatcher: Dispatcher | None = None) -> torch.Tensor:
+        t0 = ctx.clock.mark() if ctx.clock is not None else None
+        x = self.attention_block(x, ctx)
+        if ctx.clock is not None:
+            ctx.clock.add("attention", t0)
         h = self.ffn_input(x, ctx)
-        y = self.mlp(h, backend, ctx.hook) if self.is_moe else self.mlp(h)
+        y = self.mlp(h, dispatcher, ctx.clock) if self.is_moe else self.mlp(h)
         return self.add_ffn_output(x, y, ctx)
 
 
@@ -127,16 +122,15 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
         start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
-        last_only: bool = False, backend: ExpertBackend | None = None,
-        hook: Callable[[str, float], None] | None = None,
+        last_only: bool = False, dispatcher: Dispatcher | None = None, clock: StageClock | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`.
-        `hook(stage, seconds)`, when given, receives the attention and gating times (for metrics)."""
+        `dispatcher` runs the routed experts elsewhere; `clock`, when given, times attention and gating."""
         ctx = self.context(input_ids, cache, slots, start, num_new)
-        ctx.hook = hook
+        ctx.clock = clock
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, ctx, backend)
+            x = layer(x, ctx, dispatcher)
         if last_only:
             x = x[torch.arange(x.shape[0], device=x.device), ctx.num_new - 1]
         return self.logits(x)

@@ -19,8 +19,6 @@ def overlap_pays(gpu_workers: bool) -> bool:
     """Whether work overlapping the expert calls (the shared experts, a second micro-batch's
     attention) pays: with GPU workers or enough cores, yes; where CPU workers share a few cores with
     the gateway it slows their compute more than it hides (measured in docs/performance.md)."""
-    import os
-
     return gpu_workers or (os.cpu_count() or 1) > 4
 NAMESPACE = "moe_service"
 MAX_WORKLOADS = 8
@@ -57,9 +55,9 @@ class ServiceConfig:
     gateway_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"gateway": 1} for a node group
     torch_threads: int | None = None  # CPU threads per expert worker; None: Ray's (OMP_NUM_THREADS)
     gateway_torch_threads: int | None = None  # CPU threads per gateway replica; None: Ray's
-    # run the gateway's shared experts while the routed ones are on the wire; off when the gateway
-    # shares a few CPU cores with the workers (it then slows their compute more than it hides)
-    overlap_shared_experts: bool = True
+    # run the gateway's shared experts while the routed ones are on the wire; None: where overlap pays
+    # (overlap_pays), with scheduler.micro_batches likewise (see overlap())
+    overlap_shared_experts: bool | None = None
     expert_call_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
@@ -185,12 +183,19 @@ class ServiceConfig:
     def resolved_admin_key(self) -> str | None:
         return _secret(self.admin_api_key, self.admin_api_key_file, "MOE_SERVICE_ADMIN_API_KEY") or self.resolved_api_key()
 
+    def overlap(self) -> tuple[bool, int]:
+        """(shared experts during the expert calls, decode micro-batches): the one place the overlap policy
+        is decided. Unset, both follow overlap_pays: with GPU workers or enough cores, overlap."""
+        pays = overlap_pays(self.gpus_per_worker > 0)
+        shared = pays if self.overlap_shared_experts is None else self.overlap_shared_experts
+        return shared, self.scheduler.get("micro_batches") or (2 if pays else 1)
+
     def scheduler_config(self) -> SchedulerConfig:
         known = {f.name for f in dataclasses.fields(SchedulerConfig)}
         unknown = sorted(set(self.scheduler) - known)
         if unknown:
             raise ValueError(f"unknown scheduler settings {unknown}; known: {sorted(known)}")
-        return SchedulerConfig(**self.scheduler)
+        return SchedulerConfig(**{**self.scheduler, "micro_batches": self.overlap()[1]})
 
 
 def _secret(value: str | None, file: str | None, env: str) -> str | None:

@@ -54,13 +54,14 @@ class Simulation:
         return model_args(self.shape)
 
     def hold(self) -> Callable[[torch.Tensor], float]:
-        """local [N, K] (a worker's share of one layer call, -1 = none) -> the real seconds its answer takes."""
+        """ids [N, K] (a worker's share of one layer call, -1 = none) -> the real seconds its answer takes."""
         from moe_service.capacity.costmodel import device, share_seconds, worker_cost
 
         cost = worker_cost(self.args(), device(self.device))
 
-        def seconds(local: torch.Tensor) -> float:
-            return self.time_scale * share_seconds(cost, torch.bincount(local[local >= 0].reshape(-1)).numpy())
+        def seconds(ids: torch.Tensor) -> float:
+            counts = torch.bincount(ids[ids >= 0].reshape(-1).long())
+            return self.time_scale * share_seconds(cost, counts[counts > 0].numpy())
 
         return seconds
 
@@ -86,6 +87,24 @@ class Simulation:
         Gauge("moe_simulated", "1: this process runs a SIMULATED device; its expert times are held to the cost "
               "model's, dilated by time_scale.", ["device", "shape", "time_scale"],
               registry=registry).labels(self.device, self.shape, str(self.time_scale)).set(1)
+
+
+def route_by_trace(model, router: "TraceRouter") -> None:
+    """Every MoE layer of `model` chooses its experts by the trace (its gate still gives the weights): a
+    model-load-time swap, so nothing in the step path knows about simulation."""
+    for layer in model.layers:
+        if layer.is_moe:
+            layer.mlp.gate = TracedGate(layer.mlp.gate, router, layer.layer)
+
+
+class TracedGate(torch.nn.Module):
+    def __init__(self, gate: torch.nn.Module, router: "TraceRouter", layer: int) -> None:
+        super().__init__()
+        self.gate, self.router, self.layer = gate, router, layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = self.gate(x)
+        return weights, self.router.route(self.layer, x, ids.shape[1])
 
 
 class TraceRouter:

@@ -52,15 +52,10 @@ def decode_bytes(dtype_name: str, shape: list[int], data: bytes, field: str = "t
     return Raw.checked(dtype_name, shape, data, field).tensor()
 
 
-FORMATS = {"float32": "f", "int32": "i", "int64": "q"}  # memoryview formats, for values()
-
-
 @dataclass(slots=True)
 class Raw:
-    """A received tensor before it is one: dtype name, shape and bytes, checked to agree.
-
-    A small dispatch is checked and turned into lists without a tensor op (each costs tens of
-    microseconds when its code is cold, as it is between RPCs); `tensor()` views the bytes."""
+    """A received tensor before it is one: dtype name, shape and bytes, checked to agree; `tensor()` views
+    the bytes (no copy)."""
 
     dtype: str
     shape: list[int]
@@ -85,7 +80,3 @@ class Raw:
         if not self.data:
             return torch.empty(self.shape, dtype=DTYPES[self.dtype])
         return torch.frombuffer(self.data, dtype=DTYPES[self.dtype]).view(self.shape)
-
-    def values(self) -> list:
-        """The elements, flat, as Python ints or floats (float32, int32 and int64 only)."""
-        return memoryview(self.data).cast(FORMATS[self.dtype]).tolist()

@@ -50,8 +50,8 @@ class ExpertClient:
         -> (output [N, D], the worker's compute seconds)"""
         self.stub(address)
         payload = fastwire.encode_request(layer, hidden, experts, weights, rows)
-        expect = (hidden.dtype, (experts.shape[0], hidden.shape[1]))
-        resp = fastwire.decode_response(await self._run[address](payload, timeout=timeout), expect)
+        resp = fastwire.decode_response(await self._run[address](payload, timeout=timeout))
+        _check_answer(resp, (hidden.dtype, (experts.shape[0], hidden.shape[1])))
         return resp.output, resp.compute_seconds
 
     async def describe(self, address: str, timeout: float | None = 5.0) -> moe_pb2.DescribeResponse:
@@ -68,6 +68,14 @@ class ExpertClient:
     async def close(self) -> None:
         for address in list(self._channels):
             await self.forget(address)
+
+
+def _check_answer(resp: fastwire.Response, expect: tuple[torch.dtype, tuple[int, int]]) -> None:
+    """An answer's output must be the rows that were sent, in their dtype."""
+    dtype, shape = expect
+    if resp.output is not None and (resp.output.dtype != dtype or tuple(resp.output.shape) != shape):
+        raise fastwire.CodecError(f"the worker answered {resp.output.dtype} x {list(resp.output.shape)}; "
+                                  f"{dtype} x {list(shape)} was sent")
 
 
 STATUS = {c.value[0]: c for c in grpc.StatusCode}
@@ -118,7 +126,6 @@ class ExpertStreams:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, grpc.aio.StreamStreamCall] = {}
         self._seq = itertools.count(1)
-        self.stale = 0  # answers dropped for carrying another request's seq
 
     @property
     def addresses(self) -> set[str]:
@@ -214,18 +221,24 @@ class ExpertStreams:
                     if data is grpc.aio.EOF:
                         self._reset(sent.address)
                         return WireError(grpc.StatusCode.UNAVAILABLE, "the worker ended the stream")
-                    resp = fastwire.decode_response(data, sent.expect)
+                    resp = fastwire.decode_response(data)
                     if resp.seq == sent.seq:
-                        break
-                    self.stale += 1  # another request's answer
+                        break  # else another request's answer, one that came too late: dropped
         except TimeoutError:
             self._reset(sent.address)
             return WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer before the deadline")
         except grpc.aio.AioRpcError as e:
             self._reset(sent.address)
             return WireError.broken(e)
+        except fastwire.CodecError as e:  # not a RunExpertsResponse: nothing more on this stream can be trusted
+            self._reset(sent.address)
+            return WireError(grpc.StatusCode.INTERNAL, f"the worker's answer does not parse: {e}")
         if resp.error_code:
             return WireError(STATUS.get(resp.error_code, grpc.StatusCode.UNKNOWN), resp.error)
+        try:
+            _check_answer(resp, sent.expect)
+        except fastwire.CodecError as e:
+            return WireError(grpc.StatusCode.INTERNAL, str(e))
         return resp
 
     async def _close(self, addresses: list[str]) -> None:

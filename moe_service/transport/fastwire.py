@@ -3,9 +3,9 @@
 A message is written as cached headers around the tensors' bytes, joined once, and read by slicing a
 memoryview of the received bytes, so a large tensor decodes with no copy. The encoding is plain
 protobuf: clients and servers using the generated moe_pb2 classes interoperate (the tests send both).
-Reading walks the layout protobuf and this module write; any other valid layout is read field by
-field, yielding checked `Raw` bytes that become tensors only where needed. Why the small path makes
-so few calls, with the measurements: docs/performance.md, "Transport".
+Reading walks the layout protobuf and this module write; any other valid layout is read by protobuf's
+own parser (moe_pb2), yielding checked `Raw` bytes that become tensors only where needed. Why the small
+path makes so few calls, with the measurements: docs/performance.md, "Transport".
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import struct
 from dataclasses import dataclass
 
 import torch
+from google.protobuf.message import DecodeError
 
 from moe_service.transport.codec import ITEMSIZE, NAMES, CodecError, Raw
+from moe_service.transport.memory import writable_bytes
+from moe_service.transport.pb import moe_pb2
 
 SMALL_MESSAGE = 64 << 10  # bytes; below this a tensor's bytes are copied (one C call) rather than viewed
 
-# protobuf wire types (length-delimited, varint, 64-bit, 32-bit)
-_LD, _VARINT, _I64, _I32 = 2, 0, 1, 5
+# protobuf wire types (length-delimited, varint, 64-bit)
+_LD, _VARINT, _I64 = 2, 0, 1
 
 
 def _varint(n: int) -> bytes:
@@ -59,15 +62,6 @@ def _header(field: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return _tag(field, _LD) + _varint(len(inner) + nbytes) + inner
 
 
-@functools.lru_cache(maxsize=1024)
-def _expected(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, int, int]:
-    """(the response's bytes up to the output data, where the data ends, elements) for an output
-    of this dtype and shape"""
-    head = _header(1, dtype, shape)
-    numel = math.prod(shape)
-    return head, len(head) + numel * ITEMSIZE[NAMES[dtype]], numel
-
-
 def _field(field: int, t: torch.Tensor) -> list:
     """[header, data] of one Tensor field: data is a copy when small (one C call, no tensor op)
     and a view of the tensor's memory when large."""
@@ -83,35 +77,10 @@ def _field(field: int, t: torch.Tensor) -> list:
     return [_header(field, t.dtype, t.shape), data]
 
 
-def _bytes_writer():
-    """A way to fill a new `bytes` object in place (CPython), or None where it does not work.
-    gRPC sends only `bytes`; filling one directly saves a copy of a large tensor (to join it to its
-    header), when whatever produces the tensor can write it into the message instead."""
-    try:
-        new = ctypes.pythonapi.PyBytes_FromStringAndSize
-        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
-        offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
-
-        def writable(n: int) -> tuple[bytes, memoryview]:
-            b = new(None, n)  # uninitialised, n >= 2 so never a shared singleton
-            mem = (ctypes.c_char * n).from_address(id(b) + offset)
-            mem.owner = b  # the memory lives as long as any view of it
-            return b, memoryview(mem).cast("B")
-
-        b, mem = writable(4)
-        mem[:] = b"\x01\x02\x03\x04"
-        return writable if b == b"\x01\x02\x03\x04" else None
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - not CPython
-        return None
-
-
-_writable_bytes = _bytes_writer()
-
-
 def in_place(nbytes: int) -> bool:
     """Whether a tensor of nbytes is written straight into its message: worth it only when large
     (for a small one the join costs less than the set-up), and only where it works."""
-    return nbytes >= SMALL_MESSAGE and _writable_bytes is not None
+    return nbytes >= SMALL_MESSAGE and writable_bytes is not None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -145,7 +114,7 @@ def _gathered_request(layer: int, hidden: torch.Tensor, rows: torch.Tensor, expe
     head = _layer(layer) + _header(2, hidden.dtype, shape)
     nbytes = shape[0] * shape[1] * hidden.element_size()
     tail = [*_field(3, experts), *_field(4, weights), request_tail]
-    message, mem = _writable_bytes(len(head) + nbytes + sum(len(part) for part in tail))
+    message, mem = writable_bytes(len(head) + nbytes + sum(len(part) for part in tail))
     mem[: len(head)] = head
     pos = len(head) + nbytes
     torch.index_select(hidden, 0, rows, out=torch.frombuffer(mem[len(head) : pos], dtype=hidden.dtype).view(shape))
@@ -181,9 +150,10 @@ class ResponseBuffer:
     `output`, a view of the message's own bytes, and `finish` adds the compute time."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, seq: int = 0) -> None:
-        header, n, _ = _expected(dtype, tuple(shape))
+        header = _header(1, dtype, tuple(shape))
+        n = len(header) + math.prod(shape) * ITEMSIZE[NAMES[dtype]]
         self.seq = seq
-        self.message, mem = _writable_bytes(n + len(_response_tail(1.0, seq)))
+        self.message, mem = writable_bytes(n + len(_response_tail(1.0, seq)))
         mem[: len(header)] = header
         self.output = torch.frombuffer(mem[len(header) : n], dtype=dtype).view(shape)
         self._tail = mem[n:]
@@ -205,65 +175,6 @@ class Response:
     error: str = ""
 
 
-class _Reader:
-    def __init__(self, mv: memoryview) -> None:
-        self.mv, self.pos = mv, 0
-
-    def varint(self) -> int:
-        n = shift = 0
-        while True:
-            if self.pos >= len(self.mv) or shift > 63:
-                raise CodecError("truncated or malformed varint")
-            b = self.mv[self.pos]
-            self.pos += 1
-            n |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return n
-
-    def fields(self):
-        """(field number, wire type, value): ints for varint/fixed, memoryviews for length-delimited."""
-        while self.pos < len(self.mv):
-            key = self.varint()
-            field, wire = key >> 3, key & 7
-            if wire == _VARINT:
-                yield field, wire, self.varint()
-            elif wire == _LD:
-                n = self.varint()
-                if self.pos + n > len(self.mv):
-                    raise CodecError(f"field {field} claims {n} bytes; only {len(self.mv) - self.pos} remain")
-                yield field, wire, self.mv[self.pos : self.pos + n]
-                self.pos += n
-            elif wire in (_I64, _I32):
-                size = 8 if wire == _I64 else 4
-                if self.pos + size > len(self.mv):
-                    raise CodecError(f"field {field} is truncated")
-                yield field, wire, self.mv[self.pos : self.pos + size]
-                self.pos += size
-            else:
-                raise CodecError(f"unsupported wire type {wire} for field {field}")
-
-
-def _signed(n: int) -> int:
-    return n - (1 << 64) if n >= 1 << 63 else n
-
-
-def _raw(mv: memoryview, name: str) -> Raw:
-    dtype, shape, data = "", [], memoryview(b"")
-    for field, wire, value in _Reader(mv).fields():
-        if field == 1 and wire == _LD:
-            dtype = bytes(value).decode("utf-8", errors="replace")
-        elif field == 2 and wire == _LD:  # packed
-            r = _Reader(value)
-            while r.pos < len(value):
-                shape.append(_signed(r.varint()))
-        elif field == 2 and wire == _VARINT:  # unpacked, also valid protobuf
-            shape.append(_signed(value))
-        elif field == 3 and wire == _LD:
-            data = value
-    return Raw.checked(dtype, shape, data, name)
-
-
 class _Unusual(Exception):
     """Valid protobuf, perhaps, but not laid out as protobuf and this module write it."""
 
@@ -282,13 +193,21 @@ def _uvarint(mv: memoryview, pos: int) -> tuple[int, int]:
             raise _Unusual
 
 
-def _quick_raw(mv: memoryview, pos: int, end: int, name: str) -> Raw:
-    """The Tensor in mv[pos:end], read straight through in field order (dtype, packed shape, data);
-    any other layout raises _Unusual and the message is read again field by field."""
-    if mv[pos] != 0x0A:
+def _signed(n: int) -> int:
+    return n - (1 << 64) if n >= 1 << 63 else n
+
+
+def _tensor_at(mv: memoryview, pos: int, tag: int, name: str) -> tuple[Raw, int]:
+    """(the Tensor field `tag` at pos, read straight through in field order: dtype, packed shape, data;
+    the position after it). Any other layout raises _Unusual."""
+    if mv[pos] != tag:
+        raise _Unusual
+    n, pos = _uvarint(mv, pos + 1)
+    end = pos + n
+    if end > len(mv) or mv[pos] != 0x0A:
         raise _Unusual
     n = mv[pos + 1]
-    if n >= 0x80:  # a dtype name of 128 bytes or more: not one of ours, let the field reader say so
+    if n >= 0x80:  # a dtype name of 128 bytes or more: not one of ours, protobuf's reader says so
         raise _Unusual
     dtype = bytes(mv[pos + 2 : pos + 2 + n]).decode("ascii")
     pos += 2 + n
@@ -306,17 +225,10 @@ def _quick_raw(mv: memoryview, pos: int, end: int, name: str) -> Raw:
         pos += n
     if pos != end:
         raise _Unusual
-    return Raw.checked(dtype, shape, data, name)
+    return Raw.checked(dtype, shape, data, name), end
 
 
-def _quick_field(mv: memoryview, pos: int, tag: int, name: str) -> tuple[Raw, int]:
-    """(the Tensor field `tag` at pos, the position after it)"""
-    if mv[pos] != tag:
-        raise _Unusual
-    n, pos = _uvarint(mv, pos + 1)
-    if pos + n > len(mv):
-        raise _Unusual
-    return _quick_raw(mv, pos, pos + n, name), pos + n
+_NOT_OURS = (_Unusual, IndexError, UnicodeDecodeError, struct.error)
 
 
 @dataclass
@@ -334,10 +246,9 @@ class Request:
     error: str | None = None
 
 
-_REQUEST_FIELDS = {2: "hidden", 3: "experts", 4: "weights"}
-
-
 def decode_request(data: bytes) -> Request:
+    """The layout protobuf and this module write is read in one walk over the bytes; any other valid
+    layout (fields in another order, unpacked shapes, unknown fields) by protobuf's own parser."""
     req = Request(nbytes=len(data))
     mv = memoryview(data)
     try:
@@ -345,9 +256,9 @@ def decode_request(data: bytes) -> Request:
             pos = 0
             if mv[0] == 0x08:
                 req.layer, pos = _uvarint(mv, 1)
-            req.hidden, pos = _quick_field(mv, pos, 0x12, "hidden")
-            req.experts, pos = _quick_field(mv, pos, 0x1A, "experts")
-            req.weights, pos = _quick_field(mv, pos, 0x22, "weights")
+            req.hidden, pos = _tensor_at(mv, pos, 0x12, "hidden")
+            req.experts, pos = _tensor_at(mv, pos, 0x1A, "experts")
+            req.weights, pos = _tensor_at(mv, pos, 0x22, "weights")
             if pos < len(mv) and mv[pos] == 0x28:
                 req.seq, pos = _uvarint(mv, pos + 1)
             if pos < len(mv) and mv[pos] == 0x31:
@@ -355,55 +266,45 @@ def decode_request(data: bytes) -> Request:
                 pos += 9
             if pos != len(mv):
                 raise _Unusual
-        except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
-            req = Request(nbytes=len(data))  # start over: the quick walk may have set some fields
-            _read_request(mv, req)
+        except _NOT_OURS:
+            req = _request_from_protobuf(data)
     except CodecError as e:
         req.error = str(e)
     return req
 
 
-def _read_request(mv: memoryview, req: Request) -> None:
-    """Any valid encoding: fields in any order, unpacked shapes, unknown fields skipped."""
-    for field, wire, value in _Reader(mv).fields():
-        if field == 1 and wire == _VARINT:
-            req.layer = value
-        elif field == 5 and wire == _VARINT:
-            req.seq = value
-        elif field == 6 and wire == _I64:
-            req.deadline_s = struct.unpack("<d", value)[0]
-        elif field in _REQUEST_FIELDS and wire == _LD:
-            name = _REQUEST_FIELDS[field]
-            setattr(req, name, _raw(value, name))
-    for name in _REQUEST_FIELDS.values():
-        if getattr(req, name) is None:
+def _parse(message_class, data: bytes):
+    try:
+        return message_class.FromString(data)
+    except DecodeError as e:
+        raise CodecError(f"not a valid {message_class.DESCRIPTOR.name}: {e}") from None
+
+
+def _raw(msg, name: str) -> Raw:
+    return Raw.checked(msg.dtype, list(msg.shape), msg.data, name)
+
+
+def _request_from_protobuf(data: bytes) -> Request:
+    msg = _parse(moe_pb2.RunExpertsRequest, data)
+    for name in ("hidden", "experts", "weights"):
+        if not msg.HasField(name):
             raise CodecError(f"{name} is missing")
+    return Request(msg.layer, _raw(msg.hidden, "hidden"), _raw(msg.experts, "experts"), _raw(msg.weights, "weights"),
+                   msg.seq, msg.deadline_s, len(data))
 
 
-def decode_response(data: bytes, expect: tuple[torch.dtype, tuple[int, int]] | None = None) -> Response:
-    """`expect`: the output's dtype and shape, those of the rows sent; a response laid out as this
-    module writes it is then read with one comparison and a short walk over its tail."""
-    if expect is not None:
-        dtype, shape = expect
-        head, end, numel = _expected(dtype, shape)
-        if numel and data.startswith(head) and len(data) >= end:
-            try:
-                resp = _tail(memoryview(data), end)
-            except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
-                pass
-            else:
-                resp.output = torch.frombuffer(data, dtype=dtype, count=numel, offset=len(head)).view(shape)
-                return resp
+def decode_response(data: bytes) -> Response:
+    """As decode_request: one walk over our layout, protobuf's parser for any other."""
     mv = memoryview(data)
     try:
-        if not mv or mv[0] != 0x0A:  # no output first: an error answer, or another field order
-            resp = _tail(mv, 0)
-        else:
-            out, pos = _quick_field(mv, 0, 0x0A, "output")
+        if mv and mv[0] == 0x0A:
+            out, pos = _tensor_at(mv, 0, 0x0A, "output")
             resp = _tail(mv, pos)
             resp.output = out.tensor()
-    except (_Unusual, IndexError, UnicodeDecodeError, struct.error):
-        resp = _read_response(mv)
+        else:  # no output first: an error answer
+            resp = _tail(mv, 0)
+    except _NOT_OURS:
+        resp = _response_from_protobuf(data)
     if resp.output is None and not resp.error_code:
         raise CodecError("response has no output tensor")
     return resp
@@ -429,18 +330,7 @@ def _tail(mv: memoryview, pos: int) -> Response:
     return resp
 
 
-def _read_response(mv: memoryview) -> Response:
-    """Any valid encoding: fields in any order, unknown fields skipped."""
-    resp = Response(None)
-    for field, wire, value in _Reader(mv).fields():
-        if field == 1 and wire == _LD:
-            resp.output = _raw(value, "output").tensor()
-        elif field == 2 and wire == _I64:
-            resp.compute_seconds = struct.unpack("<d", value)[0]
-        elif field == 3 and wire == _VARINT:
-            resp.seq = value
-        elif field == 4 and wire == _VARINT:
-            resp.error_code = value
-        elif field == 5 and wire == _LD:
-            resp.error = bytes(value).decode("utf-8", errors="replace")
-    return resp
+def _response_from_protobuf(data: bytes) -> Response:
+    msg = _parse(moe_pb2.RunExpertsResponse, data)
+    output = _raw(msg.output, "output").tensor() if msg.HasField("output") else None
+    return Response(output, msg.compute_seconds, msg.seq, msg.error_code, msg.error)

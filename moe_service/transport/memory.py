@@ -1,4 +1,4 @@
-"""Process memory settings for moving multi-MB messages: keep freed buffers for reuse.
+"""Memory for moving multi-MB messages: freed buffers kept for reuse, and `bytes` written in place.
 
 glibc maps every allocation above its mmap threshold afresh and unmaps it when freed, so each large
 dispatch would pay page faults for each of its message buffers. Raising the threshold to glibc's
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Callable
 
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum
 TRIM_THRESHOLD = 1 << 30  # give memory back to the OS only beyond 1 GiB free at the heap's top
@@ -34,3 +35,29 @@ def keep_large_buffers() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def _bytes_writer() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """A way to fill a new `bytes` object in place (CPython), or None where it does not work.
+    gRPC sends only `bytes`; filling one directly saves a copy of a large tensor (to join it to its
+    header), when whatever produces the tensor can write it into the message instead."""
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        offset = bytes.__basicsize__ - 1  # where a bytes object's characters start
+
+        def writable(n: int) -> tuple[bytes, memoryview]:
+            b = new(None, n)  # uninitialised, n >= 2 so never a shared singleton
+            mem = (ctypes.c_char * n).from_address(id(b) + offset)
+            mem.owner = b  # the memory lives as long as any view of it
+            return b, memoryview(mem).cast("B")
+
+        b, mem = writable(4)
+        mem[:] = b"\x01\x02\x03\x04"
+        return writable if b == b"\x01\x02\x03\x04" else None
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - not CPython
+        return None
+
+
+
+writable_bytes = _bytes_writer()  # n -> (a new bytes object of n bytes, a writable view of them), or None

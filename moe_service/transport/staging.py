@@ -40,7 +40,8 @@ class HostStaging:
 
     def to_host(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, D], weights [T, K], experts [T, K] on the gateway's device -> the same on the host."""
+        """x [T, D], weights [T, K], experts [T, K] on the gateway's device -> the same on the host, the
+        experts as int32 (the wire's form)."""
         if not self._staged(x):
             return x, weights, experts
         pin = x.is_cuda
@@ -54,7 +55,7 @@ class HostStaging:
         if pin:
             torch.cuda.current_stream(x.device).synchronize()  # the plan needs the ids now
         self.copies["to_host"] += 2
-        return x_h, route_h[:, K:], route_h[:, :K].to(torch.long)
+        return x_h, route_h[:, K:], route_h[:, :K].to(torch.int32)
 
     def answer_buffer(self, like: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """A host buffer for the combined answer ([T, D] like `like`) when it goes to `device`."""

@@ -21,24 +21,15 @@ from prometheus_client import generate_latest
 
 from moe_service.checkpoint import open_source
 from moe_service.serving.metrics import ControllerMetrics
-from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide, plan
-from moe_service.placement.timeaware import busiest_seconds
-from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
+from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
+from moe_service.serving.config import CONTROLLER_NAME, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
-from moe_service.serving.control.rebalance import Gateways, ProtocolSettings, apply_placement
+from moe_service.serving.control.rebalance import Gateways, ProtocolSettings, apply_placement, load_view, propose
+from moe_service.serving.control.table import TableBoard, initial_placement, rebuild_placement
 from moe_service.serving.control.window import LoadWindow
 
 log = logging.getLogger("moe_service.controller")
-
-
-def initial_placement(cfg: ServiceConfig, num_layers: int, num_experts: int, slots: int) -> Placement:
-    if cfg.redundant_experts <= 0:
-        return Placement.round_robin(num_layers, num_experts, cfg.workers, slots)
-    # the first `redundant_experts` experts of each layer look hot: the planner gives them more replicas
-    load = np.ones((num_layers, num_experts))
-    load[:, : cfg.redundant_experts] = 2.0 * cfg.workers
-    return plan(load, cfg.workers, slots)
 
 
 class Controller:
@@ -52,7 +43,7 @@ class Controller:
             from moe_service.serving.control.ray_launcher import RayLauncher
 
             service = ray.get_runtime_context().get_actor_name() or CONTROLLER_NAME
-            launcher = launcher or RayLauncher(cfg, self.replicas_per_worker, cfg.tls(), service)
+            launcher = launcher or RayLauncher(cfg, cfg.tls(), service)
             # a Ray actor restarted after its loss: the workers are still running, find them
             recovering = ray.get_runtime_context().was_current_actor_reconstructed if recovering is None else recovering
         self.launcher, self.recovering = launcher, recovering
@@ -60,10 +51,7 @@ class Controller:
         self.window = LoadWindow(cfg.load_window_s)
         self.gateways = Gateways()
         self.protocol = ProtocolSettings(cfg.confirm_timeout_s, cfg.gateway_recent_s)
-        self.placement: Placement | None = None
-        self.version = 0
-        self.cond = asyncio.Condition()
-        self.ready = self.draining = False
+        self.board = TableBoard(self.moe_layers, self.args.n_routed_experts, self.pool.healthy_addresses)
         self.targets: dict[str, dict] = {}  # metrics targets: key -> {"address", "labels"}
         self.metrics = ControllerMetrics(expert_series=cfg.expert_metrics)
         self.autoscale = AutoscaleSettings(**cfg.autoscaling) if cfg.autoscaling else None
@@ -82,9 +70,10 @@ class Controller:
     async def start(self) -> dict:
         """Place the experts, start every worker, publish the first ready table. Fails loudly."""
         await self._up()
-        if self.ready:
-            return self._table()
-        placement = initial_placement(self.cfg, len(self.moe_layers), self.args.n_routed_experts, self.replicas_per_worker)
+        if self.board.ready:
+            return self.board.snapshot()
+        placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
+                                      self.args.n_routed_experts, self.replicas_per_worker)
         results = await asyncio.gather(*(self.pool.start(w, self.pairs_of(placement, w))
                                          for w in range(placement.num_workers)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -93,10 +82,10 @@ class Controller:
             raise errors[0]
         self._began(placement)
         await self.publish(placement, ready=True)
-        return self._table()
+        return self.board.snapshot()
 
     def _began(self, placement: Placement) -> None:
-        self.placement = placement
+        self.board.placement = placement
         for w in self.pool.workers.values():
             self._target(w)
         if self.autoscale is not None:
@@ -128,17 +117,8 @@ class Controller:
         found = await self.launcher.running()
         for f in found:
             self.pool.adopt(f)
-        L, E = len(self.moe_layers), self.args.n_routed_experts
-        layer_index = {layer: i for i, layer in enumerate(self.moe_layers)}
-        num_workers = max([self.cfg.workers - 1, *(f.worker_id for f in found)]) + 1
-        hosts = np.zeros((L, E, num_workers), dtype=bool)
-        for f in found:
-            for layer, e in f.pairs:
-                hosts[layer_index[layer], e, f.worker_id] = True
-        lost = [w for w in range(num_workers) if w not in self.pool.workers]
-        for i, (l, e) in enumerate(np.argwhere(~hosts.any(axis=2))):  # experts whose every host was lost
-            hosts[l, e, lost[i % len(lost)] if lost else i % num_workers] = True
-        placement = Placement(hosts, hosts / hosts.sum(axis=2, keepdims=True), self.replicas_per_worker)
+        placement, lost = rebuild_placement({f.worker_id: f.pairs for f in found}, self.moe_layers,
+                                            self.args.n_routed_experts, self.cfg.workers, self.replicas_per_worker)
         for w in lost:  # a generation no earlier process of it can have had
             await self.pool.start(w, self.pairs_of(placement, w), max([0, *(f.generation for f in found)]) + 1)
         log.warning("controller restarted: adopted %d running workers, restarted %d", len(found), len(lost))
@@ -146,25 +126,29 @@ class Controller:
         self._began(placement)
         # versions count publications, a few a second at most: milliseconds of the clock are above any
         # version the lost controller gave out (and `_saw_version` covers a clock that went back)
-        self.version = max(self.version, int(time.time() * 1000))
+        self.board.at_least(int(time.time() * 1000))
         await self.publish(placement, ready=True)
 
-    async def publish(self, placement: Placement | None = None, ready: bool | None = None) -> int:
+    @property
+    def placement(self) -> Placement | None:
+        return self.board.placement
+
+    @property
+    def version(self) -> int:
+        return self.board.version
+
+    async def publish(self, placement: Placement | None = None, ready: bool | None = None,
+                      draining: bool | None = None) -> int:
         """A new table version (gateways long-poll for it); returns the version."""
-        async with self.cond:
-            if placement is not None:
-                self.placement = placement
-                self._export_placement()
-            if ready is not None:
-                self.ready = ready
-            self.version += 1
-            self.metrics.version.set(self.version)
-            self.metrics.workers.set(sum(w.healthy for w in self.pool.workers.values()))
-            for w in self.pool.workers.values():
-                self.metrics.worker_up.labels(str(w.worker_id)).set(int(w.healthy))
-                self._target(w)
-            self.cond.notify_all()
-            return self.version
+        version = await self.board.publish(placement, ready, draining)
+        if placement is not None:
+            self._export_placement()
+        self.metrics.version.set(version)
+        self.metrics.workers.set(sum(w.healthy for w in self.pool.workers.values()))
+        for w in self.pool.workers.values():
+            self.metrics.worker_up.labels(str(w.worker_id)).set(int(w.healthy))
+            self._target(w)
+        return version
 
     async def _republish(self) -> None:
         if self.placement is not None:
@@ -174,8 +158,7 @@ class Controller:
         """A gateway holds a version above this controller's (a clock that went back across a restart):
         a gateway only takes a table newer than its own, so the next one gets a higher number."""
         if version > self.version and self.placement is not None:
-            async with self.cond:
-                self.version = version
+            self.board.at_least(version)
             await self.publish()
 
     def _target(self, w: Worker) -> None:
@@ -197,11 +180,10 @@ class Controller:
 
     async def drain(self) -> None:
         """Gateways report NOT_SERVING from now on (before a shutdown or a rollout)."""
-        self.draining = True
-        await self.publish()
+        await self.publish(draining=True)
 
     async def shutdown(self) -> None:
-        self.draining = True
+        self.board.draining = True
         for t in self.tasks:
             t.cancel()
         if self.tasks:  # a worker being started or stopped meanwhile is killed as its task unwinds
@@ -245,28 +227,12 @@ class Controller:
                 self.metrics.balancedness.labels(str(self.moe_layers[l])).set(float(b))
 
     def plan_rebalance(self, num_workers: int | None = None) -> dict:
-        """The placement the current load window asks for, and its expected quality (`gain`: by the
-        objective); applies nothing."""
-        load = self.window_load()
-        W = num_workers or len(self.pool.workers)
-        busy = load.sum() > 0
-        by_time = {}
+        """The placement the current load window asks for, and its expected gain; applies nothing."""
+        by_time = None
         if self.worker_seconds is not None:
-            by_time = dict(objective="time", worker_seconds=self.worker_seconds,
-                           pairs_per_step=self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
-        new = plan(load if busy else np.ones_like(load), W, self.replicas_per_worker, current=self.placement, **by_time)
-        # an empty window says nothing: no gain (a forced rebalance or a new worker count still applies)
-        before = self.placement.balancedness(load) if busy else np.ones(len(self.moe_layers))
-        after = new.balancedness(load) if busy else np.ones(len(self.moe_layers))
-        out = {"objective": self.cfg.rebalance_objective, "balancedness_before": before.tolist(),
-               "balancedness_after": after.tolist(), "gain": float(np.mean(after) - np.mean(before))}
-        if by_time and busy:
-            t0, t1 = (float(busiest_seconds(load, p, self.worker_seconds, by_time["pairs_per_step"]).mean())
-                      for p in (self.placement, new))
-            out.update(predicted_expert_stage_s_before=t0, predicted_expert_stage_s_after=t1, gain=t0 / t1 - 1)
-        return {"placement": new.to_dict(), **out,
-                "moves": new.moves_from(self.placement) if new.num_workers == self.placement.num_workers else None,
-                "workers": W, "load_tokens": float(load.sum())}
+            by_time = (self.worker_seconds, self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
+        return propose(self.window_load(), self.placement, num_workers or len(self.pool.workers),
+                       self.replicas_per_worker, self.cfg.rebalance_objective, by_time)
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""
@@ -327,36 +293,13 @@ class Controller:
     async def table(self) -> dict:
         """The table gateways route with (see `wait_for_table`)."""
         await self._up()
-        return self._table()
-
-    def _table(self) -> dict:
-        p = self.placement
-        routes = {}
-        if p is not None:
-            for i, layer in enumerate(self.moe_layers):
-                reps = [p.replicas(i, e) for e in range(self.args.n_routed_experts)]
-                shares = [[s for _, s in p.share(i, e)] for e in range(self.args.n_routed_experts)]
-                routes[layer] = {"replicas": reps, "shares": shares}
-        healthy = self.pool.healthy_addresses()
-        covered = p is not None and all(
-            any(w in healthy for w in p.replicas(i, e))
-            for i in range(len(self.moe_layers)) for e in range(self.args.n_routed_experts))
-        return {"version": self.version, "routes": routes, "addresses": healthy, "ready": self.ready and covered,
-                "draining": self.draining}
+        return self.board.snapshot()
 
     async def wait_for_table(self, newer_than: int, timeout_s: float = 10.0) -> dict:
         """Long poll: returns as soon as the version is above `newer_than`, or after the timeout."""
         await self._up()
         await self._saw_version(newer_than)
-        # asyncio.timeout, not wait_for: the condition's lock is taken and released in this one task
-        # (wait_for runs the wait in a task of its own, and Python 3.11 can then lose the lock)
-        async with self.cond:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self.cond.wait_for(lambda: self.version > newer_than)
-            except TimeoutError:
-                pass
-        return self._table()
+        return await self.board.wait(newer_than, timeout_s)
 
     async def worker_info(self) -> list[dict]:
         """Each worker's state, as operators and tests read it."""
@@ -374,19 +317,10 @@ class Controller:
 
     def stats(self) -> dict:
         """Per-worker expected load and the hottest experts over the load window (`moe-service stats`)."""
-        load = self.window_load()
-        out: dict = {"version": self.version, "window_s": self.cfg.load_window_s, "workers": self._worker_info(),
-                     "load_tokens": float(load.sum()), "last_rebalance": self.last_rebalance}
-        p = self.placement
-        if p is not None:
-            out["worker_load"] = p.worker_load(load).sum(axis=0).tolist()  # [L, W] summed over layers
-            out["balancedness"] = dict(zip(map(str, self.moe_layers), p.balancedness(load).tolist()))
-            order = np.argsort(load, axis=None)[::-1][:10]
-            E = load.shape[1]
-            out["hottest"] = [{"layer": self.moe_layers[int(i) // E], "expert": int(i) % E, "tokens": float(load.flat[i]),
-                               "replicas": len(p.replicas(int(i) // E, int(i) % E))} for i in order if load.flat[i] > 0]
-            out["placement"] = {str(w): [list(x) for x in self.pairs_of(p, w)] for w in self.pool.workers}
-        return out
+        return {"version": self.version, "window_s": self.cfg.load_window_s, "workers": self._worker_info(),
+                "last_rebalance": self.last_rebalance, **load_view(self.window_load(), self.placement, self.moe_layers,
+                                                                 {w: self.pairs_of(self.placement, w) for w in self.pool.workers}
+                                                                 if self.placement is not None else {})}
 
     async def http_address(self) -> str:
         """The HTTP surface's host:port."""
@@ -399,7 +333,7 @@ class Controller:
 
     def config_digest(self) -> str:
         """Which settings this controller runs with, without showing them (they may hold keys)."""
-        return _digest(self.cfg)
+        return settings_digest(self.cfg)
 
     def settings(self) -> dict:
         return self.cfg.redacted()
@@ -409,26 +343,5 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-def get_or_create_controller(config: dict, start_timeout_s: float | None = None):
-    """The named detached controller for this config (created if absent) after `start()` succeeded. Ray
-    restarts it if its process dies (`max_restarts`); calls made meanwhile are retried."""
-    cfg = ServiceConfig.from_dict(config)
-    # pinned to the head node (as Serve pins its own controller): it must outlive any worker node
-    handle = ControllerActor.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-        max_task_retries=-1, resources={"node:__internal_head__": 0.001}).remote(config)
-    running = ServiceConfig.from_dict(ray.get(handle.settings.remote()))
-    if ray.get(handle.config_digest.remote()) != _digest(cfg):
-        changed = sorted(k for k, v in cfg.redacted().items() if running.redacted().get(k) != v)
-        raise RuntimeError(
-            f"a controller with other settings ({changed or ['its keys']}) is already running in namespace "
-            f"{NAMESPACE!r}; to change them, drain and shut it down first (docs/deploy.md, 'Rolling out a new model')")
-    ray.get(handle.start.remote(), timeout=start_timeout_s)
-    return handle
-
-
-def _digest(cfg: ServiceConfig) -> str:
+def settings_digest(cfg: ServiceConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-
-
-ControllerActor = ray.remote(num_cpus=0, max_concurrency=64)(Controller)

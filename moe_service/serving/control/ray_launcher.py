@@ -18,8 +18,8 @@ from moe_service.transport.options import TLSConfig
 class RayLauncher:
     """Workers named `<service>_worker_<id>_g<generation>`, `service` being the controller's own name."""
 
-    def __init__(self, cfg: ServiceConfig, replicas_per_layer: int, tls: TLSConfig | None, service: str) -> None:
-        self.cfg, self.replicas_per_layer, self.tls, self.service = cfg, replicas_per_layer, tls, service
+    def __init__(self, cfg: ServiceConfig, tls: TLSConfig | None, service: str) -> None:
+        self.cfg, self.tls, self.service = cfg, tls, service
         self.pattern = re.compile(rf"^{re.escape(service)}_worker_(\d+)_g(\d+)$")
 
     def name(self, worker_id: int, generation: int) -> str:
@@ -34,7 +34,7 @@ class RayLauncher:
         if cfg.spread_workers:
             opts["scheduling_strategy"] = "SPREAD"
         handle = ExpertWorkerActor.options(**opts).remote(
-            worker_id, cfg.model, cfg.dtype, self.replicas_per_layer, cfg.expert_bind_host, self.tls, cfg.torch_threads,
+            worker_id, cfg.model, cfg.dtype, cfg.expert_bind_host, self.tls, cfg.torch_threads,
             cfg.expert_port_range, cfg.metrics_port_range, cfg.simulate)
         try:
             addrs = await asyncio.wait_for(handle.start.remote(pairs), cfg.worker_start_timeout_s)

@@ -9,7 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from moe_service.placement import Placement
+import numpy as np
+
+from moe_service.placement import Placement, plan
+from moe_service.placement.timeaware import busiest_seconds
 from moe_service.serving.control.pool import Pairs, WorkerPool
 
 
@@ -69,3 +72,39 @@ async def apply_placement(new: Placement, pairs_of: Callable[[Placement, int], P
     await pool.load({w: pairs_of(new, w) for w in pool.workers})
     await publish(new)
     return confirmed
+
+
+def propose(load: np.ndarray, current: Placement, num_workers: int, replicas_per_worker: int, objective: str,
+            by_time: tuple | None = None) -> dict:
+    """The placement a load window `[L, E]` asks for on `num_workers`, and its expected quality (`gain`, by
+    the objective: balancedness, or with `by_time` = (worker_seconds, pairs per step) the predicted expert
+    stage). An empty window says nothing: no gain (a forced rebalance or a new worker count still applies)."""
+    busy = load.sum() > 0
+    time_args = {} if by_time is None else dict(objective="time", worker_seconds=by_time[0], pairs_per_step=by_time[1])
+    new = plan(load if busy else np.ones_like(load), num_workers, replicas_per_worker, current=current, **time_args)
+    before = current.balancedness(load) if busy else np.ones(load.shape[0])
+    after = new.balancedness(load) if busy else np.ones(load.shape[0])
+    out = {"objective": objective, "balancedness_before": before.tolist(), "balancedness_after": after.tolist(),
+           "gain": float(np.mean(after) - np.mean(before))}
+    if by_time is not None and busy:
+        t0, t1 = (float(busiest_seconds(load, p, by_time[0], by_time[1]).mean()) for p in (current, new))
+        out.update(predicted_expert_stage_s_before=t0, predicted_expert_stage_s_after=t1, gain=t0 / t1 - 1)
+    return {"placement": new.to_dict(), **out,
+            "moves": new.moves_from(current) if new.num_workers == current.num_workers else None,
+            "workers": num_workers, "load_tokens": float(load.sum())}
+
+
+def load_view(load: np.ndarray, p: Placement | None, moe_layers: list[int], pairs: dict[int, Pairs]) -> dict:
+    """What operators read of a load window `[L, E]` on a placement: per-worker load, balancedness, the
+    hottest experts, and each worker's (layer, expert) pairs."""
+    out: dict = {"load_tokens": float(load.sum())}
+    if p is None:
+        return out
+    out["worker_load"] = p.worker_load(load).sum(axis=0).tolist()  # [L, W] summed over layers
+    out["balancedness"] = dict(zip(map(str, moe_layers), p.balancedness(load).tolist()))
+    order = np.argsort(load, axis=None)[::-1][:10]
+    E = load.shape[1]
+    out["hottest"] = [{"layer": moe_layers[int(i) // E], "expert": int(i) % E, "tokens": float(load.flat[i]),
+                       "replicas": len(p.replicas(int(i) // E, int(i) % E))} for i in order if load.flat[i] > 0]
+    out["placement"] = {str(w): [list(x) for x in ps] for w, ps in pairs.items()}
+    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 # For a model whose tokenizer_config.json has no chat_template (the presets): one line per message, then
 # the cue for the assistant's turn. The tokenizer adds BOS as for any text prompt.

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions and /health, served by
 the gateway deployment through Serve's HTTP proxy (FastAPI, `serve.ingress`).
 
-Every request becomes one `moe.v1.GenerateRequest` on token ids and runs through `Gateway.generate`, the
+Every request becomes one `moe.v1.GenerateRequest` on token ids and runs through `RequestAPI.generate`, the
 path gRPC clients take: admission, sampling, logprobs, `n`, errors and metrics are the same for both.
 docs/api.md lists the fields, what each maps to, and what is refused.
 """
@@ -11,120 +11,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from moe_service.serving.gateway.chat import ChatError, ChatTemplate
-from moe_service.engine.sampling import MAX_LOGPROBS
-from moe_service.serving.gateway.gateway import MAX_CHOICES, Gateway, GatewayError
+from moe_service.serving.gateway.gateway import Gateway
+from moe_service.serving.gateway.openai_models import APIError, ChatRequest, CompletionRequest, Sampling
+from moe_service.serving.gateway.requests import GatewayError
 from moe_service.transport.pb import moe_pb2
-
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-              429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
-
-# Fields OpenAI defines that this service does not implement: present with a value that asks for the
-# feature, they get a 400 naming them (a silently ignored `tools` would look like a model that never calls them)
-UNSUPPORTED = {
-    "tools": lambda v: bool(v), "functions": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
-    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
-    "logit_bias": lambda v: bool(v), "presence_penalty": lambda v: v not in (None, 0),
-    "frequency_penalty": lambda v: v not in (None, 0), "best_of": lambda v: v not in (None, 1),
-    "echo": lambda v: bool(v), "suffix": lambda v: bool(v), "audio": lambda v: v is not None,
-    "modalities": lambda v: v not in (None, ["text"]), "prediction": lambda v: v is not None,
-}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    @classmethod
-    def of(cls, e: GatewayError) -> "APIError":
-        status = HTTP_STATUS.get(e.code, 500)
-        headers = {"retry-after": str(max(1, round(e.retry_after_ms / 1000)))} if e.retry_after_ms else None
-        return cls(status, e.message, code=e.code.name.lower(), headers=headers)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "internal_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored; known unsupported ones refused
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # an extension (vLLM's): 0 or -1 = no cut
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # an extension (vLLM's)
-
-    def refuse_unsupported(self) -> None:
-        for name, value in (self.model_extra or {}).items():
-            check = UNSUPPORTED.get(name)
-            if check is not None and check(value):
-                raise APIError(400, f"'{name}' is not supported by this service (docs/api.md lists what is)", name,
-                               "unsupported_parameter")
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop takes at most 4 non-empty strings", "stop")
-        return stops
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            parts = []
-            for part in self.content:
-                if part.get("type") != "text":
-                    raise APIError(400, f"message content of type {part.get('type')!r} is not supported; send text",
-                                   "messages")
-                parts.append(str(part.get("text", "")))
-            return "".join(parts)
-        return self.content or ""
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class HTTPFrontend:
@@ -138,9 +35,9 @@ class HTTPFrontend:
 
     # ---- requests in -------------------------------------------------------------------------
 
-    def check(self, request: Request, body: _Sampling) -> None:
+    def check(self, request: Request, body: Sampling) -> None:
         try:
-            self.gateway.check_auth([("authorization", request.headers.get("authorization", ""))])
+            self.gateway.api.check_auth([("authorization", request.headers.get("authorization", ""))])
         except GatewayError:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key") from None
@@ -171,9 +68,9 @@ class HTTPFrontend:
         except (ChatError, ValueError) as e:
             raise APIError(400, str(e), "messages") from None
 
-    def generate_request(self, prompt: list[int], body: _Sampling, logprobs: int | None, request_id: str
+    def generate_request(self, prompt: list[int], body: Sampling, logprobs: int | None, request_id: str
                          ) -> moe_pb2.GenerateRequest:
-        limits = self.gateway.scheduler.config
+        limits = self.gateway.engine.config
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: as long as the model allows (here: the sequence limit)
             max_tokens = max(1, min(limits.max_new_tokens, limits.max_seq_len - len(prompt)))
@@ -218,7 +115,7 @@ class HTTPFrontend:
 async def _first(gateway: Gateway, req: moe_pb2.GenerateRequest, method: str, request: Request
                  ) -> tuple[moe_pb2.GenerateResponse, AsyncIterator[moe_pb2.GenerateResponse]]:
     """Starts the generation and waits for its first message, so that a refusal is still an HTTP status."""
-    stream = gateway.generate(req, method=method, workload=request.headers.get("x-moe-workload")).__aiter__()
+    stream = gateway.api.generate(req, method=method, workload=request.headers.get("x-moe-workload")).__aiter__()
     try:
         return await stream.__anext__(), stream
     except GatewayError as e:
@@ -256,10 +153,10 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        front.check(request, _Sampling())
+        front.check(request, Sampling())
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": front.created, "owned_by": "moe-service",
-            "max_model_len": gateway.scheduler.config.max_seq_len}]}
+            "max_model_len": gateway.engine.config.max_seq_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -325,7 +222,7 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
 
 
 def _sse_response(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2.GenerateResponse], head: dict,
-                  choice: Callable[[moe_pb2.GenerateResponse], dict], prompt_tokens: int, body: _Sampling, rid: str,
+                  choice: Callable[[moe_pb2.GenerateResponse], dict], prompt_tokens: int, body: Sampling, rid: str,
                   preamble: tuple[dict, ...] = ()) -> StreamingResponse:
     """Server-sent events: `preamble`, then a chunk per message of the stream (its choice made by `choice`),
     the usage chunk if asked for, and [DONE]. An error after the first token (the status is sent by then)

@@ -1,21 +1,27 @@
-"""The gateway's routed experts: per MoE layer, plan the (token, expert) pairs onto workers, write each
-worker its message on the calling thread's own stream, and add up the answers. The failover policy
-lives here: a lost worker's pairs go to other replicas, or wait for a newer table, until the step's
-deadline (docs/architecture.md)."""
+"""The gateway's client of the remote experts.
+
+`RemoteExperts` holds what all of a gateway's model threads share: the step's routing table and the
+failover settings. Each model thread owns a `Dispatcher`: its streams to the workers, its staging
+buffers and the micro-batch it is in. A MoE layer calls `dispatcher.send(layer, hidden, weights, ids)`:
+the pairs are planned onto workers and each worker's message is written on the thread's own stream; the
+model runs its shared experts meanwhile, then `pending.wait()` reads the answers and adds them up. The
+failover policy lives behind `wait()`: a lost worker's pairs go to other replicas, or wait for a newer
+table, until the micro-batch's deadline (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
 import torch
 
-from moe_service.model.moe import ExpertBackend
-from moe_service.routing import LayerRoutes, NoReplicaError, combine, plan_dispatch
-from moe_service.engine.scheduler import StepDeadline
+from moe_service.engine.clock import StepClock
+from moe_service.engine.runner import StepDeadline
+from moe_service.routing import LayerRoutes, NoReplicaError, WorkerDispatch, combine, plan_dispatch
 from moe_service.transport import fastwire
 from moe_service.transport.expert_client import ExpertStreams, Sent
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig
@@ -39,19 +45,28 @@ class RoutingTable:
     addresses: dict[int, str]  # worker id -> host:port
 
 
-@dataclass
+@dataclass(slots=True)
 class CallStats:
-    """Per-call facts the gateway turns into metrics."""
+    """One worker's part of one layer call, for the gateway's per-worker metrics."""
 
     worker: int
-    layer: int
     rows: int
     seconds: float
     compute_seconds: float
     bytes_sent: int
     bytes_received: int
     ok: bool
-    retried: bool = False
+    retried: bool
+
+
+@dataclass
+class StepRecord:
+    """What one micro-batch's layer calls did, for the step's observers: the ids each MoE layer's gate
+    chose (routing counts are taken from these once per step) and every worker call."""
+
+    workloads: torch.Tensor | None = None  # [T] each FFN row's workload class, when counted
+    routed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, ids [T, K] int32, host)
+    calls: list[CallStats] = field(default_factory=list)
 
 
 class ExpertsFailed(Exception):
@@ -59,182 +74,187 @@ class ExpertsFailed(Exception):
 
 
 class RemoteExperts:
-    """The expert backend of a gateway. `table` is the step's table: the gateway replaces it between
-    steps. `wait_for_table(excluded, version, seconds)` returns a table newer than `version` (telling
-    the controller about the excluded workers), or None once the seconds pass."""
+    """`table` routes the current step: the gateway replaces it between steps (`switch`).
+    `wait_for_table(excluded, version, seconds)` returns a table newer than `version` (telling the
+    controller about the excluded workers), or None once the seconds pass. `overlap`: the model's shared
+    experts run while the routed ones are on the wire (off, each layer call is waited for at once)."""
 
     def __init__(self, table: RoutingTable, *, call_timeout_s: float = 30.0, table_wait_s: float = 2.0,
                  wait_for_table: Callable[[set[int], int, float], RoutingTable | None] | None = None,
-                 on_call: Callable[[CallStats], None] | None = None,
-                 on_stage: Callable[[str, float], None] | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TLSConfig | None = None,
-                 stage_always: bool = False) -> None:
+                 overlap: bool = True, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TLSConfig | None = None, stage_always: bool = False) -> None:
         self.table = table
-        self.stage_always = stage_always  # tests: run a GPU gateway's copies on a CPU machine
         self.call_timeout_s, self.table_wait_s = call_timeout_s, table_wait_s
-        self.wait_for_table = wait_for_table
-        self.on_call = on_call
-        # ("dispatch" | "experts" | "wire" | "combine", seconds); wire: the wait beyond the slowest
-        # worker's compute and the gateway's own work meanwhile (the shared experts)
-        self.on_stage = on_stage
+        self.wait_for_table, self.overlap = wait_for_table, overlap
         self.max_message_bytes, self.tls = max_message_bytes, tls
-        self._local = threading.local()
-        self._all: list[ExpertStreams] = []
+        self.stage_always = stage_always  # tests: run a GPU gateway's copies on a CPU machine
+        self._dispatchers: list[Dispatcher] = []
         self._lock = threading.Lock()
 
-    def streams(self) -> ExpertStreams:
-        """The calling thread's streams (made at its first call)."""
-        s = getattr(self._local, "streams", None)
-        if s is None:
-            s = self._local.streams = ExpertStreams(self.max_message_bytes, self.tls)
-            self._local.staging = HostStaging(self.stage_always)
-            with self._lock:
-                self._all.append(s)
-        return s
-
-    def staging(self) -> HostStaging:
-        """The calling thread's host buffers for a device's tensors (made with its streams)."""
-        self.streams()
-        return self._local.staging
-
-    def backend(self, deadline: float | None) -> ExpertBackend:
-        """The backend of one micro-batch whose requests' latest deadline is `deadline`: it sends a
-        layer's dispatch and answers with a function that waits for (and combines) the answers, so the
-        model runs the shared experts meanwhile."""
-        return lambda layer, x, weights, experts: LayerCall(self, layer, x, weights, experts, deadline)
-
-    def run(self, layer: int, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-            deadline: float | None = None) -> torch.Tensor:
-        """x [T, D], weights [T, K], experts [T, K] -> [T, D]"""
-        return LayerCall(self, layer, x, weights, experts, deadline).finish()
+    def dispatcher(self) -> "Dispatcher":
+        """A new dispatcher, for one model thread (or one tool's calls)."""
+        d = Dispatcher(self)
+        with self._lock:
+            self._dispatchers.append(d)
+        return d
 
     def switch(self, table: RoutingTable) -> None:
-        """Route later calls with `table`, and close every thread's streams to workers it no longer
-        lists. Between steps only (the gateway's engine thread, while no other thread sends)."""
+        """Route later micro-batches with `table`, and close every dispatcher's streams to workers it no
+        longer lists. Between steps only (while no model thread sends)."""
         self.table = table
         addresses = set(table.addresses.values())
         with self._lock:
-            streams = list(self._all)
-        for s in streams:
-            s.keep_only(addresses)
+            dispatchers = list(self._dispatchers)
+        for d in dispatchers:
+            d.streams.keep_only(addresses)
 
     def open_addresses(self) -> set[str]:
-        """Every address some thread holds a stream to (tests check that dropped workers' close)."""
+        """Every address some dispatcher holds a stream to (tests check that dropped workers' close)."""
         with self._lock:
-            return set().union(*(s.addresses for s in self._all))
+            return set().union(*(d.streams.addresses for d in self._dispatchers))
 
     def close(self) -> None:
-        """Closes every thread's streams; call when no step runs. A thread of its own does it: the
+        """Closes every dispatcher's streams; call when no step runs. A thread of its own does it: the
         caller may be running an event loop already."""
         with self._lock:
-            streams, self._all = self._all, []
-        closer = threading.Thread(target=lambda: [s.close() for s in streams], name="close-expert-streams")
+            dispatchers, self._dispatchers = self._dispatchers, []
+        closer = threading.Thread(target=lambda: [d.streams.close() for d in dispatchers], name="close-expert-streams")
         closer.start()
         closer.join(10)
 
 
-class LayerCall:
-    """One MoE layer's routed experts for one micro-batch: sent on construction, answered when called.
+class Dispatcher:
+    """One model thread's side of the wire. `begin` starts a micro-batch (its table, deadline and clock),
+    `send` makes its layer calls, `end` hands over what they recorded."""
 
-    Its tensors come to the host first (`HostStaging`: nothing to do on a CPU gateway, two copies on
-    a GPU one); `x`, `weights` and `experts` are those host tensors, and the answer goes back to the
-    gateway's device."""
-
-    def __init__(self, remote: RemoteExperts, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                 experts: torch.Tensor, deadline: float | None) -> None:
-        self.remote, self.layer, self.device = remote, layer, x.device
-        self.deadline = deadline if deadline is not None else float("inf")
+    def __init__(self, remote: RemoteExperts) -> None:
+        self.remote = remote
+        self.streams = ExpertStreams(remote.max_message_bytes, remote.tls)
+        self.staging = HostStaging(remote.stage_always)
         self.table = remote.table
-        self.streams, self.staging = remote.streams(), remote.staging()
+        self.deadline = float("inf")
+        self.clock: StepClock | None = None  # set by begin()
+        self.record = StepRecord()
+
+    def begin(self, deadline: float | None, clock: StepClock, workloads: torch.Tensor | None = None) -> None:
+        # a step's table is the one in force when it starts: a switch lands between steps
+        self.table = self.remote.table
+        self.deadline = deadline if deadline is not None else float("inf")
+        self.clock, self.record = clock, StepRecord(workloads)
+
+    def end(self) -> StepRecord:
+        return self.record
+
+    def send(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> "LayerCall":
+        """hidden [T, D], weights [T, K], ids [T, K] on the gateway's device: the call in flight."""
+        t0 = time.perf_counter()
         # timed as dispatch: on a GPU gateway the copies wait for the layer's attention and gate to finish
-        self.t_staging = time.perf_counter()
-        self.x, self.weights, self.experts = self.staging.to_host(x, weights, experts)
-        # [T, K] on the host: the pairs still owed an answer, -1 elsewhere. Never the caller's `experts`,
-        # which on a GPU gateway live on the device the host-side plan cannot index.
-        self.pending = self.experts
+        x, w, ids_h = self.staging.to_host(hidden, weights, ids)
+        ids_h = ids_h.to(torch.int32)  # the ids' one change of form: the wire's int32, from here to the worker
+        self.record.routed.append((layer, ids_h))
+        call = LayerCall(self, layer, hidden.device, x, w, ids_h)
+        call.send(ids_h)
+        self.clock.add_seconds("dispatch", time.perf_counter() - t0)
+        if not self.remote.overlap:
+            call.wait()
+        return call
+
+    def run(self, layer: int, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+            deadline: float | None = None) -> torch.Tensor:
+        """One layer call outside any step (tools, tests, gpu_check): x [T, D] -> [T, D]."""
+        self.begin(deadline, StepClock(hidden.device))
+        return self.send(layer, hidden, weights, ids).wait()
+
+
+class LayerCall:
+    """One MoE layer's routed experts for one micro-batch, in flight: `x`, `weights` and `ids` are the
+    host tensors the plan was made from; the answer goes back to `device`."""
+
+    def __init__(self, d: Dispatcher, layer: int, device: torch.device, x: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> None:
+        self.d, self.layer, self.device = d, layer, device
+        self.x, self.weights, self.ids = x, weights, ids
+        self.table = d.table
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.excluded: set[int] = set()
         self.retried = False
-        self._send()
+        self.result: torch.Tensor | None = None
 
-    def _send(self) -> None:
-        """Plans the pending pairs (waiting for a newer table while a pair has no live replica) and
-        writes each worker its message."""
-        r = self.remote
-        t0, self.t_staging = self.t_staging, time.perf_counter()  # the first send counts the staging too
+    def send(self, pending: torch.Tensor) -> None:
+        """Plans the `pending` pairs ([T, K], -1 where none), waiting for a newer table while one has no live
+        replica, and writes each worker its message."""
+        d, r = self.d, self.d.remote
         while True:
-            if time.monotonic() >= self.deadline:
+            if time.monotonic() >= d.deadline:
                 raise StepDeadline(f"layer {self.layer}: the step's deadline passed before the experts answered")
             try:
-                self.plan = plan_dispatch(self.pending, self.weights, self.table.routes[self.layer].without(self.excluded))
+                self.plan = plan_dispatch(pending, self.weights, self.table.routes[self.layer].without(self.excluded))
                 break
-            except NoReplicaError:
-                self.table = self._newer_table()
+            except NoReplicaError as e:
+                self.table = self._newer_table(e)
                 self.excluded = set()
-        self.call_deadline = min(self.deadline, time.monotonic() + r.call_timeout_s)
-        left = self.deadline - time.monotonic() if self.deadline != float("inf") else 0.0
+        self.call_deadline = min(d.deadline, time.monotonic() + r.call_timeout_s)
+        left = d.deadline - time.monotonic() if d.deadline != float("inf") else 0.0
         messages = []
-        for d in self.plan:
-            seq = self.streams.next_seq()
-            payload = fastwire.encode_request(self.layer, self.x, d.experts, d.weights, d.rows, seq, left)
-            messages.append((self.table.addresses[d.worker], payload, seq,
-                             (self.x.dtype, (d.rows.shape[0], self.x.shape[1]))))
+        for p in self.plan:
+            seq = d.streams.next_seq()
+            payload = fastwire.encode_request(self.layer, self.x, p.experts, p.weights, p.rows, seq, left)
+            messages.append((self.table.addresses[p.worker], payload, seq, (self.x.dtype, (p.rows.shape[0], self.x.shape[1]))))
         self.sizes = [len(m[1]) for m in messages]
-        self.sent: list[Sent] = self.streams.send(messages, self.call_deadline)
+        self.sent: list[Sent] = d.streams.send(messages, self.call_deadline)
         self.t_sent = time.perf_counter()
-        if r.on_stage is not None:
-            r.on_stage("dispatch", self.t_sent - t0)
 
-    def _newer_table(self) -> RoutingTable:
-        """A newer table for this call (the gateway's own switches between steps), or the same one once
-        a wait runs out: an excluded worker may have been a passing failure."""
-        r = self.remote
-        wait = max(0.0, min(r.table_wait_s, self.deadline - time.monotonic()))
+    def _newer_table(self, e: NoReplicaError) -> RoutingTable:
+        """A newer table for this call (the gateway's own switches between steps), or the same one once a
+        wait runs out: an excluded worker may have been a passing failure."""
+        d, r = self.d, self.d.remote
+        wait = max(0.0, min(r.table_wait_s, d.deadline - time.monotonic()))
         if r.wait_for_table is None:  # nobody to ask: back off, then try the same table again
             time.sleep(wait)
             return self.table
         newer = r.wait_for_table(self.excluded, self.table.version, wait)
         return newer if newer is not None and newer.version > self.table.version else self.table
 
-    def __call__(self) -> torch.Tensor:
-        return self.finish()
-
-    def finish(self) -> torch.Tensor:
-        """-> [T, D] on the gateway's device: the weighted sum of every pair's expert, whichever
-        workers answered."""
-        r = self.remote
+    def wait(self) -> torch.Tensor:
+        """-> [T, D] on the gateway's device: the weighted sum of every pair's expert, whichever workers
+        answered."""
+        if self.result is not None:
+            return self.result
+        d = self.d
         while True:
             t_wait = time.perf_counter()
-            answers = self.streams.receive(self.sent, self.call_deadline)
+            answers = d.streams.receive(self.sent, self.call_deadline)
             t_done = time.perf_counter()
-            lost = torch.zeros(self.experts.shape, dtype=torch.bool)
+            lost: torch.Tensor | None = None
             slowest = 0.0
-            for d, a, s, size in zip(self.plan, answers, self.sent, self.sizes):
+            for p, a, s, size in zip(self.plan, answers, self.sent, self.sizes):
                 ok = isinstance(a, fastwire.Response)
                 if ok:
-                    self.parts.append((d.rows, a.output))
+                    self.parts.append((p.rows, a.output))
                     slowest = max(slowest, a.compute_seconds)
                 elif a.code in WORKER_LOST:
-                    self.excluded.add(d.worker)
-                    lost[d.rows] |= d.experts >= 0
+                    self.excluded.add(p.worker)
+                    lost = self._lose(lost, p)
                 else:
-                    raise ExpertsFailed(f"worker {d.worker}, layer {self.layer}: {a}")
-                if r.on_call is not None:
-                    r.on_call(CallStats(d.worker, self.layer, int(d.rows.numel()), s.answered - self.t_sent,
-                                        a.compute_seconds if ok else 0.0, size,
-                                        a.output.nbytes if ok else 0, ok, self.retried))
-            if r.on_stage is not None:
-                r.on_stage("experts", t_done - self.t_sent)
-                # beyond both the slowest worker's compute and what the gateway did meanwhile
-                r.on_stage("wire", max(0.0, t_done - self.t_sent - max(slowest, t_wait - self.t_sent)))
-            if not bool(lost.any()):
-                out = combine(self.x.shape[0], self.parts, self.x, self.staging.answer_buffer(self.x, self.device))
-                out = self.staging.to_device(out, self.device)
-                if r.on_stage is not None:
-                    r.on_stage("combine", time.perf_counter() - t_done)
-                return out
+                    raise ExpertsFailed(f"worker {p.worker}, layer {self.layer}: {a}")
+                d.record.calls.append(CallStats(p.worker, p.rows.shape[0], s.answered - self.t_sent,
+                                                a.compute_seconds if ok else 0.0, size,
+                                                a.output.nbytes if ok else 0, ok, self.retried))
+            d.clock.add_seconds("experts", t_done - self.t_sent)
+            # beyond both the slowest worker's compute and what the gateway did meanwhile
+            d.clock.add_seconds("wire", max(0.0, t_done - self.t_sent - max(slowest, t_wait - self.t_sent)))
+            if lost is None:
+                out = combine(self.x.shape[0], self.parts, self.x, d.staging.answer_buffer(self.x, self.device))
+                self.result = d.staging.to_device(out, self.device)
+                d.clock.add_seconds("combine", time.perf_counter() - t_done)
+                return self.result
             # only the lost workers' pairs are planned again; padding stays padding
-            self.pending = torch.where(lost, self.experts, -1)
             self.retried = True
-            self._send()
+            self.send(torch.where(lost, self.ids, -1))
 
+    def _lose(self, lost: torch.Tensor | None, p: WorkerDispatch) -> torch.Tensor:
+        """The pairs still owed an answer, [T, K] bool, once worker p.worker's are added."""
+        if lost is None:
+            lost = torch.zeros(self.ids.shape, dtype=torch.bool)
+        lost[p.rows] |= p.experts >= 0
+        return lost

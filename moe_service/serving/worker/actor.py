@@ -13,8 +13,10 @@ from moe_service.checkpoint import load_experts, open_source
 from moe_service.serving.metrics import WorkerMetrics, serve_metrics
 from moe_service.model.args import DTYPES
 from moe_service.serving.simulated import Simulation
-from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer, RunningServer, start_expert_server
+from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
+from moe_service.serving.worker.simulated import SimulatedServicer
 from moe_service.transport.memory import keep_large_buffers
+from moe_service.transport.server import RunningServer, start_expert_server
 from moe_service.transport.options import TLSConfig
 
 Pairs = list[tuple[int, int]]
@@ -24,14 +26,14 @@ class ExpertWorker:
     """Plain class; `ExpertWorkerActor` below is its Ray actor. Async methods run on the actor's loop,
     which also runs the grpc.aio server; weight loading runs on a separate thread."""
 
-    def __init__(self, worker_id: int, model: str, dtype: str, replicas_per_layer: int, bind_host: str | None = None,
+    def __init__(self, worker_id: int, model: str, dtype: str, bind_host: str | None = None,
                  tls: TLSConfig | None = None, torch_threads: int | None = None,
                  port_range: tuple[int, int] | None = None, metrics_port_range: tuple[int, int] | None = None,
                  simulate: dict | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
-        self.worker_id, self.model, self.replicas_per_layer = worker_id, model, replicas_per_layer
+        self.worker_id, self.model = worker_id, model
         self.dtype = DTYPES[dtype]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.bind_host, self.tls = bind_host, tls
@@ -79,10 +81,10 @@ class ExpertWorker:
         """Load the experts, start the server; returns its address and the metrics address."""
         self.pairs = sorted(map(tuple, pairs))
         await asyncio.get_running_loop().run_in_executor(None, self._load, self.pairs)
-        self.servicer = ExpertServicer(
-            self.hosted, worker_id=str(self.worker_id), hidden_size=self.args.hidden_size,
-            num_experts=self.args.n_routed_experts, replicas_per_layer=self.replicas_per_layer,
-            on_call=self.metrics.on_call, hold=self.simulation.hold() if self.simulation is not None else None)
+        settings = dict(worker_id=str(self.worker_id), hidden_size=self.args.hidden_size,
+                        num_experts=self.args.n_routed_experts, on_call=self.metrics.on_call)
+        self.servicer = (ExpertServicer(self.hosted, **settings) if self.simulation is None
+                         else SimulatedServicer(self.hosted, hold=self.simulation.hold(), **settings))
         host = self.bind_host or ray.util.get_node_ip_address()
         self.server = await start_expert_server(self.servicer, host=host, ports=self.port_range, tls=self.tls)
         metrics_port = serve_metrics(self.metrics.registry, host=host, ports=self.metrics_port_range)

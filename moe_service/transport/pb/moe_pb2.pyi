@@ -219,17 +219,15 @@ class HostedExpert(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "hosted", "replicas_per_layer", "device", "dtype", "max_message_bytes")
+    __slots__ = ("worker_id", "hosted", "device", "dtype", "max_message_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTED_FIELD_NUMBER: _ClassVar[int]
-    REPLICAS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     hosted: _containers.RepeatedCompositeFieldContainer[HostedExpert]
-    replicas_per_layer: int
     device: str
     dtype: str
     max_message_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[HostedExpert, _Mapping]]] = ..., replicas_per_layer: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[HostedExpert, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
