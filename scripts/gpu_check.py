@@ -240,7 +240,7 @@ class ExpertServerProcess:
 
 def check_expert_server(device: torch.device, dims: dict, server: ExpertServerProcess) -> dict:
     """Experts on `device` in a server process, called on a persistent stream as a gateway calls them."""
-    from moe_service.bench.transport_bench import StreamEcho
+    from moe_service.bench.transport_bench import StreamEcho, alternating
     from moe_service.transport import fastwire
     from moe_service.transport.expert_client import ExpertStreams
 
@@ -269,18 +269,8 @@ def check_expert_server(device: torch.device, dims: dict, server: ExpertServerPr
             answer = call()
             want = local(x.to(device), w.to(device), e.to(device)).float().cpu()
             rel = float((answer.output.float() - want).norm() / want.norm().clamp_min(1e-12))
-            rtts, computes, floors = [], [], []
             blob = fastwire.encode_request(1, x, e, w, seq=1, deadline_s=CALL_TIMEOUT_S)
-            for i in range(50):
-                t0 = time.perf_counter()
-                r = call()
-                t1 = time.perf_counter()
-                echo.round_trip(blob)
-                t2 = time.perf_counter()
-                if i >= 5:
-                    rtts.append(t1 - t0)
-                    computes.append(r.compute_seconds)
-                    floors.append(t2 - t1)
+            rtts, computes, floors = alternating(lambda: call().compute_seconds, echo, blob, 45, warmup=5)
             rtt, compute, floor = (statistics.median(v) for v in (rtts, computes, floors))
             out["batches"][T] = {"relative_difference": rel, "round_trip_s": rtt, "worker_compute_s": compute,
                                  "transport_s": rtt - compute, "stream_echo_s": floor,

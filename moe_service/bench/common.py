@@ -36,16 +36,10 @@ def save_results(name: str, results: dict, out_dir: str | Path = "bench-results"
 
 
 def local_service(**settings) -> dict:
-    """A service config for the served benchmarks on this machine (workers on logical GPUs, computing
-    on its CPU cores).
-
-    The gateway's attention and the workers' experts alternate within a step, so the gateway may use
-    two threads while one thread per worker keeps the experts in parallel. Work overlapping the
-    expert calls (shared experts, a second micro-batch) follows `overlap_pays`: on a machine of a few
-    cores it slows the workers more than it hides (docs/performance.md)."""
-    from moe_service.serving.config import overlap_pays
-
-    scheduler = {"micro_batches": 2 if overlap_pays(False) else 1, **settings.pop("scheduler", {})}
-    return dict(gpus_per_worker=1.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1", gateway_torch_threads=2,
-                overlap_shared_experts=overlap_pays(False), sd_port=0, rebalance_interval_s=0, scheduler=scheduler,
-                **settings)
+    """A service config for the served benchmarks on this machine: CPU workers (so the overlap of work
+    with the expert calls follows `ServiceConfig.overlap` for CPU workers: on a machine of a few cores it
+    slows the workers more than it hides, docs/performance.md). The gateway's attention and the workers'
+    experts alternate within a step, so the gateway may use two threads while one thread per worker
+    keeps the experts in parallel."""
+    return dict(gpus_per_worker=0.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1", gateway_torch_threads=2,
+                sd_port=0, rebalance_interval_s=0, **settings)

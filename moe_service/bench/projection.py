@@ -5,7 +5,8 @@ measured; scripts/gpu_check.sh measures the terms on a real GPU."""
 
 from __future__ import annotations
 
-from moe_service.capacity.costmodel import DEVICES, SHAPES, dense_params, expert_bytes, project_decode_step
+from moe_service.capacity.costmodel import (DEVICES, SHAPES, TERMS_HEADER, dense_params, expert_bytes,
+                                            format_terms_ms, project_decode_step)
 
 BATCHES = (1, 32, 256)
 
@@ -31,10 +32,8 @@ def format_results(r: dict) -> str:
     lines = [f"PROJECTED (roofline, datasheet numbers; not measured): one decode step, context {r['context_tokens']}, "
              f"{r['workers']} expert workers, {r['software_ms_per_layer']} ms of software per layer call + "
              f"{r['rtt_us']:.0f} us network round trip, {r['link_gbps']:.0f} Gb/s link",
-             f"{'model':18}{'device':16}{'batch':>6}{'gateway':>10}{'dispatch':>10}{'experts':>10}{'step':>10}"
-             f"{'tokens/s':>10}  dominant"]
+             f"{'model':18}{'device':16}{'batch':>6}{TERMS_HEADER}{'step':>10}{'tokens/s':>10}  dominant"]
     for row in r["rows"]:
-        lines.append(f"{row['model']:18}{row['device'][:15]:16}{row['batch']:6d}{row['gateway_s'] * 1e3:9.2f}ms"
-                     f"{row['dispatch_s'] * 1e3:8.2f}ms{row['experts_s'] * 1e3:8.2f}ms{row['step_s'] * 1e3:8.2f}ms"
-                     f"{row['batch'] / row['step_s']:10.0f}  {row['dominant'].removesuffix('_s')}")
+        lines.append(f"{row['model']:18}{row['device'][:15]:16}{row['batch']:6d} {format_terms_ms(row)}"
+                     f"{row['step_s'] * 1e3:8.2f}ms{row['batch'] / row['step_s']:10.0f}  {row['dominant'].removesuffix('_s')}")
     return "\n".join(lines)

@@ -273,7 +273,8 @@ def served(preset: str, workers: int, prompt_tokens: int, decode_batch: int, dec
             floor.close()
         log(f"[served bench] decode, batch {decode_batch}")
         dec = concurrent(svc.address, short, decode_tokens)
-        layer_calls = d.get("countexperts", 0.0) or 1.0  # one expert stage per MoE layer per decode step
+        # one observation per stage per step (summed over its layers): a batch-1 step has one layer call per MoE layer
+        layer_calls = d.get("countexperts", 0.0) * len(open_source(preset).args.moe_layers) or 1.0
         stages = {k: d.get("sum" + k, 0) / layer_calls
                   for k in ("attention", "gating", "dispatch", "experts", "wire", "combine")}
         out = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": dec["decode_tokens_per_s"],

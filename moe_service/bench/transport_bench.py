@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from typing import Callable
 
 import grpc
 import torch
@@ -81,6 +82,24 @@ class StreamEcho:
         self.loop.close()
 
 
+def alternating(call: Callable[[], float], echo: StreamEcho, blob: bytes, n: int, warmup: int
+                ) -> tuple[list[float], list[float], list[float]]:
+    """`n` rounds after `warmup`, each a call (which returns the worker's compute seconds) then an echo of
+    `blob`: (the calls' round trips, their compute seconds, the echoes' round trips)."""
+    rtts, computes, floors = [], [], []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        c = call()
+        t1 = time.perf_counter()
+        echo.round_trip(blob)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            rtts.append(t1 - t0)
+            computes.append(c)
+            floors.append(t2 - t1)
+    return rtts, computes, floors
+
+
 def _stream_one_token(address: str, echo_port: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype,
                       n: int) -> dict:
     """One token's RunExperts on a persistent stream (ExpertStreams, as the gateway sends it) against
@@ -90,7 +109,6 @@ def _stream_one_token(address: str, echo_port: int, hidden: int, experts: int, t
     e = torch.randint(0, experts, (1, top_k), dtype=torch.int32)
     w = torch.rand(1, top_k)
     blob = fastwire.encode_request(1, x, e, w, seq=1, deadline_s=60.0)
-    rpc, comp, floor = [], [], []
 
     def run_experts() -> float:
         seq = streams.next_seq()
@@ -100,16 +118,7 @@ def _stream_one_token(address: str, echo_port: int, hidden: int, experts: int, t
         return answer.compute_seconds
 
     try:
-        for i in range(n + 20):  # the first 20 of each warm up
-            t0 = time.perf_counter()
-            c = run_experts()
-            t1 = time.perf_counter()
-            echo.round_trip(blob)
-            t2 = time.perf_counter()
-            if i >= 20:
-                rpc.append(t1 - t0)
-                comp.append(c)
-                floor.append(t2 - t1)
+        rpc, comp, floor = alternating(run_experts, echo, blob, n, warmup=20)
     finally:
         streams.close()
         echo.close()

@@ -170,3 +170,11 @@ def project_decode_step(args: ModelArgs, device: Device, batch: int, context: in
     terms["step_s"] = sum(terms.values())
     terms["dominant"] = max(("gateway_s", "dispatch_s", "experts_s"), key=terms.get)
     return terms
+
+
+TERMS_HEADER = f"{'gateway':>10}{'dispatch':>10}{'experts':>10}"  # the columns format_terms_ms fills
+
+
+def format_terms_ms(r: dict) -> str:
+    """A step's gateway, dispatch and experts terms (seconds in `r`), as table columns in milliseconds."""
+    return f"{r['gateway_s'] * 1e3:8.2f}ms{r['dispatch_s'] * 1e3:8.2f}ms{r['experts_s'] * 1e3:8.2f}ms"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_service.capacity.costmodel import Device, dispatch_layer_seconds, gateway_step_seconds, worker_cost
+from moe_service.capacity.costmodel import (TERMS_HEADER, Device, dispatch_layer_seconds, format_terms_ms,
+                                            gateway_step_seconds, worker_cost)
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan
 from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
@@ -159,11 +160,9 @@ def format_results(r: dict) -> str:
     lines = [f"SIMULATED (cost model, not measured): {r['model']} on {r['device']}, {r['gateways']} gateway(s) x "
              f"{r['streams_per_gateway']} streams, {r['workers']} expert workers x {r['replicas_per_worker']} replicas "
              f"per layer, routing {r['trace']}",
-             f"{'placement':>12}{'tokens/s':>11}{'ITL':>10}{'gateway':>10}{'dispatch':>10}{'experts':>10}"
-             f"{'per layer':>11}{'replicas':>10}"]
+             f"{'placement':>12}{'tokens/s':>11}{'ITL':>10}{TERMS_HEADER}{'per layer':>11}{'replicas':>10}"]
     for name, s in r["policies"].items():
-        lines.append(f"{name:>12}{s['tokens_per_s']:11.0f}{s['itl_s'] * 1e3:8.2f}ms{s['gateway_s'] * 1e3:8.2f}ms"
-                     f"{s['dispatch_s'] * 1e3:8.2f}ms{s['experts_s'] * 1e3:8.2f}ms"
+        lines.append(f"{name:>12}{s['tokens_per_s']:11.0f}{s['itl_s'] * 1e3:8.2f}ms{format_terms_ms(s)}"
                      f"{s['expert_stage_s_per_layer'] * 1e6:9.1f}us{s['replicas']:10d}")
     floor = next(iter(r["policies"].values()))["expert_floor_s_per_layer"]
     lines.append(f"floor: no placement's expert stage is predicted below {floor * 1e6:.1f} us per layer (every expert "

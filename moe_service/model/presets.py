@@ -6,25 +6,21 @@ import dataclasses
 
 from moe_service.model.args import ModelArgs
 
+# what the random presets share: a small vocabulary's special ids, direct q projection, greedy top-k
+_RANDOM = dict(bos_token_id=1, eos_token_id=2, max_position_embeddings=4096, q_lora_rank=None, topk_method="greedy",
+               first_k_dense_replace=1)
+
 PRESETS: dict[str, ModelArgs] = {
     # seconds to build; the tests' and the default run's model
-    "tiny": ModelArgs(
-        name="tiny", vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=32,
-        topk_method="greedy", first_k_dense_replace=1,
-    ),
+    "tiny": ModelArgs(name="tiny", vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+                      num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                      n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=32,
+                      **_RANDOM),
     # about 1.1B parameters, 64 experts top-6 + 2 shared: the benchmark's shape
-    "bench": ModelArgs(
-        name="bench", vocab_size=32000, hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=256, qk_nope_head_dim=64,
-        qk_rope_head_dim=32, v_head_dim=64,
-        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=704,
-        topk_method="greedy", first_k_dense_replace=1,
-    ),
+    "bench": ModelArgs(name="bench", vocab_size=32000, hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
+                       num_attention_heads=16, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                       v_head_dim=64, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                       moe_intermediate_size=704, **_RANDOM),
 }
 
 # the routing shape of DeepSeek-V2-Lite (64 routed experts, top-6) at the tiny preset's size: the real
