@@ -1,4 +1,4 @@
-"""The oracle: tiny random transformers DeepseekV2 checkpoints written by save_pretrained."""
+"""The oracle: tiny random transformers DeepseekV2 and DeepseekV3 checkpoints written by save_pretrained."""
 
 from __future__ import annotations
 
@@ -35,12 +35,28 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf_model(overrides: dict[str, Any], seed: int = 0):
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+# DeepSeek-V3's router (sigmoid scores, a correction bias for choosing, groups ranked by their top-2):
+# each config has n_group > 1 with topk_group < n_group unless it is Kimi-K2's one group
+V3_BASE: dict[str, Any] = dict(
+    {k: v for k, v in BASE.items() if k != "topk_method"}, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+    topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=BASE["num_attention_heads"])
+V3_CONFIGS: dict[str, dict[str, Any]] = {
+    "v3_grouped": {},
+    "v3_qlora_yarn_dense2": dict(q_lora_rank=12, rope_parameters=YARN, first_k_dense_replace=2, num_hidden_layers=4,
+                                 n_shared_experts=2, routed_scaling_factor=1.7),
+    "v3_kimi_one_group": dict(n_group=1, topk_group=1, num_experts_per_tok=6, routed_scaling_factor=2.827,
+                              norm_topk_prob=False, first_k_dense_replace=0),
+}
 
-    cfg = DeepseekV2Config(**{**BASE, **overrides})
+
+def hf_model(overrides: dict[str, Any], seed: int = 0, family: str = "v2"):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config_class, model_class, base = ((DeepseekV3Config, DeepseekV3ForCausalLM, V3_BASE) if family == "v3"
+                                       else (DeepseekV2Config, DeepseekV2ForCausalLM, BASE))
+    cfg = config_class(**{**base, **overrides})
     torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(cfg).eval()
+    model = model_class(cfg).eval()
     # a random init has near-uniform routing; widen the gate so top-k choices are decisive, and
     # give the experts a healthy scale so a wrong routing decision shows in the logits
     with torch.no_grad():
@@ -49,7 +65,11 @@ def hf_model(overrides: dict[str, Any], seed: int = 0):
                 p.normal_(0, 0.5)
             elif "norm" not in name:
                 p.normal_(0, 0.1)
-    if cfg.norm_topk_prob:
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # as large as the spread of the sigmoid scores, so the biased choice differs from the unbiased
+                b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.3)
+    if family == "v2" and cfg.norm_topk_prob:
         _patch_norm_topk_prob(model)
     return model
 
@@ -70,8 +90,9 @@ def _patch_norm_topk_prob(model) -> None:
             module.forward = forward
 
 
-def write_checkpoint(path: Path, overrides: dict[str, Any], seed: int = 0, shard: str | None = None):
-    model = hf_model(overrides, seed)
+def write_checkpoint(path: Path, overrides: dict[str, Any], seed: int = 0, shard: str | None = None,
+                     family: str = "v2"):
+    model = hf_model(overrides, seed, family)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, **kwargs)
     return model

@@ -1,4 +1,4 @@
-"""The model core against transformers' DeepseekV2 on the same weights (fp32)."""
+"""The model core against transformers' DeepseekV2 and DeepseekV3 on the same weights (fp32)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from moe_service import load_model
 from moe_service.engine.engine import Engine
 from moe_service.model.cache import LatentCache
 from moe_service.engine.sampling import SamplingParams
-from tests.oracle import CONFIGS, write_checkpoint
+from tests.oracle import CONFIGS, V3_CONFIGS, write_checkpoint
 
 TOL = 1e-4
+ALL = {**{name: ("v2", c) for name, c in CONFIGS.items()}, **{name: ("v3", c) for name, c in V3_CONFIGS.items()}}
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(ALL))
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    hf = write_checkpoint(path, CONFIGS[request.param])
+    family, overrides = ALL[request.param]
+    hf = write_checkpoint(path, overrides, family=family)
     return hf, load_model(path), request.param
 
 

@@ -30,6 +30,14 @@ class Device:
     # reads and arithmetic overlap (a GPU's many SMs stream weights while others multiply): max of the two;
     # False: they follow each other (one CPU thread packs a weight block, then multiplies it): their sum
     overlap: bool = True
+    # bytes per routed-expert weight where they are stored otherwise (1: FP8 blocks, dequantized to compute);
+    # None: itemsize
+    expert_itemsize: int | None = None
+    memory_bytes: float = 0.0  # device memory (0: not known)
+
+    @property
+    def expert_bytes_per_weight(self) -> int:
+        return self.expert_itemsize or self.itemsize
 
     def seconds(self, nbytes: float, flops: float) -> float:
         return self.combine(nbytes / self.memory_bandwidth, flops / self.flops)
@@ -40,19 +48,29 @@ class Device:
 
 DEVICES = {
     "H100": Device("H100 SXM5 80GB", 3.35e12, 989e12, "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s, "
-                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6),
+                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6, memory_bytes=80e9),
     "H200": Device("H200 SXM 141GB", 4.8e12, 989e12, "NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s, "
-                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6),
+                   "BF16 989 TFLOPS dense; 20 us per call assumed", call_s=20e-6, memory_bytes=141e9),
 }
 
 
-def device(name: str) -> Device:
-    """A named GPU (datasheet numbers), or "cpu": this machine, as `moe-service calibrate` measured it."""
+EXPERT_DTYPES = {"bf16": None, "fp8": 1}
+
+
+def device(name: str, experts: str = "bf16") -> Device:
+    """A named GPU (datasheet numbers), or "cpu": this machine, as `moe-service calibrate` measured it;
+    `experts="fp8"`: its routed experts stored as FP8 blocks (one byte a weight, read at that size)."""
+    if experts not in EXPERT_DTYPES:
+        raise ValueError(f"expert dtype {experts!r} is not known; known: {sorted(EXPERT_DTYPES)}")
     if name in DEVICES:
-        return DEVICES[name]
-    if name == "cpu":
-        return load_calibration()
-    raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)} and 'cpu' (after moe-service calibrate)")
+        dev = DEVICES[name]
+    elif name == "cpu":
+        dev = load_calibration()
+    else:
+        raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)} and 'cpu' (after moe-service calibrate)")
+    if experts == "fp8":
+        dev = dataclasses.replace(dev, name=f"{dev.name}, FP8 experts", expert_itemsize=EXPERT_DTYPES[experts])
+    return dev
 
 
 CALIBRATION_FILE = Path.home() / ".cache" / "moe-service" / "cpu-calibration.json"
@@ -77,7 +95,7 @@ def worker_layer_seconds(args: ModelArgs, dev: Device, touched: float, pairs: fl
     replica plus the pairs' activations (a row in, a row out), and FLOPs come from the routed pairs (2 per
     weight per pair). `multi` of the touched replicas have two or more pairs: their weights are read at the
     device's multi-row bandwidth."""
-    w = expert_bytes(args, dev.itemsize)
+    w = expert_bytes(args, dev.expert_bytes_per_weight)
     read_s = ((touched - multi) * w + 2 * pairs * args.hidden_size * dev.itemsize) / dev.memory_bandwidth
     read_s += multi * w / (dev.multi_row_bandwidth or dev.memory_bandwidth)
     return dev.call_s + dev.combine(read_s, 2 * pairs * expert_bytes(args, 1) / dev.flops)
@@ -106,6 +124,20 @@ SHAPES = {
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
         n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1536, intermediate_size=12288,
         vocab_size=102400, topk_method="group_limited_greedy", n_group=8, topk_group=3, first_k_dense_replace=1),
+    # the V3 family: sigmoid routing with a correction bias, groups ranked by their top-2; MTP layers aside
+    "DeepSeek-V3": ModelArgs(
+        name="DeepSeek-V3", model_type="deepseek_v3", topk_method="noaux_tc", scoring_func="sigmoid",
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, moe_intermediate_size=2048, intermediate_size=18432, vocab_size=129280, n_group=8,
+        topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=3,
+        num_nextn_predict_layers=1),
+    "Kimi-K2": ModelArgs(
+        name="Kimi-K2", model_type="kimi_k2", topk_method="noaux_tc", scoring_func="sigmoid", hidden_size=7168,
+        num_hidden_layers=61, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=2048, intermediate_size=18432, vocab_size=163840, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.827, first_k_dense_replace=1),
 }
 
 
@@ -148,7 +180,7 @@ def expert_layer_seconds(args: ModelArgs, device: Device, tokens: int, workers: 
     of the touched experts' weights and does its share of the FLOPs."""
     per_worker = max(touched_experts(args, tokens) / workers, min(1.0, touched_experts(args, tokens)))
     flops = 2 * tokens * args.num_experts_per_tok * expert_bytes(args, 1) / workers
-    return device.seconds(per_worker * expert_bytes(args), flops)
+    return device.seconds(per_worker * expert_bytes(args, device.expert_bytes_per_weight), flops)
 
 
 def dispatch_layer_seconds(args: ModelArgs, tokens: int, software_s: float, rtt_s: float, link_bytes_s: float,

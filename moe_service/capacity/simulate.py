@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_service.capacity.costmodel import (TERMS_HEADER, Device, dispatch_layer_seconds, format_terms_ms,
-                                            gateway_step_seconds, worker_cost)
+from moe_service.capacity.costmodel import (TERMS_HEADER, Device, dispatch_layer_seconds, expert_bytes,
+                                            format_terms_ms, gateway_step_seconds, worker_cost)
 from moe_service.model.args import ModelArgs
 from moe_service.placement import Placement, plan
 from moe_service.placement.timeaware import busiest_seconds, floor_seconds, layer_pairs
@@ -106,6 +106,11 @@ class Cluster:
         E = self.args.n_routed_experts
         return self.replicas_per_worker or -(-E * 5 // (4 * self.workers))  # all experts once + 25%
 
+    @property
+    def expert_bytes_per_worker(self) -> int:
+        """The routed-expert weights one worker holds: its replicas of every MoE layer."""
+        return self.spw * len(self.args.moe_layers) * expert_bytes(self.args, self.device.expert_bytes_per_weight)
+
     def placement(self, load: np.ndarray, policy: str) -> Placement:
         L, E = load.shape
         if policy == "round-robin":
@@ -139,7 +144,9 @@ def run(model: str, device: Device, gateways: int, workers: int, streams: int, t
     load = trace(args, trace_spec)
     c = Cluster(args, device, gateways, workers, streams, context, rtt_s=rtt_s, software_s=software_s)
     out = {"simulated": True, "model": args.name, "device": device.name, "gateways": gateways, "workers": workers,
-           "streams_per_gateway": streams, "trace": trace_spec, "replicas_per_worker": c.spw, "policies": {}}
+           "streams_per_gateway": streams, "trace": trace_spec, "replicas_per_worker": c.spw,
+           "expert_bytes_per_worker": c.expert_bytes_per_worker, "device_memory_bytes": device.memory_bytes,
+           "policies": {}}
     for policy in policies:
         out["policies"][policy] = c.step(load, c.placement(load, policy))
     return out
@@ -164,6 +171,10 @@ def format_results(r: dict) -> str:
     for name, s in r["policies"].items():
         lines.append(f"{name:>12}{s['tokens_per_s']:11.0f}{s['itl_s'] * 1e3:8.2f}ms{format_terms_ms(s)}"
                      f"{s['expert_stage_s_per_layer'] * 1e6:9.1f}us{s['replicas']:10d}")
+    held, memory = r["expert_bytes_per_worker"], r["device_memory_bytes"]
+    lines.append(f"memory: each worker holds {held / 1e9:.1f} GB of routed experts"
+                 + (f" of its {memory / 1e9:.0f} GB: {'fits' if held < memory else 'DOES NOT FIT, add workers'}"
+                    if memory else ""))
     floor = next(iter(r["policies"].values()))["expert_floor_s_per_layer"]
     lines.append(f"floor: no placement's expert stage is predicted below {floor * 1e6:.1f} us per layer (every expert "
                  "read once, the work spread perfectly)")

@@ -12,24 +12,50 @@ from safetensors.torch import save_file
 from moe_service.checkpoint.names import expected_shapes, expert_hf_names, hf_name, parse_expert_name
 from moe_service.checkpoint.sources import TensorSource, open_source
 from moe_service.model.experts import RoutedExperts
+from moe_service.model.fp8 import FP8Experts, dequantize, quantize as quantize_blocks, scale_grid
 from moe_service.model.rope import Rotary
 from moe_service.model.transformer import Transformer
 from moe_service.progress import Progress
 
 # tensors kept in fp32 whatever the serving dtype: routing must not change with the dtype
-FP32_SUFFIXES = (".mlp.gate.weight",)
+FP32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+
+
+def scale_name(name: str) -> str:
+    """The block scales of an FP8 weight `X.weight`: `X.weight_scale_inv`."""
+    return name + "_scale_inv"
+
+
+def validate(source: TensorSource, names: Iterable[str]) -> None:
+    """Every tensor a load will read is there, with the shape the config implies, and each FP8 one with
+    its block scales (one per 128 x 128 block, the edges partial). Checked before anything is read, so a
+    bad checkpoint leaves nothing half-loaded."""
+    shapes, have = expected_shapes(source.args), source.names()
+    for name in names:
+        if name not in have:
+            raise KeyError(f"{source.describe(name)} has no tensor {name!r}, which this model's config needs")
+        got, want = tuple(source.shape(name)), shapes.get(name)
+        if want is not None and got != tuple(want):
+            raise ValueError(f"tensor {name!r} in {source.describe(name)} has shape {list(got)}; "
+                             f"config.json implies {list(want)}")
+        if source.is_fp8(name):
+            if not source.fp8:
+                raise ValueError(f"tensor {name!r} in {source.describe(name)} is float8_e4m3fn, but config.json has "
+                                 "no quantization_config (quant_method fp8, weight_block_size [128, 128])")
+            scales = scale_name(name)
+            if scales not in have:
+                raise KeyError(f"FP8 tensor {name!r} in {source.describe(name)} has no block scales {scales!r}")
+            grid = scale_grid(got)
+            if tuple(source.shape(scales)) != grid:
+                raise ValueError(f"block scales {scales!r} have shape {list(source.shape(scales))}; the 128 x 128 "
+                                 f"blocks of {name!r} {list(got)} need {list(grid)}")
 
 
 def _fetch(source: TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
-    if name not in source.names():
-        raise KeyError(f"{source.describe(name)} has no tensor {name!r}, which this model's config needs")
-    want = expected_shapes(source.args).get(name)
-    got = source.shape(name)
-    if want is not None and tuple(got) != tuple(want):
-        raise ValueError(
-            f"tensor {name!r} in {source.describe(name)} has shape {list(got)}; config.json implies {list(want)}"
-        )
+    """A validated tensor in `dtype` (an FP8 one dequantized; the router's in float32 whatever `dtype`)."""
     keep_fp32 = any(name.endswith(s) for s in FP32_SUFFIXES)
+    if source.is_fp8(name):
+        return dequantize(source.read(name), source.read(scale_name(name)), None).to(dtype)
     return source.read(name).to(torch.float32 if keep_fp32 else dtype)
 
 
@@ -46,6 +72,10 @@ def load_model(
     args = src.args
     with torch.device("meta"):
         model = Transformer(args, with_routed_experts=with_routed_experts)
+    plain_names = [_source_name(n, args) for n, _ in model.named_parameters() if ".mlp.experts." not in n]
+    expert_names = [n for layer in (args.moe_layers if with_routed_experts else []) for e in range(args.n_routed_experts)
+                    for names in expert_hf_names(layer, e).values() for n in names]
+    validate(src, plain_names + expert_names)
     model.to(dtype=dtype).to_empty(device=device)
     model.rotary = Rotary(args).to(device)  # a computed buffer, lost on the meta device
     params = dict(model.named_parameters())
@@ -54,10 +84,7 @@ def load_model(
     total = sum(params[n].numel() * params[n].element_size() for n in params)
     bar = Progress("loading weights", total, unit="B", enabled=progress)
     for name in plain:
-        src_name = hf_name(name)
-        if name == "lm_head.weight" and args.tie_word_embeddings:
-            src_name = hf_name("embed_tokens.weight")
-        t = _fetch(src, src_name, dtype)
+        t = _fetch(src, _source_name(name, args), dtype)
         p = params[name]
         if p.dtype != t.dtype:  # the fp32 gate
             p.data = torch.empty(p.shape, dtype=t.dtype, device=device)
@@ -70,34 +97,60 @@ def load_model(
     return model.eval()
 
 
+def _source_name(local: str, args) -> str:
+    if local == "lm_head.weight" and args.tie_word_embeddings:
+        return hf_name("embed_tokens.weight")
+    return hf_name(local)
+
+
+Experts = RoutedExperts | FP8Experts
+
+
 @torch.no_grad()
-def fill_experts(src: TensorSource, experts: RoutedExperts, pairs: list[tuple[int, int]], dtype: torch.dtype,
-                 bar: Progress | None = None, kept: tuple[RoutedExperts, list[int]] | None = None) -> None:
-    """Local expert i of `experts` becomes expert pairs[i]: copied from `kept` (a module and the expert id
-    of each of its local experts) where it is there, read from the source otherwise."""
+def fill_experts(src: TensorSource, experts: Experts, pairs: list[tuple[int, int]], dtype: torch.dtype,
+                 bar: Progress | None = None, kept: tuple[Experts, list[int]] | None = None) -> None:
+    """Local expert i of `experts` becomes expert pairs[i]: copied from `kept` (a module of the same kind
+    and the expert id of each of its local experts, FP8 scales included) where it is there, read from the
+    source otherwise. An FP8 module reads FP8 weights as they are, and quantizes dense ones."""
     old, old_ids = kept if kept is not None else (None, [])
     for i, (layer, expert) in enumerate(pairs):
         if expert in old_ids:
             j = old_ids.index(expert)
-            experts.gate_up_proj.data[i].copy_(old.gate_up_proj.data[j])
-            experts.down_proj.data[i].copy_(old.down_proj.data[j])
+            for name, param in experts.named_parameters():
+                param.data[i].copy_(getattr(old, name).data[j])
             continue
         for param_name, names in expert_hf_names(layer, expert).items():
-            rows = torch.cat([_fetch(src, n, dtype) for n in names], dim=0)
             param = getattr(experts, param_name)
-            param.data[i].copy_(rows)
+            if isinstance(experts, FP8Experts):
+                scales = getattr(experts, param_name.replace("_proj", "_scale"))
+                parts = [_fp8(src, n) for n in names]
+                param.data[i].copy_(torch.cat([q for q, _ in parts], dim=0))
+                scales.data[i].copy_(torch.stack([sc for _, sc in parts]) if len(parts) > 1 else parts[0][1])
+            else:
+                param.data[i].copy_(torch.cat([_fetch(src, n, dtype) for n in names], dim=0))
             if bar is not None:
-                bar.advance(rows.numel() * rows.element_size())
+                bar.advance(param.data[i].numel() * param.element_size())
+
+
+def _fp8(src: TensorSource, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert projection as FP8 blocks: read as they are, or quantized from a dense checkpoint."""
+    if src.is_fp8(name):
+        return src.read(name), src.read(scale_name(name)).float()
+    return quantize_blocks(src.read(name))
 
 
 @torch.no_grad()
 def load_experts(
     source: "str | Path | TensorSource", pairs: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", progress: bool = False,
-    kept: dict[int, tuple[RoutedExperts, list[int]]] | None = None,
-) -> dict[int, tuple[RoutedExperts, list[int]]]:
+    kept: dict[int, tuple[Experts, list[int]]] | None = None, quantize: str | None = None,
+) -> dict[int, tuple[Experts, list[int]]]:
     """The routed experts one worker hosts: layer -> (experts module, expert id of each local index).
-    What `kept` already holds (the worker's current layers) is copied from there, not read again."""
+    What `kept` already holds (the worker's current layers) is copied from there, not read again. An FP8
+    checkpoint's experts stay FP8 (`FP8Experts`, computed in `dtype`), and `quantize="fp8"` makes a dense
+    checkpoint's so."""
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize must be 'fp8' or unset, got {quantize!r}")
     src = open_source(source)
     args = src.args
     by_layer: dict[int, list[int]] = {}
@@ -107,11 +160,18 @@ def load_experts(
         if not 0 <= expert < args.n_routed_experts:
             raise ValueError(f"expert {expert} is out of range; layers have {args.n_routed_experts} routed experts")
         by_layer.setdefault(layer, []).append(expert)
-    per_expert = 3 * args.hidden_size * args.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
+    names = [n for layer, experts in by_layer.items() for e in experts
+             for ns in expert_hf_names(layer, e).values() for n in ns]
+    validate(src, names)
+    fp8 = quantize == "fp8" or (bool(names) and src.is_fp8(names[0]))
+    itemsize = 1 if fp8 else torch.empty((), dtype=dtype).element_size()
+    per_expert = 3 * args.hidden_size * args.moe_intermediate_size * itemsize
     bar = Progress("loading experts", per_expert * sum(map(len, by_layer.values())), unit="B", enabled=progress)
     out = {}
+    D, I = args.hidden_size, args.moe_intermediate_size
     for layer, experts in by_layer.items():
-        module = RoutedExperts(len(experts), args.hidden_size, args.moe_intermediate_size).to(device=device, dtype=dtype)
+        module = (FP8Experts(len(experts), D, I, dtype, device) if fp8
+                  else RoutedExperts(len(experts), D, I).to(device=device, dtype=dtype))
         fill_experts(src, module, [(layer, e) for e in experts], dtype, bar, (kept or {}).get(layer))
         out[layer] = (module.eval(), experts)
     bar.close()

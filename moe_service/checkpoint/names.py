@@ -90,6 +90,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if args.is_moe_layer(l):
             I = args.moe_intermediate_size
             shapes[m + "gate.weight"] = (args.n_routed_experts, D)
+            if args.topk_method == "noaux_tc":
+                shapes[m + "gate.e_score_correction_bias"] = (args.n_routed_experts,)
             if args.n_shared_experts:
                 S = I * args.n_shared_experts
                 shapes[m + "shared_experts.gate_proj.weight"] = (S, D)

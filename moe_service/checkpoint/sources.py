@@ -4,6 +4,8 @@ a seeded preset, or a model in memory (to write it as a checkpoint)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -13,17 +15,46 @@ from safetensors import safe_open
 
 from moe_service.checkpoint.names import expected_shapes, expert_hf_names, hf_name
 from moe_service.model.args import ModelArgs
+from moe_service.model.fp8 import BLOCK
 from moe_service.model.presets import GATE_SKEW, PRESET_SEED, PRESETS, preset_args
+
+log = logging.getLogger("moe_service.checkpoint")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_INDEX.match(name)
+    return int(m.group(1)) if m else None
 
 
 class TensorSource(Protocol):
     args: ModelArgs
     reads: list[str]  # names read so far, in order (tests check that a process reads only its share)
+    fp8: bool  # its linear weights may be FP8 blocks (`quantization_config`: fp8, e4m3, [128, 128])
 
     def names(self) -> set[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def is_fp8(self, name: str) -> bool: ...
     def read(self, name: str) -> torch.Tensor: ...
     def describe(self, name: str) -> str: ...
+
+
+def read_quantization(config: dict) -> bool:
+    """Whether a config.json says its weights are FP8 blocks; ValueError for any quantization this loader
+    does not read, naming the setting."""
+    q = config.get("quantization_config")
+    if not q:
+        return False
+    method, fmt, block = q.get("quant_method"), q.get("fmt", "e4m3"), q.get("weight_block_size")
+    if method != "fp8":
+        raise ValueError(f"config.json has quantization_config.quant_method {method!r}; this loader reads 'fp8' "
+                         "(DeepSeek-V3's block format) or unquantized checkpoints")
+    if fmt != "e4m3":
+        raise ValueError(f"config.json has quantization_config.fmt {fmt!r}; FP8 weights must be 'e4m3' (float8_e4m3fn)")
+    if list(block or []) != [BLOCK, BLOCK]:
+        raise ValueError(f"config.json has quantization_config.weight_block_size {block}; this loader reads "
+                         f"[{BLOCK}, {BLOCK}] blocks")
+    return True
 
 
 class SafetensorsSource:
@@ -42,9 +73,14 @@ class SafetensorsSource:
             raise FileNotFoundError(f"{config_file} is missing; a checkpoint directory needs config.json")
         self.config = json.loads(config_file.read_text())
         self.args = ModelArgs.from_hf_config(self.config, name=self.path.name)
+        self.fp8 = read_quantization(self.config)
         self.file_of = self._index()
         self._handles: dict[str, object] = {}
         self.reads: list[str] = []
+        mtp = [n for n in self.file_of if (layer := _layer_of(n)) is not None and layer >= self.args.num_hidden_layers]
+        if mtp:
+            log.info("%s: skipping %d tensors of the multi-token-prediction layer(s) (model.layers.%d and above): "
+                     "this service does not use them", self.path, len(mtp), self.args.num_hidden_layers)
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -77,6 +113,9 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
 
+    def is_fp8(self, name: str) -> bool:
+        return self._handle(self.file_of[name]).get_slice(name).get_dtype() == "F8_E4M3"
+
     def read(self, name: str) -> torch.Tensor:
         self.reads.append(name)
         return self._handle(self.file_of[name]).get_tensor(name)
@@ -89,6 +128,8 @@ class PresetSource:
     """A preset's weights, each tensor drawn from its own seed so any subset is reproducible alone
     (an expert worker makes only the experts it hosts)."""
 
+    fp8 = False
+
     def __init__(self, name: str, seed: int = PRESET_SEED) -> None:
         self.args = preset_args(name)
         self.seed = seed
@@ -100,6 +141,9 @@ class PresetSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
+
+    def is_fp8(self, name: str) -> bool:
+        return False
 
     def read(self, name: str) -> torch.Tensor:
         self.reads.append(name)
@@ -122,6 +166,8 @@ class PresetSource:
 class ModuleSource:
     """A Transformer in memory under its checkpoint names: its stacked experts read as per-expert tensors."""
 
+    fp8 = False
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.args = model.args
         self.reads: list[str] = []
@@ -139,6 +185,9 @@ class ModuleSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
+
+    def is_fp8(self, name: str) -> bool:
+        return False
 
     def read(self, name: str) -> torch.Tensor:
         self.reads.append(name)

@@ -13,9 +13,10 @@ def model_source(ns: argparse.Namespace) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", help="a local Hugging Face DeepSeek-V2 directory (config.json, *.safetensors)")
+    g.add_argument("--model", help="a local Hugging Face DeepSeek-V2/V3 directory (config.json, *.safetensors); "
+                   "`info` also takes a known shape: DeepSeek-V2(-Lite), DeepSeek-V3, Kimi-K2")
     g.add_argument("--preset", default="coder", help="a built-in model: coder (default: trained, embedded; "
-                   "docs/models.md), tiny or bench (random weights, for tests and benchmarks)")
+                   "docs/models.md), tiny, tiny-v3 or bench (random weights, for tests and benchmarks)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 

@@ -11,10 +11,10 @@ from moe_service.model.args import DTYPES
 
 
 def cmd_info(ns: argparse.Namespace) -> int:
-    from moe_service.checkpoint import open_source
+    from moe_service.capacity.simulate import model_args
     from moe_service.model.summary import format_summary, summarize
 
-    s = summarize(open_source(model_source(ns)).args, DTYPES[ns.dtype])
+    s = summarize(model_args(model_source(ns)), DTYPES[ns.dtype])
     print(json.dumps(s, indent=2) if ns.json else format_summary(s))
     return 0
 
@@ -55,7 +55,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from moe_service.capacity import simulate
     from moe_service.capacity.costmodel import device
 
-    dev = device(ns.device)
+    dev = device(ns.device, ns.expert_dtype)
     r = simulate.run(ns.model_config, dev, ns.gateways, ns.workers, ns.streams, ns.trace, ns.rtt_us * 1e-6,
                      ns.context, software_s=ns.software_us * 1e-6)
     print(simulate.format_results(r))
@@ -106,6 +106,8 @@ def add_parsers(sub) -> None:
     sim.add_argument("--model-config", default="DeepSeek-V2", help="a preset, a checkpoint directory, a config.json, "
                      "or DeepSeek-V2 / DeepSeek-V2-Lite (shapes only)")
     sim.add_argument("--device", default="H200", help="H100, H200 (datasheets) or cpu (after moe-service calibrate)")
+    sim.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8"],
+                     help="how the workers store routed experts: fp8 reads one byte a weight (DeepSeek-V3's blocks)")
     sim.add_argument("--gateways", type=int, default=1)
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--streams", type=int, default=64, help="decode streams per gateway")

@@ -36,9 +36,24 @@ class RoutedExperts(nn.Module):
             y = self._grouped(x[g.rows], g.counts)
         else:
             y = self._looped(x[g.rows], g.counts)
-        # Each pair's weighted output goes to its own (row, k) place in fp32, and a row's K places are
-        # summed in a fixed order, then cast once. An index_add_ in bf16 would round at every add and, on
-        # CUDA, in whichever order its atomics land: answers would differ run to run by ~1e-3.
+        return self.weighted_sum(x, y, g)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it computes in."""
+        return self.gate_up_proj.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_proj.device
+
+    @staticmethod
+    def weighted_sum(x: torch.Tensor, y: torch.Tensor, g: "Grouping") -> torch.Tensor:
+        """x [N, D], y [P, D] (each pair's expert output, pairs in g's order) -> sum_k w * y per row [N, D].
+
+        Each pair's weighted output goes to its own (row, k) place in fp32, and a row's K places are
+        summed in a fixed order, then cast once. An index_add_ in bf16 would round at every add and, on
+        CUDA, in whichever order its atomics land: answers would differ run to run by ~1e-3."""
         N, D = x.shape
         per_pair = torch.zeros(N * g.top_k, D, dtype=torch.float32, device=x.device)
         per_pair[g.pairs] = y.float() * g.weights

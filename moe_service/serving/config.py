@@ -31,6 +31,9 @@ class ServiceConfig:
     served_model_name: str | None = None  # the OpenAI API's model id; default: the preset or directory name
     http_api: bool = True  # the OpenAI HTTP API on Serve's HTTP proxy (off: gRPC only, a faster ingress)
     dtype: str = "float32"
+    # routed experts on the workers: "fp8" block-quantizes a dense checkpoint's at load (128 x 128 blocks, as
+    # DeepSeek-V3 ships them); an FP8 checkpoint's stay FP8 whatever this says. Computed in `dtype`.
+    quantize: str | None = None
     # expert workers
     workers: int = 2
     gpus_per_worker: float = 1.0  # fractional allowed; 0 runs workers on CPU-only nodes
@@ -121,6 +124,8 @@ class ServiceConfig:
             raise ValueError(f"rebalance_objective must be 'tokens' or 'time', got {cfg.rebalance_objective!r}")
         if cfg.rebalance_objective == "time":
             cfg.worker_seconds(None)
+        if cfg.quantize not in (None, "fp8"):
+            raise ValueError(f"quantize must be 'fp8' or unset, got {cfg.quantize!r}")
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
         cfg.tls()  # a partial TLS configuration fails here, on every side

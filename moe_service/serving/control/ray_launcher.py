@@ -34,7 +34,7 @@ class RayLauncher:
         if cfg.spread_workers:
             opts["scheduling_strategy"] = "SPREAD"
         handle = ExpertWorkerActor.options(**opts).remote(
-            worker_id, cfg.model, cfg.dtype, cfg.expert_bind_host, self.tls, cfg.torch_threads,
+            worker_id, cfg.model, cfg.dtype, cfg.quantize, cfg.expert_bind_host, self.tls, cfg.torch_threads,
             cfg.expert_port_range, cfg.metrics_port_range, cfg.simulate)
         try:
             addrs = await asyncio.wait_for(handle.start.remote(pairs), cfg.worker_start_timeout_s)

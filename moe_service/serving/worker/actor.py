@@ -26,7 +26,7 @@ class ExpertWorker:
     """Plain class; `ExpertWorkerActor` below is its Ray actor. Async methods run on the actor's loop,
     which also runs the grpc.aio server; weight loading runs on a separate thread."""
 
-    def __init__(self, worker_id: int, model: str, dtype: str, bind_host: str | None = None,
+    def __init__(self, worker_id: int, model: str, dtype: str, quantize: str | None = None, bind_host: str | None = None,
                  tls: TLSConfig | None = None, torch_threads: int | None = None,
                  port_range: tuple[int, int] | None = None, metrics_port_range: tuple[int, int] | None = None,
                  simulate: dict | None = None) -> None:
@@ -34,7 +34,7 @@ class ExpertWorker:
             torch.set_num_threads(torch_threads)
         keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
         self.worker_id, self.model = worker_id, model
-        self.dtype = DTYPES[dtype]
+        self.dtype, self.quantize = DTYPES[dtype], quantize
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.bind_host, self.tls = bind_host, tls
         self.port_range, self.metrics_port_range = port_range, metrics_port_range
@@ -68,7 +68,8 @@ class ExpertWorker:
             else:
                 old = self.hosted.get(layer)
                 kept = {layer: (old.experts, old.expert_ids)} if old is not None else None
-                module, ids = load_experts(src, by_layer[layer], self.dtype, self.device, kept=kept)[layer]
+                module, ids = load_experts(src, by_layer[layer], self.dtype, self.device, kept=kept,
+                                           quantize=self.quantize)[layer]
                 hosted[layer] = HostedLayer.build(module, ids, self.args.n_routed_experts)
             self.hosted = hosted  # a call already running keeps the dict it started with
             if self.servicer is not None:
@@ -106,9 +107,12 @@ class ExpertWorker:
         return time.perf_counter() - t0
 
     def ping(self) -> dict:
+        params = [p for h in self.hosted.values() for p in h.experts.parameters()]
         return {"worker_id": self.worker_id, "pid": os.getpid(), "hosted": self.pairs, "device": self.device,
                 "node_id": ray.get_runtime_context().get_node_id(), "reads": self.reads, "loads": self.loads,
-                **self.addresses}
+                # what the hosted routed experts are stored as, and their bytes (FP8 scales included)
+                "expert_dtypes": sorted({str(h.experts.gate_up_proj.dtype) for h in self.hosted.values()}),
+                "expert_bytes": sum(p.numel() * p.element_size() for p in params), **self.addresses}
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -15,6 +15,7 @@ import torch
 
 from moe_service.model.args import DTYPES
 from moe_service.model.experts import RoutedExperts, group_pairs
+from moe_service.model.fp8 import FP8Experts
 from moe_service.transport import fastwire
 from moe_service.transport.options import DEFAULT_MAX_MESSAGE_BYTES
 from moe_service.transport.pb import moe_pb2, moe_pb2_grpc
@@ -28,14 +29,14 @@ INLINE_ROWS = 8  # up to this many rows compute on the stream's own thread: a th
 class HostedLayer:
     """One layer's experts on this worker: the module and which expert each local index holds."""
 
-    experts: RoutedExperts
+    experts: "RoutedExperts | FP8Experts"
     expert_ids: list[int]
     # [E + 2]: index e < E: e's local index, or -2 (not hosted); index E: -2 (an id out of range, clamped
     # here); index E + 1, reached as -1: -1 (no expert in this column)
     local_of: torch.Tensor
 
     @classmethod
-    def build(cls, experts: RoutedExperts, expert_ids: list[int], num_experts: int) -> "HostedLayer":
+    def build(cls, experts: "RoutedExperts | FP8Experts", expert_ids: list[int], num_experts: int) -> "HostedLayer":
         local_of = torch.full((num_experts + 2,), -2, dtype=torch.long)
         local_of[-1] = -1
         local_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
@@ -125,11 +126,11 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         t0 = time.perf_counter()
         # the layer's own device and dtype: a worker started with no experts learns them from what it
         # is given to host (the controller's recovery path), and layers may differ
-        w = layer.experts.gate_up_proj
+        ex = layer.experts
         # grouped here, where the request arrived: on a GPU worker nothing then waits on the device
         # before the experts run
-        grouping = group_pairs(weights, local, layer.experts.num_local).to(w.device)
-        y = layer.experts.run(x.to(w.device, w.dtype), grouping)
+        grouping = group_pairs(weights, local, ex.num_local).to(ex.device)
+        y = ex.run(x.to(ex.device, ex.dtype), grouping)
         y = out.copy_(y) if out is not None else y.to("cpu", x.dtype)
         return y, time.perf_counter() - t0
 
@@ -174,7 +175,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
     async def Describe(self, request, context):
         layers = sorted(self.hosted.items())
         hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in layers for e in h.expert_ids]
-        w = layers[0][1].experts.gate_up_proj if layers else None
+        ex = layers[0][1].experts if layers else None
         return moe_pb2.DescribeResponse(
-            worker_id=self.worker_id, hosted=hosted, device=str(w.device) if w is not None else "",
-            dtype=str(w.dtype).removeprefix("torch.") if w is not None else "", max_message_bytes=self.max_message_bytes)
+            worker_id=self.worker_id, hosted=hosted, device=str(ex.device) if ex is not None else "",
+            dtype=str(ex.dtype).removeprefix("torch.") if ex is not None else "", max_message_bytes=self.max_message_bytes)
