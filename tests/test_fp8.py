@@ -121,3 +121,22 @@ def test_bad_fp8_checkpoints_are_refused_before_anything_is_read(fp8_v3, tmp_pat
     assert words in str(err.value)
     if "src" in locals():
         assert src.reads == [], "a bad checkpoint was half-loaded"
+
+
+def test_the_multi_token_prediction_layer_is_skipped_and_says_so(fp8_v3, tmp_path, caplog):
+    path, oracle = fp8_v3
+
+    def add_mtp(tensors, config):  # DeepSeek-V3 ships its MTP module as the layer after the last
+        config["num_nextn_predict_layers"] = 1
+        tensors["model.layers.3.eh_proj.weight"] = torch.zeros(160, 320)
+        tensors["model.layers.3.enorm.weight"] = torch.ones(160)
+
+    with_mtp = _edited(fp8_v3, tmp_path, add_mtp)
+    with caplog.at_level("INFO", logger="moe_service.checkpoint"):
+        src = SafetensorsSource(with_mtp)
+        model = load_model(src)
+    assert "skipping 2 tensors of the multi-token-prediction layer(s) (model.layers.3 and above)" in caplog.text
+    assert not [n for n in src.reads if n.startswith("model.layers.3.")] and src.args.num_nextn_predict_layers == 1
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert (model(ids) - oracle(ids).logits).abs().max().item() <= 1e-4

@@ -12,6 +12,7 @@ import time
 import grpc
 
 from moe_service.bench.common import log
+from moe_service.transport.memory import process_memory
 
 CAPACITY = 300  # the 1x burst: what the default limits admit at once (max_running + max_queue >= 300)
 
@@ -80,11 +81,7 @@ def burst(address: str, n: int, prompt: list[int], new_tokens: int, want: list[i
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return process_memory(pid)["VmRSS"]
 
 
 def proxy_pid() -> int:

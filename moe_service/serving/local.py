@@ -52,6 +52,11 @@ class LocalService:
     def controller(self):
         return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
 
+    def worker_pings(self) -> list[dict]:
+        """Each expert worker's own report (ExpertWorker.ping): what it hosts, in which dtype, its memory."""
+        infos = ray.get(self.controller().worker_info.remote())
+        return [ray.get(ray.get_actor(w["actor_name"], namespace=NAMESPACE).ping.remote()) for w in infos]
+
     def wait_serving(self, timeout_s: float = 120.0) -> None:
         """Until the client-facing port answers SERVING to a standard health check."""
         deadline = time.monotonic() + timeout_s

@@ -1,4 +1,5 @@
-"""Memory for moving multi-MB messages: freed buffers kept for reuse, and `bytes` written in place.
+"""Memory for moving multi-MB messages: freed buffers kept for reuse, `bytes` written in place; and what a
+process holds.
 
 glibc maps every allocation above its mmap threshold afresh and unmaps it when freed, so each large
 dispatch would pay page faults for each of its message buffers. Raising the threshold to glibc's
@@ -61,3 +62,17 @@ def _bytes_writer() -> Callable[[int], tuple[bytes, memoryview]] | None:
 
 
 writable_bytes = _bytes_writer()  # n -> (a new bytes object of n bytes, a writable view of them), or None
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident memory now (VmRSS) and at its peak (VmHWM), in bytes (Linux; zeros elsewhere)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in out:
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out

@@ -15,6 +15,7 @@ from moe_service.serving.gateway.gateway import Gateway
 from moe_service.serving.gateway.requests import GatewayError
 from moe_service.serving.gateway.table import ControllerLink
 from moe_service.serving.metrics import quantile
+from moe_service.transport.memory import process_memory
 
 
 def controller_link(handle) -> ControllerLink:
@@ -118,11 +119,7 @@ class GatewayDeployment:
         """Engine occupancy and this process's resident memory (the load test checks both return to idle)."""
         import ray
 
-        rss = 0
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+        rss = process_memory()["VmRSS"]
         m = self.gateway.metrics
         return {**self.gateway.engine.stats(), "pid": os.getpid(), "rss_bytes": rss,
                 "rejection_p99_s": quantile(m.rejection, 0.99), "loop_lag_p99_s": quantile(m.loop_lag, 0.99),

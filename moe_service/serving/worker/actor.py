@@ -15,7 +15,7 @@ from moe_service.model.args import DTYPES
 from moe_service.serving.simulated import Simulation
 from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
 from moe_service.serving.worker.simulated import SimulatedServicer
-from moe_service.transport.memory import keep_large_buffers
+from moe_service.transport.memory import keep_large_buffers, process_memory
 from moe_service.transport.server import RunningServer, start_expert_server
 from moe_service.transport.options import TLSConfig
 
@@ -50,6 +50,7 @@ class ExpertWorker:
         if self.simulation is not None:
             self.simulation.export(self.metrics.registry)
         self.started = asyncio.Event()  # a rebalance's load() may arrive while start() still runs
+        self.base_rss = process_memory()["VmRSS"]  # before any expert: what the process costs without them
 
     def _load(self, pairs: Pairs) -> None:
         """Host exactly `pairs`, layer by layer: a layer's new module is built (replicas already here
@@ -112,7 +113,10 @@ class ExpertWorker:
                 "node_id": ray.get_runtime_context().get_node_id(), "reads": self.reads, "loads": self.loads,
                 # what the hosted routed experts are stored as, and their bytes (FP8 scales included)
                 "expert_dtypes": sorted({str(h.experts.gate_up_proj.dtype) for h in self.hosted.values()}),
-                "expert_bytes": sum(p.numel() * p.element_size() for p in params), **self.addresses}
+                "expert_bytes": sum(p.numel() * p.element_size() for p in params),
+                # resident memory now and at its peak (VmHWM: during every call so far), and before the experts
+                "rss_bytes": (mem := process_memory())["VmRSS"], "peak_rss_bytes": mem["VmHWM"], "base_rss_bytes": self.base_rss,
+                **self.addresses}
 
     async def stop(self) -> None:
         if self.server is not None:
