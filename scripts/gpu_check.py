@@ -11,6 +11,7 @@ whole run fits 4 minutes, the budget is GPU_CHECK_S, default 280):
 | grouped_gemm   |     10 s | the routed experts' grouped GEMM in bf16 against the per-expert loop        |
 | expert_server  |     40 s | experts on the GPU in a server process, called on a stream, vs a stream echo |
 | remote_experts |     10 s | a gateway layer call with CUDA inputs (T = 1, 256) against that server      |
+| fp8_experts    |     15 s | FP8-block experts (DeepSeek-V3's) against bf16: difference, time, ratio      |
 | layer_timings  |     40 s | a DeepSeek-V2-Lite-shaped stack: decode step, and per-layer parts apart     |
 
 A check that would not fit in what is left of the budget is skipped, and says so. The file lands in
@@ -45,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 BUDGET_S = float(os.environ.get("GPU_CHECK_S", "280"))  # the caller's limit sits about 20 s above this
 CALL_TIMEOUT_S = 10.0  # one call to the expert server
 SERVER_START_S = 90.0  # a server process's start, CUDA initialisation included
-EXPECTED_S = {"parity": 25, "grouped_gemm": 10, "expert_server": 40, "remote_experts": 10, "layer_timings": 40}
+EXPECTED_S = {"parity": 25, "grouped_gemm": 10, "expert_server": 40, "remote_experts": 10, "fp8_experts": 15,
+              "layer_timings": 40}
 
 
 class Report:
@@ -176,6 +178,36 @@ def check_grouped_gemm(device: torch.device, dims: dict) -> dict:
         rel = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
         out["batches"][T] = {"used_path": "grouped" if grouped else "loop", "s": t_used, "loop_s": t_loop,
                              "relative_difference_to_loop": rel}
+    return out
+
+
+def check_fp8_experts(device: torch.device, dims: dict) -> dict:
+    """FP8 routed experts (DeepSeek-V3's 128 x 128 blocks, dequantized per expert, computed in the serving
+    dtype) against the same experts in that dtype: the difference and the time of each, and the ratio."""
+    from moe_service.model.experts import group_pairs
+    from moe_service.model.fp8 import FP8Experts
+
+    dtype = _dtype(device)
+    E, D, inter, K = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
+    dense = _random_experts(E, D, inter, device, dtype, 5)
+    fp8 = FP8Experts.from_dense(dense)
+    reference = _random_experts(E, D, inter, device, dtype, 5)  # the dequantized weights, dense
+    with torch.no_grad():
+        for s in range(E):
+            gate_up, down = fp8.weights(s)
+            reference.gate_up_proj[s].copy_(gate_up)
+            reference.down_proj[s].copy_(down)
+    timer = Timer(device)
+    out = {"dtype": str(dtype).removeprefix("torch."), "batches": {}}
+    for T in dims["batches"]:
+        x = torch.randn(T, D, device=device, dtype=dtype)
+        ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+        g = group_pairs(torch.rand(T, K, device=device), ids, E)
+        got, want = fp8.run(x, g), reference.run(x, g)
+        rel = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+        t_fp8, t_dense = timer.median(lambda: fp8.run(x, g)), timer.median(lambda: dense.run(x, g))
+        out["batches"][T] = {"relative_difference_to_dequantized": rel, "fp8_s": t_fp8, "dense_s": t_dense,
+                             "fp8_vs_dense": t_fp8 / t_dense}
     return out
 
 
@@ -406,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "grouped_gemm": lambda: check_grouped_gemm(device, dims),
         "expert_server": lambda: check_expert_server(device, dims, server),
         "remote_experts": lambda: check_remote_experts(device, dims, server),
+        "fp8_experts": lambda: check_fp8_experts(device, dims),
         "layer_timings": lambda: check_layer_timings(device, dims),
     }
     failed = False
