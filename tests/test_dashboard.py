@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.support.metrics import exported_names
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,19 +24,7 @@ def test_dashboard_and_configmap_are_generated_and_in_sync():
 
 
 def test_dashboard_has_the_views_operators_need_and_only_real_metrics():
-    from prometheus_client import CollectorRegistry
-
-    from moe_service.serving.metrics import ControllerMetrics, GatewayMetrics, WorkerMetrics
-
-    names = set()
-    for m in (GatewayMetrics(CollectorRegistry()), WorkerMetrics(0, CollectorRegistry()),
-              ControllerMetrics(CollectorRegistry())):
-        for metric in m.registry.collect():
-            for s in metric.samples:
-                names.add(s.name)
-            names.add(metric.name)
-            if metric.type == "counter":  # a labelled counter has no samples until first used
-                names.add(metric.name + "_total")
+    names = exported_names()
     d = json.loads((ROOT / "k8s" / "grafana" / "moe-service.json").read_text())
     titles = " ".join(p["title"].lower() for p in d["panels"])
     for must in ("tokens/s", "time to first token", "inter-token", "per-worker load", "layer, expert", "replicas"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
@@ -15,8 +14,9 @@ import torch
 
 from moe_service.client import Client
 from moe_service.serving.local import free_port, start_service
-from tests.test_serving import ORACLE_CONFIG, service_config
 from tests.oracle import write_checkpoint
+from tests.support import Pending, eventually
+from tests.test_serving import ORACLE_CONFIG, service_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("prometheus") is None,
@@ -64,20 +64,17 @@ def query(base: str, promql: str):
     return data["data"]["result"]
 
 
-def eventually(base: str, promql: str, want: float, timeout_s: float = 60.0) -> None:
-    """Query until Prometheus returns `want` (scrapes are periodic); fail with the last answer."""
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
+def prometheus_says(base: str, promql: str, want: float, timeout_s: float = 60.0) -> None:
+    """Queries until Prometheus returns `want` (scrapes are periodic); fails with the last answer."""
+    def answer():
         try:
             res = query(base, promql)
-        except OSError:
-            res = None  # Prometheus still starting
-        if res:
-            last = float(res[0]["value"][1])
-            if abs(last - want) < 1e-6:
-                return
-        time.sleep(0.5)  # the next scrape is at most 1 s away
-    raise AssertionError(f"{promql} = {last}, expected {want}")
+        except OSError as e:  # Prometheus still starting
+            return Pending(repr(e))
+        value = float(res[0]["value"][1]) if res else None
+        return True if value is not None and abs(value - want) < 1e-6 else Pending(value)
+
+    eventually(answer, timeout_s, interval=0.5, what=f"{promql} == {want}")  # the next scrape is <= 1 s away
 
 
 def test_prometheus_sees_every_process_and_the_right_numbers(service, prometheus):
@@ -93,13 +90,13 @@ def test_prometheus_sees_every_process_and_the_right_numbers(service, prometheus
     top_k, moe_layers = args.num_experts_per_tok, len(args.moe_layers)
     # every prompt token is prefilled and every generated token but the last is fed back
     tokens = sum(len(p) + n - 1 for p, n in zip(prompts, generated))
-    eventually(prometheus, 'count(up{component="expert_worker"} == 1)', 2)
-    eventually(prometheus, 'count(up{component="gateway"} == 1)', 1)
-    eventually(prometheus, "count(moe_worker_rows_total)", 2)  # one series per worker
-    eventually(prometheus, 'sum(moe_requests_total{method="Generate",code="OK"})', len(prompts))
-    eventually(prometheus, "sum(moe_generated_tokens_total)", sum(generated))
-    eventually(prometheus, "sum(moe_routed_tokens_total)", tokens * top_k * moe_layers)
+    prometheus_says(prometheus, 'count(up{component="expert_worker"} == 1)', 2)
+    prometheus_says(prometheus, 'count(up{component="gateway"} == 1)', 1)
+    prometheus_says(prometheus, "count(moe_worker_rows_total)", 2)  # one series per worker
+    prometheus_says(prometheus, 'sum(moe_requests_total{method="Generate",code="OK"})', len(prompts))
+    prometheus_says(prometheus, "sum(moe_generated_tokens_total)", sum(generated))
+    prometheus_says(prometheus, "sum(moe_routed_tokens_total)", tokens * top_k * moe_layers)
     # each gate saw every token: counted from the gate's input, apart from the routed pairs above
-    eventually(prometheus, "sum(moe_layer_tokens_total)", tokens * moe_layers)
-    eventually(prometheus, "sum(moe_worker_up)", 2)
-    eventually(prometheus, "count(moe_expert_rpc_seconds_count)", 2)  # the gateway sees both workers
+    prometheus_says(prometheus, "sum(moe_layer_tokens_total)", tokens * moe_layers)
+    prometheus_says(prometheus, "sum(moe_worker_up)", 2)
+    prometheus_says(prometheus, "count(moe_expert_rpc_seconds_count)", 2)  # the gateway sees both workers

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from moe_service.engine.sampling import SamplingParams
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
 from moe_service.serving.control.ray_launcher import RayLauncher
 from moe_service.serving.local import start_service
+from tests.support import Pending, eventually, eventually_async
 
 pytestmark = pytest.mark.slow
 PRESET = "tiny-skewed"
@@ -70,11 +70,14 @@ class Load:
                 k += 1
 
     def wait_for(self, n: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
+        """Until the clients have finished `n` more requests; a client's error fails at once."""
         target = self.done + n
-        while self.done < target and time.monotonic() < deadline and not self.errors:
-            time.sleep(0.05)  # waiting on client threads' progress
-        assert self.done >= target, f"only {self.done} requests done"
+
+        def progressed():
+            assert not self.errors, self.errors[:3]
+            return self.done >= target or Pending(f"{self.done} of {target} requests done")
+
+        eventually(progressed, timeout_s, what="the clients' progress")
 
     def finish(self) -> None:
         self.stop.set()
@@ -124,20 +127,22 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
                 downscale_delay_s=1.0, look_back_period_s=0.5)
     svc = start_service(config(workers=1, autoscaling=auto, replicas_per_worker=16))
     ctl = svc.controller()
+
+    def workers() -> int:
+        return len(ray_local.get(ctl.worker_info.remote()))
+
     try:
         load = Load(svc.address, prompts, reference, clients=2)
         try:
-            deadline = time.monotonic() + 90
-            while len(ray_local.get(ctl.worker_info.remote())) < 2 and time.monotonic() < deadline:
-                load.wait_for(1)
-            assert len(ray_local.get(ctl.worker_info.remote())) == 2, "no worker was added under load"
+            def added() -> bool:
+                assert not load.errors, load.errors[:3]
+                return workers() == 2
+
+            eventually(added, 90, interval=0.2, what="a worker added under load")
             load.wait_for(4)  # served by two workers now
         finally:
             load.finish()
-        deadline = time.monotonic() + 90
-        while len(ray_local.get(ctl.worker_info.remote())) > 1 and time.monotonic() < deadline:
-            time.sleep(0.2)  # waiting for the downscale delay to pass
-        assert len(ray_local.get(ctl.worker_info.remote())) == 1, "the idle worker was not removed"
+        eventually(lambda: workers() == 1, 90, interval=0.2, what="the idle worker removed")
         assert not load.errors, load.errors[:3]
         assert not load.mismatches, load.mismatches[:3]
         with Client(svc.address) as c:  # and the service still answers exactly
@@ -186,13 +191,15 @@ def test_losing_the_controller_stops_no_traffic_and_reloads_nothing(ray_local, p
         assert fetch(http, "/rebalance", method="POST")["applied"]
         victim = ray_local.get(ctl.worker_info.remote())[0]
         ray_local.kill(ray_local.get_actor(victim["actor_name"], namespace="moe_service"))
-        deadline = time.monotonic() + 60
-        while True:
+        def replaced():
             w = ray_local.get(ctl.worker_info.remote())[0]
             if w["generation"] > victim["generation"] and w["healthy"]:
-                break
-            assert time.monotonic() < deadline, "the lost worker was not replaced"
-            ray_local.get(ctl.wait_for_table.remote(0, 1.0))  # follows the table's versions
+                return True
+            version = ray_local.get(ctl.table.remote())["version"]
+            ray_local.get(ctl.wait_for_table.remote(version, 1.0))  # the wait: until the table changes
+            return Pending(w)
+
+        eventually(replaced, 60, interval=0, what="the lost worker replaced")
         with Client(svc.address) as c:
             assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
     finally:
@@ -205,7 +212,7 @@ def test_a_worker_still_starting_is_never_left_running(ray_local):
     controller abandons (its task is cancelled: the service is shut down while the autoscaler adds it) must
     die, and the shutdown's sweep must return only once every worker's name is free, or the next service
     on the cluster cannot start its workers ("The name moe_controller_worker_1_g1 is already taken": CI)."""
-    launcher = RayLauncher(ServiceConfig.from_dict(config()), 16, None, "abandoned")
+    launcher = RayLauncher(ServiceConfig.from_dict(config()), None, "abandoned")
     pairs = [(load_model(PRESET).args.moe_layers[0], 0)]
 
     def named() -> set[str]:
@@ -214,16 +221,15 @@ def test_a_worker_still_starting_is_never_left_running(ray_local):
 
     async def scenario() -> None:
         start = asyncio.ensure_future(launcher.start(0, 1, pairs))
-        while named() != {"abandoned_worker_0_g1"}:
-            await asyncio.sleep(0)  # until the task has created the actor and waits for it to start
+        # until the task has created the actor and waits for it to start
+        await eventually_async(lambda: named() == {"abandoned_worker_0_g1"}, 60, what="the worker's actor created")
         start.cancel()
         with pytest.raises(asyncio.CancelledError):
             await start
         assert not named(), "an abandoned start left its worker running"
 
         start = asyncio.ensure_future(launcher.start(1, 1, pairs))  # a start nobody will cancel ...
-        while not named():
-            await asyncio.sleep(0)
+        await eventually_async(named, 60, what="the worker's actor created")
         await launcher.stop_all()  # ... swept while it is still starting
         assert not named(), "the sweep returned before the worker was gone"
         with pytest.raises(RuntimeError, match="failed to start"):

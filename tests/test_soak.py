@@ -19,6 +19,7 @@ from moe_service.client import Client
 from moe_service.engine.engine import Engine
 from moe_service.engine.sampling import SamplingParams
 from moe_service.serving.local import start_service
+from tests.support import Pending, eventually
 
 pytestmark = pytest.mark.slow
 PRESET = "tiny"
@@ -83,12 +84,18 @@ def workers(ctl) -> dict[int, dict]:
 
 
 def wait_until(ctl, done, what: str, timeout_s: float = 60.0) -> None:
-    """Follows the controller's table versions (a long poll) until `done(workers)` holds."""
-    deadline = time.monotonic() + timeout_s
+    """Follows the controller's table versions (a long poll: the wait between checks) until `done(workers)`."""
     version = ray.get(ctl.table.remote())["version"]
-    while not done(workers(ctl)):
-        assert time.monotonic() < deadline, f"{what} not within {timeout_s}s: {workers(ctl)}"
+
+    def reached():
+        nonlocal version
+        ws = workers(ctl)
+        if done(ws):
+            return True
         version = ray.get(ctl.wait_for_table.remote(version, 1.0))["version"]
+        return Pending(ws)
+
+    eventually(reached, timeout_s, interval=0, what=what)
 
 
 def kill_and_wait_for_restart(ctl, worker_id: int) -> None:
@@ -133,8 +140,11 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
             restart_s = time.monotonic() - t0
             last_kill = t0
             plan = ["rebalance", "kill", "scale_up", "kill", "rebalance", "kill", "scale_down", "kill", "rebalance"]
-            start = time.monotonic()
-            while time.monotonic() - start < CHAOS_S:
+            # the whole plan once, then its kills and rebalances in turn until CHAOS_S has passed: on a busy
+            # machine the soak takes longer, it never does less
+            start, first_pass = time.monotonic(), len(plan)
+            while first_pass or time.monotonic() - start < CHAOS_S:
+                first_pass = max(0, first_pass - 1)
                 step = plan[0]
                 plan = plan[1:] + ([step] if step in ("kill", "rebalance") else [])
                 if step == "kill":
@@ -161,7 +171,6 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
               f"{failures:.0f} step failures")
         assert not clients.errors, clients.errors[:3]
         assert not clients.mismatches, clients.mismatches[:3]
-        assert counts["kills"] >= 4 and counts["rebalances"] >= 2 and counts["scale_steps"] == 2, counts
         assert clients.done > 0 and retries > 0 and failures == 0
         # afterwards: every worker healthy, every expert served, outputs exact
         table = ray.get(ctl.table.remote())

@@ -110,7 +110,8 @@ def run(workers: int = 8, streams: int = 64, new_tokens: int = 8, device: str = 
                 log(f"[simulated bench] {label}: {streams} streams x {new_tokens} tokens")
                 outs, errors = _streams(svc.address, prompts, new_tokens)
             m1 = _gateway_metrics(svc)
-            calls = m1["countexperts"] - m0.get("countexperts", 0.0)
+            # one observation per step, summed over its MoE layers: a step of one micro-batch calls each layer once
+            calls = (m1["countexperts"] - m0.get("countexperts", 0.0)) * len(layers)
             live = (m1["sumexperts"] - m0.get("sumexperts", 0.0)) / calls / time_scale
             placement = _placement_of(ray.get(svc.controller().table.remote()), layers, args.n_routed_experts,
                                       workers)

@@ -37,3 +37,17 @@ async def eventually_async(condition: Callable[[], T | Awaitable[T]], timeout: f
             raise AssertionError(f"{what or getattr(condition, '__name__', 'condition')} still {value!r} "
                                  f"after {timeout} s")
         await asyncio.sleep(interval)
+
+
+class Pending:
+    """What a condition for `eventually` returns while it does not hold yet: falsy, and it carries what the
+    condition saw, so a timeout's message shows the last state rather than `False`."""
+
+    def __init__(self, seen: object) -> None:
+        self.seen = seen
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"pending: {self.seen!r}"
