@@ -168,16 +168,17 @@ def _gateway_metrics(svc) -> dict[str, float]:
 
 def _decode_window(svc, client, prompt: list[int], n: int) -> tuple[list[float], dict[str, float]]:
     """Streams one request; returns its inter-token gaps and the gateway metrics' change over its
-    decode steps only (the first snapshot is taken when the first token, the prefill's, arrives)."""
+    decode steps only. The first snapshot is taken at the second token: a step's metrics are observed
+    just after its tokens go out, so at the first token the prefill's may not be in yet."""
     before, times = None, []
     for tok in client.generate(token_ids=prompt, max_new_tokens=n, ignore_eos=True):
         if tok.token_id < 0:
             continue
         times.append(time.perf_counter())
-        if before is None:
+        if len(times) == 2:
             before = _gateway_metrics(svc)
     after = _gateway_metrics(svc)
-    return [b - a for a, b in zip(times, times[1:])], {k: after[k] - before.get(k, 0.0) for k in after}
+    return [b - a for a, b in zip(times[1:], times[2:])], {k: after[k] - before.get(k, 0.0) for k in after}
 
 
 def _echo_process(queue) -> None:

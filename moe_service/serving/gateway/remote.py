@@ -65,7 +65,7 @@ class StepRecord:
     chose (routing counts are taken from these once per step) and every worker call."""
 
     workloads: torch.Tensor | None = None  # [T] each FFN row's workload class, when counted
-    routed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, ids [T, K] int32, host)
+    routed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, ids [T, K] on the host)
     calls: list[CallStats] = field(default_factory=list)
 
 
@@ -150,7 +150,6 @@ class Dispatcher:
         t0 = time.perf_counter()
         # timed as dispatch: on a GPU gateway the copies wait for the layer's attention and gate to finish
         x, w, ids_h = self.staging.to_host(hidden, weights, ids)
-        ids_h = ids_h.to(torch.int32)  # the ids' one change of form: the wire's int32, from here to the worker
         self.record.routed.append((layer, ids_h))
         call = LayerCall(self, layer, hidden.device, x, w, ids_h)
         call.send(ids_h)
