@@ -69,6 +69,7 @@ def memory(preset: str = "bench", workers: int = 2) -> dict:
         log(f"[fp8 bench] a served {preset} with {kind} experts: prefill and decode")
         svc = start_service(local_service(model=preset, workers=workers, dtype="bfloat16", **settings))
         try:
+            loaded = svc.worker_pings()
             with Client(svc.address) as c:
                 c.generate_ids([1] + list(range(3, 400)), max_new_tokens=2)  # a prefill of 400 tokens
                 c.generate_ids([1, 5, 9], max_new_tokens=32)  # decode
@@ -77,8 +78,15 @@ def memory(preset: str = "bench", workers: int = 2) -> dict:
             svc.shutdown()
         out[kind] = {"expert_dtypes": sorted({d for p in pings for d in p["expert_dtypes"]}),
                      "expert_bytes": sum(p["expert_bytes"] for p in pings),
-                     "peak_expert_rss_bytes": sum(p["peak_rss_bytes"] - p["base_rss_bytes"] for p in pings)}
-    out["fp8_vs_bf16_peak_rss"] = out["fp8"]["peak_expert_rss_bytes"] / out["bf16"]["peak_expert_rss_bytes"]
+                     "loaded_rss_bytes": sum(p["rss_bytes"] - p["base_rss_bytes"] for p in loaded),
+                     "peak_rss_bytes": sum(p["peak_rss_bytes"] - p["base_rss_bytes"] for p in pings)}
+    bf16, fp8 = out["bf16"], out["fp8"]
+    # what serving adds on top of loaded weights whatever their dtype (the runtime's first-use memory,
+    # message buffers), as the bf16 workers show it
+    serving = bf16["peak_rss_bytes"] - bf16["loaded_rss_bytes"]
+    out.update(serving_overhead_bytes=serving, fp8_vs_bf16_weights=fp8["expert_bytes"] / bf16["expert_bytes"],
+               fp8_vs_bf16_peak_rss=fp8["peak_rss_bytes"] / bf16["peak_rss_bytes"],
+               fp8_vs_bf16_peak_rss_for_experts=(fp8["peak_rss_bytes"] - serving) / (bf16["peak_rss_bytes"] - serving))
     return out
 
 
@@ -127,6 +135,9 @@ def format_results(r: dict) -> str:
     m = r["memory"]
     for kind in ("bf16", "fp8"):
         lines.append(f"served {kind:5} experts {m[kind]['expert_dtypes']}: {m[kind]['expert_bytes'] / 2**20:.0f} MiB of "
-                     f"weights, peak resident for them {m[kind]['peak_expert_rss_bytes'] / 2**20:.0f} MiB")
-    lines.append(f"peak expert memory, fp8 / bf16: {m['fp8_vs_bf16_peak_rss']:.2f}x")
+                     f"weights, resident above the bare worker {m[kind]['loaded_rss_bytes'] / 2**20:.0f} MiB loaded, "
+                     f"{m[kind]['peak_rss_bytes'] / 2**20:.0f} MiB at the peak of prefill and decode")
+    lines.append(f"fp8 / bf16: weights {m['fp8_vs_bf16_weights']:.2f}x, peak resident {m['fp8_vs_bf16_peak_rss']:.2f}x, "
+                 f"peak resident less what serving adds whatever the dtype ({m['serving_overhead_bytes'] / 2**20:.0f} "
+                 f"MiB) {m['fp8_vs_bf16_peak_rss_for_experts']:.2f}x")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ stay in the compute dtype, so a model computes exactly what it would on the dequ
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,20 @@ from moe_service.model.experts import Grouping, RoutedExperts
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
+_SCRATCH = threading.local()  # FP8Experts' dequantization buffers
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 # every e4m3fn code's value, and every pair of codes' (two adjacent bytes read as one little-endian int16,
-# low byte first): a gather of pairs from this 512 KiB table converts about 5x faster than .to(float32) on
-# a CPU, and a gather of single values about twice as fast (docs/performance.md, "FP8 experts")
+# low byte first): a gather of pairs from this 512 KiB table (in the output's dtype) converts about 5x
+# faster than .to(float32) on a CPU (docs/performance.md, "FP8 experts")
 _VALUES = torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.float32)
-_PAIRS = torch.stack(torch.meshgrid(_VALUES, _VALUES, indexing="xy"), dim=-1).reshape(65536, 2)
+_PAIRS = {torch.float32: torch.stack(torch.meshgrid(_VALUES, _VALUES, indexing="xy"), dim=-1).reshape(65536, 2)}
+
+
+def _pairs(dtype: torch.dtype) -> torch.Tensor:
+    """The pair table in `dtype` (every e4m3 value is exact in bf16 and fp16 too)."""
+    if dtype not in _PAIRS:
+        _PAIRS[dtype] = _PAIRS[torch.float32].to(dtype)
+    return _PAIRS[dtype]
 
 
 def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -45,19 +54,22 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(Rb * BLOCK, Cb * BLOCK)[:R, :C].contiguous(), scales
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """values [R, C] fp8 and their block scales -> [R, C] in `out`'s dtype (float32 if none given)."""
+def dequantize(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+    """values [R, C] fp8 and their block scales -> [R, C] in `out`'s dtype (float32 if none given).
+    `index`: a reusable int32 buffer of at least R * C / 2 elements (else one is allocated)."""
     R, C = q.shape
     if out is None:
         out = torch.empty(R, C, dtype=torch.float32, device=q.device)
-    codes = q.view(torch.uint8)
     if q.is_cuda:  # the device converts at memory speed
         out.copy_(q)
-    elif out.dtype == torch.float32 and C % 2 == 0 and q.is_contiguous():
-        pairs = codes.view(torch.int16).reshape(-1).int().bitwise_and_(0xFFFF)
-        torch.index_select(_PAIRS, 0, pairs, out=out.view(-1, 2))
+    elif C % 2 == 0 and q.is_contiguous() and out.is_contiguous():
+        n = R * C // 2
+        pairs = index[:n] if index is not None else torch.empty(n, dtype=torch.int32)
+        pairs.copy_(q.view(torch.int16).reshape(-1)).bitwise_and_(0xFFFF)  # sign-extended: keep the low 16 bits
+        torch.index_select(_pairs(out.dtype), 0, pairs, out=out.view(-1, 2))
     else:
-        out.copy_(_VALUES[codes.int()])
+        out.copy_(_VALUES[q.view(torch.uint8).int()])
     Rf, Cf = R // BLOCK * BLOCK, C // BLOCK * BLOCK
     Rb, Cb = Rf // BLOCK, Cf // BLOCK
     # whole blocks at once, then the partial column, row and corner at the edges
@@ -88,28 +100,33 @@ class FP8Experts(nn.Module):
         self.down_proj = param(num_local, dim, inter_dim, dtype=FP8)
         self.gate_up_scale = param(num_local, 2, *scale_grid((inter_dim, dim)))
         self.down_scale = param(num_local, *scale_grid((dim, inter_dim)))
-        self._buffers_for: tuple | None = None
 
     @property
     def device(self) -> torch.device:
         return self.gate_up_proj.device
 
-    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.dtype, self.device)
-        if self._buffers_for != key:
-            self._gate_up = torch.empty(2 * self.inter_dim, self.dim, dtype=self.dtype, device=self.device)
-            self._down = torch.empty(self.dim, self.inter_dim, dtype=self.dtype, device=self.device)
-            self._buffers_for = key
-        return self._gate_up, self._down
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, D], down [D, I]) in the compute dtype, and the index buffer dequantizing uses: one
+        set per thread and shape for every layer's module (a thread computes one expert at a time), so a
+        call allocates nothing of the weights' size and the layers share the memory."""
+        key = (self.inter_dim, self.dim, self.dtype, self.device)
+        buffers = getattr(_SCRATCH, "buffers", None)
+        if buffers is None:
+            buffers = _SCRATCH.buffers = {}
+        if key not in buffers:
+            buffers[key] = (torch.empty(2 * self.inter_dim, self.dim, dtype=self.dtype, device=self.device),
+                            torch.empty(self.dim, self.inter_dim, dtype=self.dtype, device=self.device),
+                            torch.empty(self.dim * self.inter_dim // 2 + 1, dtype=torch.int32))
+        return buffers[key]
 
     @torch.no_grad()
     def weights(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local expert s's (gate_up [2I, D], down [D, I]) in the compute dtype, in the reused buffers."""
-        gate_up, down = self._scratch()
+        gate_up, down, index = self._scratch()
         I = self.inter_dim
-        dequantize(self.gate_up_proj[s, :I], self.gate_up_scale[s, 0], gate_up[:I])
-        dequantize(self.gate_up_proj[s, I:], self.gate_up_scale[s, 1], gate_up[I:])
-        dequantize(self.down_proj[s], self.down_scale[s], down)
+        dequantize(self.gate_up_proj[s, :I], self.gate_up_scale[s, 0], gate_up[:I], index)
+        dequantize(self.gate_up_proj[s, I:], self.gate_up_scale[s, 1], gate_up[I:], index)
+        dequantize(self.down_proj[s], self.down_scale[s], down, index)
         return gate_up, down
 
     @torch.no_grad()

@@ -76,3 +76,12 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the OS once (glibc's malloc_trim): after a weight load, whose
+    temporaries would otherwise stay resident under the settings above."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass

@@ -15,7 +15,7 @@ from moe_service.model.args import DTYPES
 from moe_service.serving.simulated import Simulation
 from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
 from moe_service.serving.worker.simulated import SimulatedServicer
-from moe_service.transport.memory import keep_large_buffers, process_memory
+from moe_service.transport.memory import keep_large_buffers, process_memory, release_free_memory
 from moe_service.transport.server import RunningServer, start_expert_server
 from moe_service.transport.options import TLSConfig
 
@@ -76,6 +76,7 @@ class ExpertWorker:
             if self.servicer is not None:
                 self.servicer.set_hosted(hosted)
         self.reads += src.reads
+        release_free_memory()  # the load's temporaries
         self.metrics.load_seconds.labels(self.metrics.worker).set(time.perf_counter() - t0)
         self.metrics.hosted.labels(self.metrics.worker).set(len(pairs))
 
