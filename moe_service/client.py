@@ -62,28 +62,34 @@ class Client:
 
     def generate(self, prompt: str | None = None, token_ids: list[int] | None = None,
                  params: SamplingParams | None = None, timeout_s: float | None = None, n: int = 1,
-                 request_id: str = "", workload: str | None = None, **kwargs) -> Iterator[Token]:
+                 request_id: str = "", workload: str | None = None, stream_interval: int = 1,
+                 **kwargs) -> Iterator[Token]:
         """Yields each token as the service produces it; each sample's last item has finish_reason and
         usage. With n > 1 the samples' tokens come interleaved, told apart by `index`. Sampling settings
         come as `params` or as keyword arguments (max_new_tokens=..., seed=..., logprobs=...). `workload` tags
-        the request's class for the service's per-workload routing metrics (x-moe-workload)."""
+        the request's class for the service's per-workload routing metrics (x-moe-workload).
+        `stream_interval`: the service sends a message per that many tokens (1: whatever is ready, several
+        when the stream is behind; 0: one message per token, as older clients ask); tokens come one by one
+        here either way."""
         params = params or SamplingParams(**kwargs)
-        req = moe_pb2.GenerateRequest(params=self._params(params), n=n, request_id=request_id)
+        req = moe_pb2.GenerateRequest(params=self._params(params), n=n, request_id=request_id,
+                                      stream_interval=stream_interval)
         if token_ids is not None:
             req.token_ids.ids.extend(token_ids)
         else:
             req.text = prompt or ""
         metadata = self.metadata + ([("x-moe-workload", workload)] if workload else [])
         for r in self.stub.Generate(req, metadata=metadata, timeout=timeout_s or self.timeout_s):
-            tok = Token(r.token_id, r.text, index=r.index, request_id=r.request_id,
-                        logprob=r.logprob if r.HasField("logprob") else None,
-                        top_logprobs=[(t.token_id, t.logprob) for t in r.top_logprobs])
+            for t in r.tokens if r.tokens else [r]:
+                if t is not r or not r.finish_reason:
+                    yield Token(t.token_id, t.text, index=r.index, request_id=r.request_id,
+                                logprob=t.logprob if t.HasField("logprob") else None,
+                                top_logprobs=[(a.token_id, a.logprob) for a in t.top_logprobs])
             if r.finish_reason:
                 u = r.usage
-                tok.finish_reason, tok.usage = r.finish_reason, {
+                yield Token(-1, "", index=r.index, request_id=r.request_id, finish_reason=r.finish_reason, usage={
                     "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
-                    "time_to_first_token_s": u.time_to_first_token_s, "total_time_s": u.total_time_s}
-            yield tok
+                    "time_to_first_token_s": u.time_to_first_token_s, "total_time_s": u.total_time_s})
 
     def generate_ids(self, token_ids: list[int], **kwargs) -> list[int]:
         """The generated token ids of one prompt, collected."""

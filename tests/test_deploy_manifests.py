@@ -348,7 +348,9 @@ MUTATIONS = [
      lambda r: next(p for p in head_container(_cluster(r))["ports"] if p["name"] == "grpc").__setitem__(
          "name", "grpc-api"), "'grpc'", ()),
     ("wiring-grpc-port-number", "rayservice",
-     _serve_v2(lambda c: c["grpc_options"].__setitem__("port", 9001)), "9001", ()),
+     _serve_v2(lambda c: c["grpc_options"].__setitem__("port", 9002)), "9002", ()),
+    ("wiring-grpc-front-limit", "rayservice",
+     _serve_v2(lambda c: _app(c)["args"]["scheduler"].__setitem__("max_queue", 512)), "1632", ()),
     ("wiring-no-expert-resource", "rayservice",
      lambda r: _gpu_group(r)["rayStartParams"].pop("resources"), "expert_worker", ()),
     ("wiring-model-not-mounted", "rayservice",

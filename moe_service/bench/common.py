@@ -41,5 +41,5 @@ def local_service(**settings) -> dict:
     slows the workers more than it hides, docs/performance.md). The gateway's attention and the workers'
     experts alternate within a step, so the gateway may use two threads while one thread per worker
     keeps the experts in parallel."""
-    return dict(gpus_per_worker=0.0, gateway_num_cpus=0, expert_bind_host="127.0.0.1", gateway_torch_threads=2,
-                sd_port=0, rebalance_interval_s=0, **settings)
+    return {"gpus_per_worker": 0.0, "gateway_num_cpus": 0, "expert_bind_host": "127.0.0.1", "gateway_torch_threads": 2,
+            "sd_port": 0, "rebalance_interval_s": 0, **settings}

@@ -6,6 +6,7 @@ of the gateway and Serve's proxy after each burst."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import time
 
@@ -136,12 +137,33 @@ def sweep(svc, preset: str, factors: tuple[int, ...] = (1, 2, 4, 8), new_tokens:
     for r in rows:
         r["goodput_vs_1x"] = r["goodput"] / base if base else 0.0
     first4, again4 = rows[-2], rows[-1]
-    return {"preset": preset, "capacity": CAPACITY, "new_tokens": new_tokens, "rows": rows[:-2],
+    out = {"preset": preset, "capacity": CAPACITY, "new_tokens": new_tokens, "rows": rows[:-2],
             "goodput_1x_bursts": ones, "goodput_1x": base,
             "first_4x": first4,
             "ingress_floor_4x": {"p99_s": floor["invalid_p99_s"], "wall_s": floor["wall_s"], "codes": floor["codes"]},
             "second_4x": again4,
             "rss_growth_second_4x": {k: again4[k] / first4[k] - 1 for k in ("gateway_rss", "proxy_rss")}}
+    out["front_4x"] = front_burst(svc, prompt, new_tokens, want, base)
+    return out
+
+
+def front_burst(svc, prompt: list[int], new_tokens: int, want: list[int], base_goodput: float) -> dict | None:
+    """The 4x burst again, through HAProxy in front of the same service (moe_service.serving.front),
+    limited to what the gateway admits: refusals before any Python process sees the call. None without
+    haproxy installed."""
+    from moe_service.serving.config import ServiceConfig
+    from moe_service.serving.front import HAProxyFront, gateway_capacity
+
+    if shutil.which("haproxy") is None:
+        log("[overload] haproxy is not installed: no burst through the gRPC front")
+        return None
+    log(f"[overload] 4x through the gRPC front (HAProxy): {4 * CAPACITY} concurrent requests")
+    with HAProxyFront(svc.address, gateway_capacity(ServiceConfig.from_dict(svc.config))) as front:
+        burst(front.address, 8, prompt, new_tokens, want)  # its connections up
+        r = burst(front.address, 4 * CAPACITY, prompt, new_tokens, want)
+        r["front_rss"], r["front_limit"] = rss_bytes(front.pid), front.limit
+    r.update(factor=4, goodput_vs_1x=r["goodput"] / base_goodput if base_goodput else 0.0)
+    return r
 
 
 def format_results(r: dict) -> str:
@@ -164,6 +186,15 @@ def format_sweep(r: dict) -> str:
     f = r["ingress_floor_4x"]
     lines.append(f"ingress floor: {r['capacity'] * 4} requests the gateway refuses at once (a bad token id) came back "
                  f"in {f['wall_s']:.2f} s, p99 {f['p99_s']:.2f} s, as the client saw them ({f['codes']})")
+    if r.get("front_4x"):
+        x = r["front_4x"]
+        c = x["codes"]
+        lines.append(f"through the gRPC front (HAProxy, limit {x['front_limit']}): 4x: ok {c.get('OK', 0)}, "
+                     f"exact {x['exact']}, rejected {c.get('RESOURCE_EXHAUSTED', 0)}, goodput {x['goodput']:.1f}/s "
+                     f"({x['goodput_vs_1x']:.2f}x), p50 {x['latency_p50_s']:.2f}s, refusal p99 "
+                     f"{x['reject_p99_s'] * 1e3:.0f} ms (max {x['reject_max_s'] * 1e3:.0f} ms), retry hint in the "
+                     f"trailer on {'every' if x['pushback_on_every_rejection'] else 'not every'} refusal, "
+                     f"HAProxy RSS {x['front_rss'] / 2**20:.0f} MB")
     g = r["rss_growth_second_4x"]
     lines.append(f"of the last two identical 4x bursts, the second changed the gateway's RSS by {g['gateway_rss']:+.1%} "
                  f"and the proxy's by {g['proxy_rss']:+.1%}")

@@ -32,6 +32,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import placement_bench as b
 
         r = b.run(ns.preset, workers=ns.workers if ns.workers != 2 else 4, repeats=ns.repeats + 2)
+    elif ns.what == "ingress":
+        from moe_service.bench import ingress_bench as b
+
+        r = b.run(out_dir=ns.out)
     elif ns.what == "fp8":
         from moe_service.bench import fp8_bench as b
 
@@ -55,13 +59,14 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
     bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "simulated",
-                                          "projection", "fp8"],
+                                          "projection", "fp8", "ingress"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
                             "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
                             "placement: time-aware vs token-balanced placement, measured per worker on this CPU; simulated: "
                             "a live SIMULATED cluster (8 H200 workers) before/after a rebalance, against simulate; "
                             "projection: a decode step of DeepSeek-V2(-Lite) on H100/H200, on paper; fp8: FP8 experts' "
-                            "compute beside float32 and bf16, and a served worker's memory with them")
+                            "compute beside float32 and bf16, and a served worker's memory with them; ingress: the CPU a streamed "
+                            "token costs every process at the front, per message and coalesced")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)

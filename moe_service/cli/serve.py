@@ -85,8 +85,21 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         ray.shutdown()
         raise
     print(f"starting {config['workers']} expert worker(s) and the gateway for {config['model']!r} ...", flush=True)
-    svc = start_service(config, grpc_port=ns.port, http_port=ns.http_port, host=ns.host)
-    print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {ns.host}:{svc.grpc_port}", flush=True)
+    front = None
+    if ns.front:  # HAProxy takes the client port; Serve's gRPC proxy listens on loopback behind it
+        from moe_service.serving.front import HAProxyFront, gateway_capacity, haproxy_binary
+        from moe_service.serving.local import free_port
+
+        haproxy_binary()  # fails now, not after the workers have loaded
+        svc = start_service(config, grpc_port=free_port(), http_port=ns.http_port, host=ns.host)
+        front = HAProxyFront(f"127.0.0.1:{svc.grpc_port}", gateway_capacity(ServiceConfig.from_dict(config)),
+                             listen=f"{ns.host}:{ns.port or free_port()}")
+        address = front.address
+    else:
+        svc = start_service(config, grpc_port=ns.port, http_port=ns.http_port, host=ns.host)
+        address = f"{ns.host}:{svc.grpc_port}"
+    print(f"gRPC (moe.v1.Inference, grpc.health.v1.Health): {address}"
+          + (" (HAProxy in front: refusals before Python)" if front else ""), flush=True)
     if not ns.no_http_api:
         print(f"OpenAI HTTP API: http://{ns.host}:{svc.http_port}/v1   (model "
               f"{ServiceConfig.from_dict(config).model_name()!r}; docs/api.md)", flush=True)
@@ -94,9 +107,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     print(f"metrics: every process serves /metrics; Prometheus http_sd_configs url: http://{sd}/targets", flush=True)
     print(f"operators: moe-service stats --controller {sd}   (also: placement, rebalance --dry-run)", flush=True)
     if not ns.demo:
-        print(f"try:  moe-service generate --address {ns.host}:{svc.grpc_port} \"hello\"", flush=True)
+        print(f"try:  moe-service generate --address {address} \"hello\"", flush=True)
     if ns.demo:
-        _demo_generation(svc.address, ns.api_key)
+        _demo_generation(address, ns.api_key)
         if not ns.no_http_api:
             _demo_http(f"{ns.host}:{svc.http_port}", ServiceConfig.from_dict(config).model_name(), ns.api_key)
     stop = threading.Event()
@@ -105,6 +118,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not ns.demo:
         stop.wait()
     print("shutting down ...", flush=True)
+    if front:
+        front.close()
     svc.shutdown()
     ray.shutdown()
     return 0
@@ -164,7 +179,10 @@ def add_parsers(sub) -> None:
         sp.add_argument("--http-port", type=int, default=0 if demo else 8000,
                         help="the OpenAI HTTP API's port (0: a free one)")
         sp.add_argument("--no-http-api", action="store_true",
-                        help="gRPC only: no OpenAI HTTP API (Serve's ASGI ingress slows every request; docs/api.md)")
+                        help="gRPC only: no OpenAI HTTP API")
+        sp.add_argument("--front", action="store_true",
+                        help="HAProxy on the client gRPC port, refusing past the gateways' limits before any Python "
+                        "process sees the call (needs haproxy; docs/deploy.md, 'The gRPC front')")
         sp.add_argument("--host", default="127.0.0.1")
         sp.add_argument("--sd-port", type=int, default=0 if demo else 9095,
                         help="controller HTTP: Prometheus http_sd /targets, /stats, /rebalance")
@@ -174,3 +192,35 @@ def add_parsers(sub) -> None:
         sp.add_argument("--expert-host", default=None, help="address expert workers bind; default: loopback, "
                         "or the node IP with --ray-address")
         sp.set_defaults(fn=cmd_serve, demo=demo)
+    fp = sub.add_parser("front", help="run HAProxy as the gRPC front of a deployed service (cluster/, k8s/), or "
+                        "--print its configuration")
+    size = fp.add_mutually_exclusive_group(required=True)
+    size.add_argument("--limit", type=int, help="calls in flight to the service at most; the rest are refused")
+    size.add_argument("--serve-config", help="the Serve config file the service was deployed with: the limit is "
+                      "what its gateways admit at once, (max_running + max_queue) x replicas at their most")
+    fp.add_argument("--listen", default="0.0.0.0:9000", help="where clients connect")
+    fp.add_argument("--target", default="127.0.0.1:9001", help="Serve's gRPC port (grpc_options.port)")
+    fp.add_argument("--print", action="store_true", help="print the configuration instead of running HAProxy")
+    fp.set_defaults(fn=cmd_front)
+
+
+def cmd_front(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from moe_service.serving.config import ServiceConfig
+    from moe_service.serving.front import gateway_capacity, haproxy_binary, render
+
+    limit = ns.limit
+    if ns.serve_config:
+        with open(ns.serve_config) as f:
+            limit = gateway_capacity(ServiceConfig.from_dict(yaml.safe_load(f)["applications"][0].get("args", {})))
+    text = render(ns.listen, ns.target, limit)
+    if ns.print:
+        print(text, end="")
+        return 0
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="moe-front-"), "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(text)
+    os.execv(haproxy_binary(), ["haproxy", "-db", "-f", path])

@@ -59,9 +59,7 @@ class Engine:
         self._size(config or SchedulerConfig(max_running=1, max_seq_len=1))
 
     def _size(self, config: SchedulerConfig) -> None:
-        if config.max_seq_len > self.args.max_position_embeddings:
-            config.max_seq_len = self.args.max_position_embeddings
-        self.config = config
+        self.config = config.fit(self.args)
         w = self.model.embed_tokens.weight
         self.cache = LatentCache(self.args, config.max_running, config.max_seq_len, dtype=w.dtype, device=w.device)
         self.scheduler = Scheduler(config)

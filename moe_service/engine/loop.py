@@ -8,6 +8,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
+from moe_service.engine.clock import name_os_thread
 from moe_service.engine.engine import Engine, StepStats
 from moe_service.engine.sampling import SamplingParams
 from moe_service.engine.sequence import Event, Sequence
@@ -50,6 +51,7 @@ class EngineLoop:
             self.cv.notify()
 
     def _run(self) -> None:
+        name_os_thread("moe-engine")
         engine = self.engine
         while True:
             with self.cv:

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from moe_service.engine.clock import StepClock
+from moe_service.engine.clock import StepClock, name_os_thread
 from moe_service.engine.sampling import Logprobs, sample
 from moe_service.engine.scheduler import Batch
 from moe_service.engine.sequence import Sequence
@@ -66,7 +66,8 @@ class ModelRunner:
         self.workload_rows = workload_rows
         self.dispatchers: list[StepDispatcher] = []
         # the micro-batches after the first (this thread runs the first); prefill counts as one more
-        self.pool = ThreadPoolExecutor(max_workers=self.micro_batches, thread_name_prefix="microbatch")
+        self.pool = ThreadPoolExecutor(max_workers=self.micro_batches, thread_name_prefix="microbatch",
+                                       initializer=name_os_thread, initargs=("moe-microbatch",))
 
     def run(self, batch: Batch) -> list[Outcome]:
         k = min(self.micro_batches, len(batch.decode))

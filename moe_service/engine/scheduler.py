@@ -40,6 +40,11 @@ class SchedulerConfig:
     # service decides (ServiceConfig.overlap), 1 in-process
     micro_batches: int | None = None
 
+    def fit(self, args) -> "SchedulerConfig":
+        """This config for a model (ModelArgs): a sequence no longer than the model's positions."""
+        self.max_seq_len = min(self.max_seq_len, args.max_position_embeddings)
+        return self
+
     @property
     def capacity(self) -> int:
         return self.kv_capacity_tokens or self.max_running * self.max_seq_len

@@ -13,6 +13,9 @@ from moe_service.engine.scheduler import SchedulerConfig
 from moe_service.transport.options import TLSConfig
 
 CONTROLLER_NAME = "moe_controller"
+APP_NAME = "moe"  # the Serve application
+GATEWAY_NAME = "MoEGateway"  # its ingress deployment
+HTTP_FRONT_NAME = "MoEHTTPFront"  # the OpenAI HTTP API beside it
 
 
 def overlap_pays(gpu_workers: bool) -> bool:
@@ -29,7 +32,9 @@ class ServiceConfig:
     # model
     model: str = "coder"  # a preset name (coder: the embedded trained model), or a local Hugging Face directory
     served_model_name: str | None = None  # the OpenAI API's model id; default: the preset or directory name
-    http_api: bool = True  # the OpenAI HTTP API on Serve's HTTP proxy (off: gRPC only, a faster ingress)
+    http_api: bool = True  # the OpenAI HTTP API, served by the HTTP front beside the gateway (off: gRPC only)
+    http_host: str = "0.0.0.0"  # where the HTTP front listens (on the head node)
+    http_port: int = 8000
     dtype: str = "float32"
     # routed experts on the workers: "fp8" block-quantizes a dense checkpoint's at load (128 x 128 blocks, as
     # DeepSeek-V3 ships them); an FP8 checkpoint's stay FP8 whatever this says. Computed in `dtype`.

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from moe_service.serving.gateway.app import APP_NAME, SERVICER_FUNCTIONS, build_app
+from moe_service.serving.config import APP_NAME
+from moe_service.serving.gateway.app import SERVICER_FUNCTIONS, build_app
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE
 
 
@@ -126,15 +127,18 @@ def check_cluster_auth(address: str, timeout_s: float = 5.0) -> None:
 def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
                   request_timeout_s: float | None = None, wait: bool = True,
                   proxy_location: str = "HeadOnly") -> LocalService:
-    """Deploys the app on the connected Ray instance (call ray.init first); port 0 picks a free one."""
+    """Deploys the app on the connected Ray instance (call ray.init first); port 0 picks a free one. gRPC is
+    Serve's gRPC proxy's on `grpc_port`; the OpenAI HTTP API is the HTTP front's on `http_port` (Serve's own
+    HTTP proxy, which Serve always starts, gets a free port on loopback and serves nothing)."""
     grpc_port = grpc_port or free_port()
     http_port = http_port or free_port()
+    config = {**config, "http_host": host, "http_port": http_port}
     serve.start(
         proxy_location=proxy_location,
         # a line per request in the proxy's and the replica's logs costs their event loops more than the
         # request itself under a burst; metrics count every request (moe_requests_total)
         logging_config={"enable_access_log": False},
-        http_options=HTTPOptions(host=host, port=http_port),
+        http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  request_timeout_s=request_timeout_s),
     )

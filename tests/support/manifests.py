@@ -429,13 +429,10 @@ def check_rayservice_wiring(doc: dict, serve_cfg: dict) -> None:
     head = head_container(cluster)
     ports = container_ports(head)
     svc = service_config(serve_cfg)
-    want = {"serve": (serve_cfg.get("http_options") or {}).get("port", 8000),  # KubeRay's serve service
-            "grpc": (serve_cfg.get("grpc_options") or {}).get("port", 9000),
-            "metrics": 8080, SD_PORT_NAME: svc.sd_port}
-    for name, port in want.items():
-        if ports.get(name) != port:
-            raise ManifestError(f"head container: port named {name!r} must be {port} "
-                                f"(the head's ports: {ports})")
+    proxy_port = (serve_cfg.get("http_options") or {}).get("port", 8000)
+    if svc.http_api and proxy_port == svc.http_port:
+        raise ManifestError(f"http_options.port and args.http_port are both {proxy_port}: Serve's own HTTP proxy and "
+                            "the HTTP front cannot share a port")
     if (cluster.get("authOptions") or {}).get("mode") != "token":
         raise ManifestError("rayClusterConfig.authOptions.mode must be token: Ray's token authentication")
     if not cluster.get("enableInTreeAutoscaling"):
@@ -453,6 +450,15 @@ def check_rayservice_wiring(doc: dict, serve_cfg: dict) -> None:
     gateways = pod_gateways(cluster["headGroupSpec"]) + sum(
         g["maxReplicas"] * pod_gateways(g) for g in cluster["workerGroupSpecs"])
     check_gateway_capacity(svc, gateways, "the head's and the worker groups' Ray nodes")
+    # the front is sized by the gateways' limits, checked once those are known to fit
+    grpc_port = (serve_cfg.get("grpc_options") or {}).get("port", 9000)
+    front = check_grpc_front(cluster, grpc_port, svc)
+    want = {"serve": svc.http_port if svc.http_api else proxy_port,  # KubeRay's serve service
+            "grpc": front or grpc_port, "metrics": 8080, SD_PORT_NAME: svc.sd_port}
+    for name, port in want.items():
+        if ports.get(name) != port:
+            raise ManifestError(f"head container: port named {name!r} must be {port} "
+                                f"(the head's ports: {ports})")
 
     capacity = 0
     for group in cluster.get("workerGroupSpecs", []):
@@ -482,6 +488,30 @@ def check_rayservice_wiring(doc: dict, serve_cfg: dict) -> None:
             mounts = [m for m in pod["containers"][0].get("volumeMounts", []) if m["name"] in volumes]
             if not any(model == m["mountPath"] or model.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts):
                 raise ManifestError(f"{name}: the model path {model} is on no mounted volume of the Ray container")
+
+
+def check_grpc_front(cluster: dict, grpc_port: int, svc) -> int | None:
+    """The head pod's grpc-front container, if any: HAProxy (`moe-service front`) in front of Serve's gRPC
+    port, admitting what the gateways admit at their most replicas. Returns the port clients use."""
+    from moe_service.serving.front import gateway_capacity
+
+    containers = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    front = next((c for c in containers if c["name"] == "grpc-front"), None)
+    if front is None:
+        return None
+    cmd = front.get("command", []) + front.get("args", [])
+    if cmd[:2] != ["moe-service", "front"]:
+        raise ManifestError(f"grpc-front: the command must be `moe-service front ...`, not {cmd}")
+    opts = dict(zip(cmd[2::2], cmd[3::2]))
+    target, listen = opts.get("--target", "127.0.0.1:9001"), opts.get("--listen", "0.0.0.0:9000")
+    if int(target.rsplit(":", 1)[1]) != grpc_port:
+        raise ManifestError(f"grpc-front: --target {target} must be Serve's gRPC port, grpc_options.port {grpc_port}")
+    if int(listen.rsplit(":", 1)[1]) == grpc_port:
+        raise ManifestError(f"grpc-front: --listen {listen} is Serve's gRPC port too")
+    if int(opts.get("--limit", 0)) != gateway_capacity(svc):
+        raise ManifestError(f"grpc-front: --limit must be what the gateways admit at their most replicas, "
+                            f"{gateway_capacity(svc)}, not {opts.get('--limit')}")
+    return int(listen.rsplit(":", 1)[1])
 
 
 # ------------------------------------------------------------------------- built-in Kubernetes kinds

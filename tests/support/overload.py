@@ -43,7 +43,7 @@ def interleaved_sweep(svc, preset: str, new_tokens: int = 8) -> dict:
     for r in ones:
         r["goodput_vs_1x"] = r["goodput"] / base
     first4, again4 = fours[1], fours[2]
-    return {"preset": preset, "capacity": CAPACITY, "new_tokens": new_tokens, "rows": [ones[0], fours[0]],
+    return {"preset": preset, "capacity": CAPACITY, "new_tokens": new_tokens, "want": want, "rows": [ones[0], fours[0]],
             "ones": ones, "first_4x": first4, "second_4x": again4,
             "ingress_floor_4x": {"p99_s": floor["invalid_p99_s"], "wall_s": floor["wall_s"], "codes": floor["codes"]},
             "rss_growth_second_4x": {k: again4[k] / first4[k] - 1 for k in ("gateway_rss", "proxy_rss")}}

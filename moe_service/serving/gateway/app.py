@@ -10,13 +10,12 @@ from typing import Any
 
 from ray import serve
 
-from moe_service.serving.config import ServiceConfig
+from moe_service.serving.config import APP_NAME, GATEWAY_NAME, HTTP_FRONT_NAME, ServiceConfig  # noqa: F401 (APP_NAME)
 from moe_service.serving.gateway.deployment import GatewayDeployment
+from moe_service.serving.gateway.http_front import HTTPFront
 
-GATEWAY_NAME = "MoEGateway"
-APP_NAME = "moe"
 SERVICER_FUNCTIONS = [
-    "moe_service.transport.pb.moe_pb2_grpc.add_InferenceServicer_to_server",
+    "moe_service.serving.gateway.grpc_api.add_InferenceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -46,8 +45,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = cfg.gateway_autoscaling
     else:
         options["num_replicas"] = cfg.gateway_replicas
-    # Serve's ASGI ingress wrapper costs every request of the replica, gRPC ones too: on this 2-core machine
-    # about 20% of the ingress's throughput under overload (docs/performance.md); gRPC-only services can
-    # leave it out
-    cls = serve.ingress()(GatewayDeployment) if cfg.http_api else GatewayDeployment
-    return serve.deployment(**options)(cls).bind(cfg.to_dict())
+    # The gateway is the application's one ingress, for gRPC, with no ASGI wrapper (it slowed every request,
+    # gRPC ones too). HTTP comes from the HTTP front beside it: a second application would make Serve's gRPC
+    # proxy demand `application` metadata on every call. The front is bound here only so that it deploys with
+    # the application; it reaches the gateway through a handle.
+    front = None
+    if cfg.http_api:
+        # on the head node, where the HTTP port is published (as Serve's own proxy runs there)
+        front = serve.deployment(name=HTTP_FRONT_NAME, num_replicas=1, ray_actor_options={
+            "num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})(HTTPFront).bind(cfg.to_dict())
+    return serve.deployment(**options)(GatewayDeployment).bind(cfg.to_dict(), front)

@@ -1,6 +1,6 @@
-"""The gateway as Serve runs it: moe.v1.Inference and grpc.health.v1.Health as Serve's gRPC proxy calls
-them, and (with `http_api`; app.py wraps the class in serve.ingress) the OpenAI HTTP API on Serve's HTTP
-proxy. Both run through the one Gateway of the replica."""
+"""The gateway as Serve runs it: the application's ingress, moe.v1.Inference and grpc.health.v1.Health as
+Serve's gRPC proxy calls them, with no ASGI wrapper. The OpenAI HTTP API runs beside it, in the HTTP front
+(http_front.py), which calls `http_generate` and `Check` through a deployment handle."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import grpc
 
 from moe_service.serving.control.actor import get_or_create_controller
 from moe_service.serving.gateway.gateway import Gateway
+from moe_service.serving.gateway.grpc_api import Unparsed
 from moe_service.serving.gateway.requests import GatewayError
 from moe_service.serving.gateway.table import ControllerLink
 from moe_service.serving.metrics import quantile
@@ -50,19 +51,22 @@ def _fail(grpc_context, e: GatewayError):
     raise e
 
 
+def _parsed(request):
+    """A request Serve's proxy could not parse (grpc_api.Unparsed): INVALID_ARGUMENT, naming what it should be."""
+    if isinstance(request, Unparsed):
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request does not parse as {request.message}: {request.error}")
+    return request
+
+
 class GatewayDeployment:
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any], http_front=None) -> None:
+        # `http_front`: the HTTP front's handle, only so that the application deploys it; it calls us
         # blocking work (Ray calls, loading the model) on a thread; the control tasks on this loop
         controller = await asyncio.to_thread(get_or_create_controller, config)
         self.gateway = await asyncio.to_thread(Gateway, config, controller_link(controller))
         await self.gateway.start()
         self.api = self.gateway.api
-
-    def __serve_build_asgi_app__(self):
-        # Serve calls this once the constructor has run: the HTTP routes need the replica's gateway
-        from moe_service.serving.gateway.http_api import build_http_app
-
-        return build_http_app(self.gateway, self.gateway.cfg.model_name())
 
     def _auth(self, grpc_context) -> None:
         if grpc_context is not None:
@@ -75,6 +79,7 @@ class GatewayDeployment:
         try:
             try:
                 self._auth(grpc_context)
+                request = _parsed(request)
             except GatewayError as e:
                 self._count("Generate", e.code)
                 raise
@@ -84,10 +89,15 @@ class GatewayDeployment:
         except GatewayError as e:
             _fail(grpc_context, e)
 
+    async def http_generate(self, request, method: str, workload: str | None):
+        """Generate for the HTTP front (a handle call; the front checked the API key)."""
+        async for resp in self.api.generate(request, None, method=method, workload=workload):
+            yield resp
+
     async def Forward(self, request, grpc_context=None):
         try:
             self._auth(grpc_context)
-            resp = await self.api.forward(request, _time_remaining(grpc_context))
+            resp = await self.api.forward(_parsed(request), _time_remaining(grpc_context))
             self._count("Forward", grpc.StatusCode.OK)
             return resp
         except GatewayError as e:
@@ -97,6 +107,7 @@ class GatewayDeployment:
     async def ModelInfo(self, request, grpc_context=None):
         try:
             self._auth(grpc_context)
+            _parsed(request)
             self._count("ModelInfo", grpc.StatusCode.OK)
             return self.api.model_info()
         except GatewayError as e:

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions and /health, served by
-the gateway deployment through Serve's HTTP proxy (FastAPI, `serve.ingress`).
+the HTTP front (http_front.py) on its own server, beside the gateway.
 
-Every request becomes one `moe.v1.GenerateRequest` on token ids and runs through `RequestAPI.generate`, the
-path gRPC clients take: admission, sampling, logprobs, `n`, errors and metrics are the same for both.
-docs/api.md lists the fields, what each maps to, and what is refused.
+Every request becomes one `moe.v1.GenerateRequest` on token ids and runs through the gateway's
+`RequestAPI.generate`, the path gRPC clients take: admission, sampling, logprobs, `n`, errors and metrics
+are the same for both. docs/api.md lists the fields, what each maps to, and what is refused.
 """
 
 from __future__ import annotations
@@ -11,33 +11,49 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from moe_service.engine.scheduler import SchedulerConfig
+from moe_service.engine.tokenizer import Tokenizer
 from moe_service.serving.gateway.chat import ChatError, ChatTemplate
-from moe_service.serving.gateway.gateway import Gateway
 from moe_service.serving.gateway.openai_models import APIError, ChatRequest, CompletionRequest, Sampling
 from moe_service.serving.gateway.requests import GatewayError
 from moe_service.transport.pb import moe_pb2
 
 
+class GatewayAccess(Protocol):
+    """What the HTTP API needs of the gateway (http_front.RemoteGateway reaches it through a handle)."""
+
+    tokenizer: Tokenizer
+    model: str  # the model setting: where the chat template is read from
+    limits: SchedulerConfig
+
+    def check_auth(self, metadata: list[tuple[str, str]]) -> None: ...
+
+    def generate(self, request: moe_pb2.GenerateRequest, method: str, workload: str | None,
+                 interval: int = 1) -> AsyncIterator[moe_pb2.GenerateResponse]: ...
+
+    async def serving(self) -> bool: ...
+
+
 class HTTPFrontend:
     """Turns OpenAI requests into GenerateRequests for `gateway` and its answers into OpenAI responses."""
 
-    def __init__(self, gateway: Gateway, model_name: str) -> None:
+    def __init__(self, gateway: GatewayAccess, model_name: str) -> None:
         self.gateway, self.model_name = gateway, model_name
         self.tokenizer = gateway.tokenizer
-        self.chat = ChatTemplate.load(gateway.cfg.model)
+        self.chat = ChatTemplate.load(gateway.model)
         self.created = int(time.time())
 
     # ---- requests in -------------------------------------------------------------------------
 
     def check(self, request: Request, body: Sampling) -> None:
         try:
-            self.gateway.api.check_auth([("authorization", request.headers.get("authorization", ""))])
+            self.gateway.check_auth([("authorization", request.headers.get("authorization", ""))])
         except GatewayError:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key") from None
@@ -70,7 +86,7 @@ class HTTPFrontend:
 
     def generate_request(self, prompt: list[int], body: Sampling, logprobs: int | None, request_id: str
                          ) -> moe_pb2.GenerateRequest:
-        limits = self.gateway.engine.config
+        limits = self.gateway.limits
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: as long as the model allows (here: the sequence limit)
             max_tokens = max(1, min(limits.max_new_tokens, limits.max_seq_len - len(prompt)))
@@ -112,10 +128,15 @@ class HTTPFrontend:
         return out
 
 
-async def _first(gateway: Gateway, req: moe_pb2.GenerateRequest, method: str, request: Request
+# a stream=false answer is awaited whole: the gateway may send it many tokens to a message (fewer hops)
+WHOLE_ANSWER_INTERVAL = 16
+
+
+async def _first(gateway: GatewayAccess, req: moe_pb2.GenerateRequest, method: str, request: Request, streamed: bool
                  ) -> tuple[moe_pb2.GenerateResponse, AsyncIterator[moe_pb2.GenerateResponse]]:
     """Starts the generation and waits for its first message, so that a refusal is still an HTTP status."""
-    stream = gateway.api.generate(req, method=method, workload=request.headers.get("x-moe-workload")).__aiter__()
+    stream = gateway.generate(req, method, request.headers.get("x-moe-workload"),
+                              1 if streamed else WHOLE_ANSWER_INTERVAL).__aiter__()
     try:
         return await stream.__anext__(), stream
     except GatewayError as e:
@@ -131,7 +152,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
+def build_http_app(gateway: GatewayAccess, model_name: str) -> FastAPI:
     front = HTTPFrontend(gateway, model_name)
     app = FastAPI(title="moe-service", docs_url=None, redoc_url=None)
 
@@ -148,15 +169,21 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = gateway.serving()
+        ok = await gateway.serving()
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/-/healthz")
+    async def healthz() -> PlainTextResponse:
+        # what Serve's own proxy answers here, which KubeRay asks before sending the head pod traffic
+        ok = await gateway.serving()
+        return PlainTextResponse("success" if ok else "unavailable", status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         front.check(request, Sampling())
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": front.created, "owned_by": "moe-service",
-            "max_model_len": gateway.engine.config.max_seq_len}]}
+            "max_model_len": gateway.limits.max_seq_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -164,7 +191,7 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prompt = front.completion_prompt(body)
         req = front.generate_request(prompt, body, body.logprobs, rid)
-        first, stream = await _first(gateway, req, "completions", request)
+        first, stream = await _first(gateway, req, "completions", request, body.stream)
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model_name}
         want_lp = body.logprobs is not None
         if body.stream:
@@ -195,7 +222,7 @@ def build_http_app(gateway: Gateway, model_name: str) -> FastAPI:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         prompt = front.chat_prompt(body)
         req = front.generate_request(prompt, body, (body.top_logprobs or 0) if body.logprobs else None, rid)
-        first, stream = await _first(gateway, req, "chat.completions", request)
+        first, stream = await _first(gateway, req, "chat.completions", request, body.stream)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model_name}
         if body.stream:
             def choice(r: moe_pb2.GenerateResponse) -> dict:

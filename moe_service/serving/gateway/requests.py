@@ -21,6 +21,7 @@ from moe_service.engine.sequence import check_tokens
 from moe_service.model.args import DTYPES
 from moe_service.model.summary import summarize
 from moe_service.serving.config import key_matches
+from moe_service.serving.gateway.streaming import TokenStream
 from moe_service.transport.codec import encode
 from moe_service.transport.pb import moe_pb2
 
@@ -46,20 +47,24 @@ class GatewayError(Exception):
         return (GatewayError, (self.code, self.message, self.retry_after_ms))
 
 
+def check_auth(metadata: list[tuple[str, str]], key: str | None) -> None:
+    """UNAUTHENTICATED unless the metadata (or HTTP headers) carry 'authorization: Bearer <key>'."""
+    if not key:
+        return
+    for k, v in metadata:
+        if k.lower() == "authorization" and key_matches(v, key):
+            return
+    raise GatewayError(grpc.StatusCode.UNAUTHENTICATED,
+                       "missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+
+
 class RequestAPI:
     def __init__(self, gateway: "Gateway") -> None:
         self.gw = gateway
         self.completions: deque[float] = deque(maxlen=4096)  # when recent requests finished (retry hints)
 
     def check_auth(self, metadata: list[tuple[str, str]]) -> None:
-        key = self.gw.api_key
-        if not key:
-            return
-        for k, v in metadata:
-            if k.lower() == "authorization" and key_matches(v, key):
-                return
-        raise GatewayError(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+        check_auth(metadata, self.gw.api_key)
 
     # ---- Generate ---------------------------------------------------------------------------------
 
@@ -150,29 +155,31 @@ class RequestAPI:
         last = [t_start] * len(seqs)
         code = grpc.StatusCode.CANCELLED
         running = len(seqs)
+        stream = TokenStream(rid, request.stream_interval, len(seqs))
         try:
             while running:
-                i, (kind, payload) = await events.get()
+                batch = [await events.get()]
+                while stream.coalesces and not events.empty():  # the stream is behind: what is ready goes out together
+                    batch.append(events.get_nowait())
                 now = time.monotonic()
-                if kind == "token":
-                    tok, piece, lp = payload
-                    (m.itl.observe(now - last[i]) if last[i] != t_start else m.ttft.observe(now - t_start))
-                    last[i] = now
-                    m.generated_tokens.inc()
-                    resp = moe_pb2.GenerateResponse(token_id=tok, text=piece, index=i, request_id=rid)
-                    if lp is not None:
-                        resp.logprob = lp[0]
-                        resp.top_logprobs.extend(moe_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp[1])
+                for i, (kind, payload) in batch:
+                    if kind == "token":
+                        (m.itl.observe(now - last[i]) if last[i] != t_start else m.ttft.observe(now - t_start))
+                        last[i] = now
+                        m.generated_tokens.inc()
+                        resp = stream.token(i, *payload)
+                        if resp is not None:
+                            yield resp
+                    elif kind == "finish":
+                        running -= 1
+                        for resp in stream.finish(i, *payload):
+                            yield resp
+                    else:
+                        err_kind, message = payload
+                        code = STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL)
+                        raise GatewayError(code, message)
+                for resp in stream.ready():
                     yield resp
-                elif kind == "finish":
-                    reason, usage = payload
-                    running -= 1
-                    yield moe_pb2.GenerateResponse(token_id=-1, finish_reason=reason, usage=moe_pb2.Usage(**usage),
-                                                   index=i, request_id=rid)
-                else:
-                    err_kind, message = payload
-                    code = STATUS_OF.get(err_kind, grpc.StatusCode.INTERNAL)
-                    raise GatewayError(code, message)
             code = grpc.StatusCode.OK
             self.completions.append(now)
             m.duration.observe(now - t_start)
