@@ -88,7 +88,7 @@ class Client:
             if r.finish_reason:
                 u = r.usage
                 yield Token(-1, "", index=r.index, request_id=r.request_id, finish_reason=r.finish_reason, usage={
-                    "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
+                    "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens, "cached_tokens": u.cached_tokens,
                     "time_to_first_token_s": u.time_to_first_token_s, "total_time_s": u.total_time_s})
 
     def generate_ids(self, token_ids: list[int], **kwargs) -> list[int]:

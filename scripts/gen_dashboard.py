@@ -61,13 +61,17 @@ def dashboard() -> dict:
         panel(11, "Scheduler", [("sum(moe_scheduler_running_requests)", "running"),
                                 ("sum(moe_scheduler_waiting_requests)", "waiting"),
                                 ("sum(moe_scheduler_queue_capacity)", "queue capacity")], 12, 42),
-        panel(12, "KV cache (tokens)", [("sum(moe_kv_cache_used_tokens)", "used"),
-                                        ("sum(moe_kv_cache_reserved_tokens)", "reserved"),
-                                        ("sum(moe_kv_cache_capacity_tokens)", "capacity")], 0, 50),
+        panel(12, "KV cache blocks (paged)", [("sum by (state) (moe_kv_cache_blocks)", "{{state}}")], 0, 50),
         panel(13, "Step time by stage (p50)", [(q("moe_step_stage_seconds", 0.5, "stage"), "{{stage}}")], 12, 50,
               unit="s"),
         panel(14, "Rebalances", [("increase(moe_rebalances_total[1h])", "per hour"),
                                  (q("moe_rebalance_duration_seconds", 0.99), "p99 duration")], 0, 58),
+        panel(15, "Prefix cache hit rate and preemptions",
+              [("sum(rate(moe_prefix_cache_hit_tokens_total[$__rate_interval])) / "
+                "sum(rate(moe_prefix_cache_query_tokens_total[$__rate_interval]))", "prompt tokens from the cache"),
+               ("sum(rate(moe_preemptions_total[$__rate_interval]))", "preemptions/s")], 12, 58),
+        panel(16, "Cache-aware routing (choices/s)",
+              [("sum by (choice) (rate(ray_moe_router_choices_total[$__rate_interval]))", "{{choice}}")], 0, 66),
     ]
     return {
         "title": "moe-service", "uid": "moe-service", "schemaVersion": 39, "version": 1, "editable": True,

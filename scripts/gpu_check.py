@@ -350,7 +350,7 @@ def check_layer_timings(device: torch.device, dims: dict) -> dict:
     context timed as it runs, then per MoE layer its attention, gate, shared and routed experts, each
     timed apart (synchronising around every part, which the step's own time must not include)."""
     from moe_service.model.args import ModelArgs
-    from moe_service.model.cache import LatentCache
+    from moe_service.model.cache import PagedLatentCache
     from moe_service.model.transformer import Transformer
 
     dtype = _dtype(device)
@@ -379,7 +379,7 @@ def check_layer_timings(device: torch.device, dims: dict) -> dict:
     out = {"model": dict(dims["model"]), "dtype": str(dtype).removeprefix("torch."),
            "context_tokens": dims["context"], "batches": {}}
     for B in dims["batches"]:
-        cache = LatentCache(args, B, dims["context"] + 8, dtype=dtype, device=device)
+        cache = PagedLatentCache.for_rows(args, B, dims["context"] + 8, dtype=dtype, device=device)
         ids = torch.randint(3, args.vocab_size, (B, 1), device=device)
         start = torch.full((B,), dims["context"], device=device)
         with torch.inference_mode():

@@ -98,6 +98,6 @@ def test_32_concurrent_streams_equal_one_by_one_and_return_to_idle(service):
         assert toks[-1].usage["generated_tokens"] == 16
     after = handle.debug_state.remote().result()
     assert after["running"] == 0 and after["waiting"] == 0
-    assert after["kv_reserved_tokens"] == 0 and after["kv_used_tokens"] == 0
+    assert after["kv_blocks_used"] == 0 and after["kv_used_tokens"] == 0  # kept prefix blocks are not used KV
     assert after["pid"] == idle["pid"]
     assert after["rss_bytes"] < idle["rss_bytes"] + 64 * 2**20, (idle["rss_bytes"], after["rss_bytes"])

@@ -7,7 +7,7 @@ import torch
 
 from moe_service import load_model
 from moe_service.engine.engine import Engine
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache
 from moe_service.engine.sampling import SamplingParams
 from tests.oracle import CONFIGS, V3_CONFIGS, write_checkpoint
 
@@ -38,7 +38,7 @@ def test_cached_decoding_equals_recomputation(pair):
     V = model.args.vocab_size
     ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(2))
     full = model(ids)
-    cache = LatentCache(model.args, num_slots=2, max_len=32)
+    cache = PagedLatentCache.for_rows(model.args, rows=2, max_len=32)
     # prefill 9 tokens, a chunk of 5, then one token at a time
     got = [model(ids[:, :9], cache=cache)]
     got.append(model(ids[:, 9:14], cache=cache, start=torch.tensor([9, 9])))

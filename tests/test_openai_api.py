@@ -7,9 +7,7 @@ vocabulary) and a DeepSeek-style chat template."""
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,51 +18,20 @@ import pytest
 import torch
 from ray import serve
 
-from moe_service.checkpoint.loader import save_hf_checkpoint
 from moe_service.client import Client
 from moe_service.serving.local import start_service
 from tests.support import Pending, eventually
+from tests.support.chat import write_chat_checkpoint
 
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
 MODEL = "tiny-chat"
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-# DeepSeek-V2-Chat's template (tokenizer_config.json on the Hub)
-TEMPLATE = ("{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-            "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-            "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
-            "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-            "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-            "{{ 'Assistant:' }}{% endif %}")
-
-
-def write_chat_checkpoint(path) -> None:
-    """The tiny preset's weights, a byte-level BPE trained to exactly its 512 tokens, and the template."""
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    save_hf_checkpoint("tiny", path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = [Path(json.__file__).read_text(), Path(threading.__file__).read_text()]
-    tok.train_from_iterator(text, trainer)
-    assert tok.get_vocab_size() == 512 and tok.token_to_id(BOS) == 1 and tok.token_to_id(EOS) == 2
-    tok.save(str(Path(path) / "tokenizer.json"))
-    (Path(path) / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": "<pad>",
-        "chat_template": TEMPLATE}))
-
-
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
     path = tmp_path_factory.mktemp("chat")
     write_chat_checkpoint(path)
-    # kv_capacity_tokens below max_seq_len: a request that can never fit is refused with 429
+    # kv_capacity_tokens below max_seq_len: a request that can never fit is refused with 400 (waiting can't help)
     cfg = dict(model=str(path), served_model_name=MODEL, workers=2, gateway_num_cpus=0, expert_bind_host="127.0.0.1",
                sd_port=0, rebalance_interval_s=0, api_key=KEY, workloads=["code"],
                scheduler={"max_running": 16, "max_seq_len": 512, "kv_capacity_tokens": 480})
@@ -229,7 +196,7 @@ def test_bad_requests_get_openai_errors_and_the_service_keeps_serving(service, a
     status, body = error_of(lambda: api.completions.create(**{**base, "model": "gpt-4"}))
     assert status == 404 and body["code"] == "model_not_found"
     status, body = error_of(lambda: api.completions.create(**{**base, "max_tokens": 490}))  # more than the KV cache
-    assert status == 429 and body["type"] == "rate_limit_error"
+    assert status == 400 and body["type"] == "invalid_request_error" and "KV cache holds at most 480" in body["message"]
     with openai.OpenAI(base_url=f"http://127.0.0.1:{svc.http_port}/v1", api_key="wrong", max_retries=0) as bad:
         status, body = error_of(lambda: bad.completions.create(**base))
         assert status == 401 and body["code"] == "invalid_api_key"
@@ -319,6 +286,23 @@ def test_routing_is_counted_per_workload_class(service, api, grpc_client):
 
     got = eventually(counted, 30, interval=0.2, what="the routed tokens counted per workload")
     assert {w for _, w in got} <= {"code", "other"}
+
+
+def test_a_shared_system_prompt_is_reported_as_cached_tokens(api, grpc_client):
+    """The second chat with the same system prompt finds it in the gateway's prefix cache: usage says how many
+    prompt tokens came from the cache (OpenAI's prompt_tokens_details.cached_tokens), in whole blocks; gRPC's
+    usage says the same for token ids (tests/test_scheduler.py shows the outputs do not change)."""
+    system = {"role": "system", "content": "You answer in Python. " + "def helper(x): return x * 2\n" * 6}
+    chat = lambda q: api.chat.completions.create(  # noqa: E731
+        model=MODEL, messages=[system, {"role": "user", "content": q}], max_tokens=6, temperature=0)
+    first, second = chat("first question"), chat("second question")
+    assert first.usage.prompt_tokens > 64
+    hit = second.usage.prompt_tokens_details.cached_tokens
+    assert hit >= 48 and hit % 16 == 0 and hit < second.usage.prompt_tokens, second.usage
+    ids = [1, 40, 77, 300, 12] * 16  # 80 tokens: four full blocks may be reused, the last token never
+    for want in (0, 64):
+        last = [t for t in grpc_client.generate(token_ids=ids, max_new_tokens=2, temperature=0) if t.finish_reason][-1]
+        assert last.usage["cached_tokens"] == want
 
 
 def test_draining_answers_503(service, api, grpc_client):

@@ -1,5 +1,6 @@
-"""The engine's continuous batching without Ray: chunked prefill, KV accounting, bounded queue,
-cancellation, and per-request sampling that does not depend on the batch."""
+"""The engine's continuous batching without Ray: chunked prefill, the paged KV cache (admission by
+blocks, preemption, prefix reuse), bounded queue, cancellation, and per-request sampling that does not
+depend on the batch."""
 
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def test_outputs_equal_the_reference_engine(model):
     for i, (n, c) in enumerate(zip(lengths, cols)):
         assert c.tokens == eng.generate([prompt(n, i)], params)[0].output
         assert c.events[-1][0] == "finish" and c.events[-1][1][0] == "length"
-    assert s.stats() == {"running": 0, "waiting": 0, "kv_reserved_tokens": 0, "kv_capacity_tokens": 3 * 512,
-                         "kv_used_tokens": 0}
-    assert sorted(s.scheduler.free_slots) == [0, 1, 2]
+    st = s.stats()
+    assert (st["running"], st["waiting"], st["kv_used_tokens"], st["kv_blocks_used"]) == (0, 0, 0, 0)
+    assert st["kv_capacity_tokens"] == 3 * 512 and st["kv_blocks_free"] + st["kv_blocks_kept"] == st["kv_blocks_total"]
 
 
 def test_long_prompt_is_chunked_while_streams_keep_flowing(model):
@@ -81,23 +82,73 @@ def test_long_prompt_is_chunked_while_streams_keep_flowing(model):
     assert len(long.tokens) == 1  # prefill done (400 = 6*64 + 16), first token sampled
 
 
-def test_kv_capacity_makes_requests_wait_and_rejects_what_never_fits(model):
-    cfg = SchedulerConfig(max_running=4, max_seq_len=256, kv_capacity_tokens=100)
-    s = Engine(model, config=cfg)
+def test_request_that_can_never_fit_the_cache_is_invalid(model):
+    s = Engine(model, config=SchedulerConfig(max_running=4, max_seq_len=256, kv_capacity_tokens=96))
     with pytest.raises(Rejected) as err:
         s.add(prompt(60), SamplingParams(max_new_tokens=50), Collector())
-    assert err.value.kind == "exhausted" and "needs 110 KV cache tokens; the cache holds 100" in str(err.value)
-    a, b = Collector(), Collector()
-    s.add(prompt(30), SamplingParams(max_new_tokens=30, ignore_eos=True), a)  # reserves 60
-    s.add(prompt(30, 1), SamplingParams(max_new_tokens=30, ignore_eos=True), b)  # 60 more: must wait
+    assert err.value.kind == "invalid" and err.value.cause == "kv_capacity"
+    assert "is 110 tokens; the KV cache holds at most 96 (scheduler.kv_capacity_tokens)" in str(err.value)
+
+
+def test_small_pool_preempts_and_every_request_ends_with_the_unconstrained_tokens(model):
+    """Six blocks of 16 for four sequences of 60 tokens (4 blocks each): they are admitted as their prompts
+    fit, grow a block at a time, and the newest is preempted when the pool runs out; each ends with the
+    greedy tokens of a run with room for all, and the pool ends with no block in use."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompts = [prompt(30, 40 + i) for i in range(4)]
+    small = Engine(model, config=SchedulerConfig(max_running=4, max_seq_len=128, kv_capacity_tokens=96))
+    cols = [Collector() for _ in prompts]
+    for p, c in zip(prompts, cols):
+        small.add(p, params, c)
+    running = []
+    while small.has_work:
+        small.step()
+        running.append(small.stats()["running"])
+    st = small.stats()
+    assert st["preemptions"] > 0 and max(running) >= 2
+    want = Engine(model).generate(prompts, params)
+    assert [c.tokens for c in cols] == [w.output for w in want]
+    assert all(c.events[-1][0] == "finish" for c in cols)
+    assert st["kv_blocks_used"] == 0 and st["kv_used_tokens"] == 0
+
+
+def test_blocks_not_reservations_bound_concurrency(model):
+    """Memory for two sequences of max_seq_len holds eight short ones at once: admission counts the blocks
+    a prompt needs now, not prompt + max_new_tokens up front."""
+    s = Engine(model, config=SchedulerConfig(max_running=16, max_seq_len=256, kv_capacity_tokens=2 * 256))
+    cols = [Collector() for _ in range(8)]
+    for i, c in enumerate(cols):
+        s.add(prompt(20, 60 + i), SamplingParams(max_new_tokens=20, ignore_eos=True), c)
     s.step()
-    assert s.stats()["running"] == 1 and s.stats()["waiting"] == 1 and s.stats()["kv_reserved_tokens"] == 60
-    while not a.done:
-        s.step()
-        if not a.done:
-            assert not b.tokens
+    assert s.stats()["running"] == 8
     run_all(s)
-    assert len(b.tokens) == 30 and s.stats()["kv_reserved_tokens"] == 0
+    assert all(len(c.tokens) == 20 for c in cols) and s.stats()["preemptions"] == 0
+
+
+def test_shared_prefix_is_computed_once_and_changes_no_output(model):
+    """A second request starting with the first one's 64 prompt tokens computes only its own suffix, from
+    blocks the first left behind; its tokens equal those of an engine with prefix caching off. Kept blocks
+    are not used KV: the cache is idle."""
+    system = prompt(64, 7)
+    first, second = system + prompt(9, 8)[1:], system + prompt(21, 9)[1:]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    outs = {}
+    for caching in (True, False):
+        s = Engine(model, config=SchedulerConfig(max_running=4, max_seq_len=256, prefix_caching=caching))
+        a, b = Collector(), Collector()
+        s.add(first, params, a)
+        run_all(s)
+        s.add(second, params, b)
+        s.step()
+        st = s.stats()
+        assert st["prefix_hit_tokens"] == (64 if caching else 0) and st["prefix_query_tokens"] == len(first) + len(second)
+        run_all(s)
+        usage = b.events[-1][1][1]
+        assert usage["cached_tokens"] == (64 if caching else 0) and usage["prompt_tokens"] == len(second)
+        outs[caching] = (a.tokens, b.tokens)
+        st = s.stats()
+        assert st["kv_blocks_used"] == 0 and st["kv_used_tokens"] == 0 and (st["kv_blocks_kept"] > 0) == caching
+    assert outs[True] == outs[False]
 
 
 def test_full_queue_rejects_at_once(model):
@@ -136,7 +187,7 @@ def test_cancel_and_deadline_free_slot_and_cache(model):
     s.cancel(ra)
     s.step()
     assert a.events[-1] == ("error", ("cancelled", "request cancelled"))
-    assert s.stats()["running"] == 0 and s.stats()["kv_reserved_tokens"] == 0 and len(s.scheduler.free_slots) == 2
+    assert s.stats()["running"] == 0 and s.stats()["kv_blocks_used"] == 0
 
 
 def test_seeded_request_is_the_same_alone_and_in_a_batch(model):

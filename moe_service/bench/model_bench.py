@@ -6,7 +6,7 @@ import torch
 
 from moe_service.bench.common import log, timeit
 from moe_service.checkpoint import load_model
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache
 from moe_service.model.transformer import Transformer
 
 
@@ -41,7 +41,7 @@ def _hf_decode(hf, prompt: torch.Tensor, steps: int) -> None:
 
 def _our_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> None:
     B, T = prompt.shape
-    cache = LatentCache(model.args, B, T + steps + 1)
+    cache = PagedLatentCache.for_rows(model.args, B, T + steps + 1)
     tok = model(prompt, cache=cache, last_only=True).argmax(-1, keepdim=True)
     for i in range(steps):
         start = torch.full((B,), T + i)

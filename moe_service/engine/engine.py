@@ -15,12 +15,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from moe_service.engine.runner import ModelRunner, Outcome, StepDispatcher
 from moe_service.engine.sampling import Logprobs, SamplingParams
 from moe_service.engine.scheduler import Rejected, Scheduler, SchedulerConfig
 from moe_service.engine.sequence import Event, Sequence
 from moe_service.engine.tokenizer import Tokenizer
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import BLOCK_SIZE, PagedLatentCache
 from moe_service.model.transformer import Transformer
 
 
@@ -61,7 +63,11 @@ class Engine:
     def _size(self, config: SchedulerConfig) -> None:
         self.config = config.fit(self.args)
         w = self.model.embed_tokens.weight
-        self.cache = LatentCache(self.args, config.max_running, config.max_seq_len, dtype=w.dtype, device=w.device)
+        if config.kv_memory_fraction is not None and config.kv_capacity_tokens is None and w.is_cuda:
+            free, _ = torch.cuda.mem_get_info(w.device)
+            per_token = self.args.num_hidden_layers * self.args.kv_cache_dim * w.element_size()
+            config.kv_capacity_tokens = int(free * config.kv_memory_fraction) // per_token // BLOCK_SIZE * BLOCK_SIZE
+        self.cache = PagedLatentCache(self.args, config.num_blocks, BLOCK_SIZE, dtype=w.dtype, device=w.device)
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(self.model, self.cache, self.dispatchers, config.micro_batches or 1,
                                   self.workload_rows)
@@ -112,8 +118,9 @@ class Engine:
             if o.error is not None:
                 self._failed(o, now)
                 continue
-            for s, n in zip(o.seqs, o.prefilled or ()):
-                s.prefilled += n
+            computed = o.prefilled or [1] * len(o.seqs)  # a decode row computed the position it fed back
+            for s, n in zip(o.seqs, computed):
+                self.scheduler.computed(s, n)
             for s, token, logprobs in o.tokens:
                 s.emit(("token", (token, s.append(token), logprobs)))
         for s in [s for s in self.scheduler.running if s.finished]:

@@ -17,7 +17,7 @@ from moe_service.engine.clock import StepClock, name_os_thread
 from moe_service.engine.sampling import Logprobs, sample
 from moe_service.engine.scheduler import Batch
 from moe_service.engine.sequence import Sequence
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache
 from moe_service.model.moe import Dispatcher
 from moe_service.model.transformer import Transformer
 
@@ -45,7 +45,7 @@ class Outcome:
     of it is applied: its sequences stay where they were, to run again or end as the engine decides."""
 
     seqs: list[Sequence]
-    prefilled: list[int] | None = None  # prompt tokens each sequence prefilled (a prefill micro-batch)
+    prefilled: list[int] | None = None  # positions each sequence computed (a prefill micro-batch)
     tokens: list[tuple[Sequence, int, Logprobs | None]] = field(default_factory=list)
     error: tuple[str, str] | None = None
     stages: dict[str, float] = field(default_factory=dict)
@@ -57,7 +57,7 @@ class ModelRunner:
     elsewhere); `micro_batches` decode parts then overlap one another's expert calls, each on its own
     thread with its own dispatcher."""
 
-    def __init__(self, model: Transformer, cache: LatentCache, dispatchers: Callable[[], StepDispatcher] | None = None,
+    def __init__(self, model: Transformer, cache: PagedLatentCache, dispatchers: Callable[[], StepDispatcher] | None = None,
                  micro_batches: int = 1, workload_rows: bool = False) -> None:
         self.model, self.cache = model, cache
         self.device = model.embed_tokens.weight.device
@@ -111,24 +111,31 @@ class ModelRunner:
             return torch.tensor([s.workload for s, n in group for _ in range(n)])
         return torch.tensor([s.workload for s in group])
 
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Each row's block table, padded with block 0."""
+        width = max(len(s.blocks) for s in seqs)
+        return torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
+
     def _decode(self, seqs: list[Sequence], d: StepDispatcher | None, clock: StepClock) -> list:
         dev = self.device
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=dev)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        start = torch.tensor([s.length - 1 for s in seqs], device=dev)
-        logits = self.model(ids, cache=self.cache, slots=slots, start=start, last_only=True, dispatcher=d, clock=clock)
+        start = torch.tensor([s.computed for s in seqs], device=dev)
+        logits = self.model(ids, cache=self.cache, tables=self._tables(seqs), start=start, last_only=True,
+                            dispatcher=d, clock=clock)
         return self._sample(seqs, logits, clock)
 
     def _prefill(self, chunks: list[tuple[Sequence, int]], d: StepDispatcher | None, clock: StepClock) -> list:
+        """Prompt chunks (or, after a preemption, the tokens computed again); a prompt's last chunk samples
+        its first token."""
         T = max(n for _, n in chunks)
         dev = self.device
-        ids = torch.tensor([s.prompt[s.prefilled : s.prefilled + n] + [0] * (T - n) for s, n in chunks], device=dev)
-        slots = torch.tensor([s.slot for s, _ in chunks], device=dev)
-        start = torch.tensor([s.prefilled for s, _ in chunks], device=dev)
+        ids = torch.tensor([s.tokens[s.computed : s.computed + n] + [0] * (T - n) for s, n in chunks], device=dev)
+        start = torch.tensor([s.computed for s, _ in chunks], device=dev)
         num_new = torch.tensor([n for _, n in chunks], device=dev)
-        logits = self.model(ids, cache=self.cache, slots=slots, start=start, num_new=num_new, last_only=True,
-                            dispatcher=d, clock=clock)
-        done = [b for b, (s, n) in enumerate(chunks) if s.prefilled + n == len(s.prompt)]
+        seqs = [s for s, _ in chunks]
+        logits = self.model(ids, cache=self.cache, tables=self._tables(seqs), start=start, num_new=num_new,
+                            last_only=True, dispatcher=d, clock=clock)
+        done = [b for b, (s, n) in enumerate(chunks) if s.computed + n == s.prefill_target and not s.output]
         if not done:
             return []
         return self._sample([chunks[b][0] for b in done], logits[torch.tensor(done, device=dev)], clock)

@@ -1,8 +1,11 @@
-"""What runs next: a policy over sequences and the KV cache's slots, with no threads and no model.
+"""What runs next: a policy over sequences and the KV cache's blocks, with no threads and no model.
 
-Requests wait in FIFO order until a slot is free and their KV reservation (prompt + max_new_tokens)
-fits; every running sequence decodes each step; prompts prefill in chunks within a token budget, so
-running streams keep flowing while a long prompt comes in.
+Requests wait in FIFO order until the batch has room (`max_running`) and the cache has blocks for their
+prompt, less what the prefix cache already holds; every running sequence decodes each step, taking a
+block whenever it fills one; prompts prefill in chunks within a token budget, so running streams keep
+flowing while a long prompt comes in. When a decoding sequence needs a block and none is left, the
+newest running sequence is preempted: its blocks go back, and it waits at the head of the queue to
+compute its tokens again (its client sees only a delay; vLLM's recompute).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from moe_service.engine.blocks import BlockPool, chain, prefix_keys
 from moe_service.engine.sampling import SamplingParams
 from moe_service.engine.sequence import Sequence, check_tokens
+from moe_service.model.cache import BLOCK_SIZE, blocks_for
 
 
 class Rejected(ValueError):
@@ -26,9 +31,13 @@ class Rejected(ValueError):
 
 @dataclass
 class SchedulerConfig:
-    max_running: int = 32  # sequences in flight at once (KV cache slots)
+    max_running: int = 32  # sequences in a step's batch at most
     max_seq_len: int = 2048  # prompt + generated tokens of one sequence
-    kv_capacity_tokens: int | None = None  # tokens reservable in the cache; default slots x max_seq_len
+    # tokens the paged KV cache holds; default: max_running sequences of max_seq_len (the memory a cache of
+    # one max_seq_len slot per sequence took). On a GPU, kv_memory_fraction sizes it instead.
+    kv_capacity_tokens: int | None = None
+    kv_memory_fraction: float | None = None  # of the device memory free once the model is loaded (CUDA)
+    prefix_caching: bool = True  # keep full prompt blocks after their sequence ends, for requests that share them
     # waiting requests beyond which new ones get RESOURCE_EXHAUSTED at once; with max_running, what a
     # replica admits (a burst of 300 fits the defaults)
     max_queue: int = 512
@@ -46,8 +55,16 @@ class SchedulerConfig:
         return self
 
     @property
+    def num_blocks(self) -> int:
+        """The pool's blocks, block 0 (padding) included."""
+        if self.kv_capacity_tokens is not None:
+            return blocks_for(self.kv_capacity_tokens) + 1
+        return self.max_running * blocks_for(self.max_seq_len) + 1
+
+    @property
     def capacity(self) -> int:
-        return self.kv_capacity_tokens or self.max_running * self.max_seq_len
+        """Tokens the cache holds."""
+        return (self.num_blocks - 1) * BLOCK_SIZE
 
     @property
     def prompt_limit(self) -> int:
@@ -67,9 +84,10 @@ class SchedulerConfig:
         if need > self.max_seq_len:
             raise Rejected("invalid", f"prompt ({len(prompt)}) plus max_new_tokens ({params.max_new_tokens}) is {need} "
                                       f"tokens; a sequence may hold at most {self.max_seq_len}", "prompt_too_long")
-        if need > self.capacity:
-            raise Rejected("exhausted", f"request needs {need} KV cache tokens; the cache holds {self.capacity}",
-                           "kv_capacity")
+        if blocks_for(need) * BLOCK_SIZE > self.capacity:  # can never fit: not a matter of waiting
+            raise Rejected("invalid", f"prompt ({len(prompt)}) plus max_new_tokens ({params.max_new_tokens}) is {need} "
+                                      f"tokens; the KV cache holds at most {self.capacity} "
+                                      "(scheduler.kv_capacity_tokens)", "kv_capacity")
 
 
 @dataclass
@@ -89,10 +107,13 @@ class Batch:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
+        self.pool = BlockPool(config.num_blocks, BLOCK_SIZE, config.prefix_caching)
+        # a few blocks kept free at admission, so that sequences just admitted can grow a little before a
+        # preemption is needed (vLLM's watermark)
+        self.watermark = max(1, self.pool.total // 100)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.free_slots = list(range(config.max_running))[::-1]
-        self.reserved_tokens = 0
+        self.running: list[Sequence] = []  # in admission order: the last is the first to preempt
+        self.counts = {"prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
 
     @property
     def has_work(self) -> bool:
@@ -107,35 +128,47 @@ class Scheduler:
         self._drop_dead(now, batch)
         self._admit()
         c = self.config
-        batch.decode = [s for s in self.running if not s.in_prefill]
+        batch.decode = self._grow([s for s in self.running if not s.in_prefill])
         # the budget protects running streams; with none decoding, prefill goes a whole chunk at a time
         budget = c.step_token_budget if batch.decode else max(c.step_token_budget, c.prefill_chunk)
         for s in self.running:
             if s.in_prefill and budget > 0:
-                n = min(c.prefill_chunk, len(s.prompt) - s.prefilled, budget)
+                n = min(c.prefill_chunk, s.prefill_target - s.computed, budget)
                 batch.prefill.append((s, n))
                 budget -= n
         return batch
 
+    def computed(self, seq: Sequence, n: int) -> None:
+        """`n` more positions of `seq` are in its blocks: every block they filled is published under its
+        prefix key, for later prompts that start the same way."""
+        before = seq.computed // BLOCK_SIZE
+        seq.computed += n
+        full = seq.computed // BLOCK_SIZE
+        if full > len(seq.keys):
+            tokens = seq.tokens
+            for i in range(len(seq.keys), full):
+                seq.keys.append(chain(seq.keys[-1] if seq.keys else b"", tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]))
+        for i in range(before, full):
+            self.pool.publish(seq.blocks[i], seq.keys[i])
+
     def finish(self, seq: Sequence) -> None:
-        """`seq` leaves: its slot and KV reservation are free for others."""
+        """`seq` leaves: its blocks go back to the pool (the full ones are kept for reuse)."""
         if seq in self.running:
             self.running.remove(seq)
-        if seq.slot >= 0:
-            self.free_slots.append(seq.slot)
-            seq.slot = -1
-        self.reserved_tokens -= seq.reserved
-        seq.reserved = 0
+        self.pool.release(seq.blocks)
+        seq.blocks = []
 
     def stats(self) -> dict[str, int]:
+        p = self.pool
         return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_reserved_tokens": self.reserved_tokens, "kv_capacity_tokens": self.config.capacity,
-                "kv_used_tokens": sum(s.kv_used for s in self.running)}
+                "kv_used_tokens": sum(s.kv_used for s in self.running), "kv_capacity_tokens": self.config.capacity,
+                "kv_blocks_total": p.total, "kv_blocks_used": p.used, "kv_blocks_kept": len(p.kept),
+                "kv_blocks_free": len(p.free), **self.counts}
 
     def _drop_dead(self, now: float, batch: Batch) -> None:
         for s in [*self.waiting, *self.running]:
             if s.cancelled or (s.deadline is not None and now > s.deadline):
-                waiting = s.slot < 0
+                waiting = s not in self.running
                 if waiting:
                     self.waiting.remove(s)
                 self.finish(s)
@@ -145,12 +178,48 @@ class Scheduler:
                 batch.ended.append((s, kind, message))
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots:
+        """FIFO: the head of the queue waits for room, nobody overtakes it."""
+        pool = self.pool
+        while self.waiting and len(self.running) < self.config.max_running:
             s = self.waiting[0]
-            need = len(s.prompt) + s.params.max_new_tokens
-            if self.reserved_tokens + need > self.config.capacity:
-                break  # FIFO: the head waits for room, nobody overtakes it
+            target = s.prefill_target
+            # a prompt's last token is always computed (its logits give the first token); after a preemption
+            # every position up to the last output token may come from the cache
+            usable = target // BLOCK_SIZE if s.output else (target - 1) // BLOCK_SIZE
+            if len(s.keys) < usable:
+                s.keys = prefix_keys(s.tokens, BLOCK_SIZE, usable)
+            hits = pool.match(s.keys[:usable])
+            need = blocks_for(target) - len(hits)
+            kept_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in `available` until taken
+            if pool.available - kept_hits < need + (self.watermark if self.running else 0):
+                break
             self.waiting.popleft()
-            s.slot, s.reserved = self.free_slots.pop(), need
-            self.reserved_tokens += need
+            pool.take(hits)
+            s.blocks = hits + [pool.allocate() for _ in range(need)]
+            s.computed = len(hits) * BLOCK_SIZE
+            if not s.output and not s.preemptions:
+                s.cached_tokens = s.computed
+                self.counts["prefix_query_tokens"] += len(s.prompt)
+                self.counts["prefix_hit_tokens"] += s.computed
             self.running.append(s)
+
+    def _grow(self, decode: list[Sequence]) -> list[Sequence]:
+        """A block for every decoding sequence whose next position starts one, oldest first; when none is
+        left, the newest running sequence is preempted (possibly one of these). Returns those still running."""
+        for s in decode:
+            if s not in self.running or s.computed < len(s.blocks) * BLOCK_SIZE:
+                continue
+            while not self.pool.available and self.running[-1] is not s:
+                self._preempt(self.running[-1])
+            if self.pool.available:
+                s.blocks.append(self.pool.allocate())
+            else:  # s is the newest: it waits for the others
+                self._preempt(s)
+        return [s for s in decode if s in self.running]
+
+    def _preempt(self, s: Sequence) -> None:
+        self.finish(s)
+        s.computed = 0
+        s.preemptions += 1
+        self.counts["preemptions"] += 1
+        self.waiting.appendleft(s)

@@ -40,9 +40,11 @@ class Sequence:
     pending: str = ""  # decoded, held back (it may start a stop string)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "deadline" | "error"
     cancelled: bool = False
-    slot: int = -1  # its place in the KV cache while running
-    reserved: int = 0  # KV tokens it holds a claim on
-    prefilled: int = 0  # prompt tokens already in the cache
+    blocks: list[int] = field(default_factory=list)  # its KV cache block table while running
+    computed: int = 0  # positions whose KV entries are in its blocks
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of its full blocks so far (engine/blocks.py)
+    cached_tokens: int = 0  # prompt tokens it found in the prefix cache when first admitted
+    preemptions: int = 0  # times its blocks were taken back and its tokens computed again
     sampler: SamplerState = field(init=False)
     t_start: float = field(default_factory=time.monotonic)
     t_first: float | None = None
@@ -55,18 +57,28 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < len(self.prompt)
-
-    @property
     def length(self) -> int:
         """Tokens in the cache once the last output token is fed back."""
         return len(self.prompt) + len(self.output)
 
     @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to compute before it decodes: its prompt, or after a preemption everything up to its
+        last output token (which the next decode step feeds back, as always)."""
+        return self.length - 1 if self.output else len(self.prompt)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < self.prefill_target
+
+    @property
     def kv_used(self) -> int:
         """Tokens it holds in the cache now."""
-        return self.prefilled + max(0, len(self.output) - 1)
+        return self.computed
 
     def append(self, token: int) -> str:
         """Record a sampled token, update the stop state, and return the text it releases. With stop
@@ -98,7 +110,7 @@ class Sequence:
     def usage(self) -> dict[str, float]:
         now = time.monotonic()
         return {
-            "prompt_tokens": len(self.prompt), "generated_tokens": len(self.output),
+            "prompt_tokens": len(self.prompt), "generated_tokens": len(self.output), "cached_tokens": self.cached_tokens,
             "time_to_first_token_s": (self.t_first - self.t_start) if self.t_first else 0.0,
             "total_time_s": now - self.t_start,
         }

@@ -1,7 +1,7 @@
 """DeepSeek-V2 in pure torch: no Ray, gRPC or Prometheus here."""
 
 from moe_service.model.args import ModelArgs
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache
 from moe_service.model.experts import RoutedExperts
 from moe_service.model.gate import Gate
 from moe_service.model.moe import Dispatcher, MoE, Pending
@@ -9,6 +9,6 @@ from moe_service.model.presets import PRESETS, preset_args
 from moe_service.model.transformer import Transformer
 
 __all__ = [
-    "ModelArgs", "LatentCache", "RoutedExperts", "Gate", "Dispatcher", "Pending", "MoE", "PRESETS", "preset_args",
+    "ModelArgs", "PagedLatentCache", "RoutedExperts", "Gate", "Dispatcher", "Pending", "MoE", "PRESETS", "preset_args",
     "Transformer",
 ]

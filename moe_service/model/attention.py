@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_service.model.args import ModelArgs
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache
 from moe_service.model.layers import RMSNorm
 from moe_service.model.rope import apply_rotary, softmax_scale
 
@@ -28,17 +28,17 @@ class StepContext:
     mask: torch.Tensor  # [B, T, L] bool, True where query t of row b may attend key l
     valid: torch.Tensor  # [B, T] bool, True for real (non-padding) tokens
     num_keys: int  # L
-    cache: LatentCache | None = None
-    slots: torch.Tensor | None = None  # [B]
+    cache: PagedLatentCache | None = None
     start: torch.Tensor | None = None  # [B] tokens already cached per row
     num_new: torch.Tensor | None = None  # [B]
     all_valid: bool = True
     plain_causal: bool = False  # no cached prefix, no padding: the mask is exactly causal
     # made once per step so that no layer waits on the device for them (a host sync per layer):
     valid_idx: torch.Tensor | None = None  # [N] the real tokens' indices in the flat [B * T]; None if all are
-    new_b: torch.Tensor | None = None  # [N] row of each new token, when rows hold several (for the cache)
+    new_b: torch.Tensor | None = None  # [N] row of each new token, when the step has padding
     new_t: torch.Tensor | None = None  # [N] its place in the row
-    identity_slots: bool = False  # row b is cache slot b for every slot: reads need no gather
+    write_idx: torch.Tensor | None = None  # [N] the cache entry of each new token (PagedLatentCache.write)
+    read_idx: torch.Tensor | None = None  # [B, L] the cache entry of each row's key positions
     clock: "StageClock | None" = None  # times the step's stages, for metrics
 
 
@@ -76,8 +76,9 @@ class MLA(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c), apply_rotary(k_pe, ctx.rot)], dim=-1)  # [B, T, C]
         if ctx.cache is not None:
-            ctx.cache.write(self.layer, ctx.slots, ctx.start, latent, ctx.new_b, ctx.new_t)
-            latent = ctx.cache.read(self.layer, ctx.slots, ctx.num_keys, ctx.identity_slots)  # [B, L, C]
+            new = latent.reshape(B * T, -1) if ctx.new_b is None else latent[ctx.new_b, ctx.new_t]
+            ctx.cache.write(self.layer, ctx.write_idx, new)
+            latent = ctx.cache.read(self.layer, ctx.read_idx)  # [B, L, C]
         L = latent.shape[1]
 
         # Two exact ways to the same result; pick the one with fewer flops for this step's shape.

@@ -7,7 +7,7 @@ from torch import nn
 
 from moe_service.model.args import ModelArgs
 from moe_service.model.attention import MLA, StepContext
-from moe_service.model.cache import LatentCache
+from moe_service.model.cache import PagedLatentCache, blocks_for
 from moe_service.model.layers import MLP, RMSNorm
 from moe_service.model.moe import Dispatcher, MoE, StageClock
 from moe_service.model.rope import Rotary
@@ -70,20 +70,25 @@ class Transformer(nn.Module):
         self.rotary = Rotary(args)
 
     def context(
-        self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, cache: PagedLatentCache | None = None, tables: torch.Tensor | None = None,
         start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
     ) -> StepContext:
         """Positions, masks and cache coordinates of one step.
 
         Row b holds `num_new[b]` new tokens (the rest of the row is padding) that follow `start[b]`
-        tokens already in the cache. Without a cache, every row starts at position 0.
+        tokens already in the cache, in the blocks `tables[b]` lists (default: the cache's `row_tables`).
+        Without a cache, every row starts at position 0.
         """
         B, T = input_ids.shape
         dev = input_ids.device
         start = torch.zeros(B, dtype=torch.long, device=dev) if start is None else start.to(dev).long()
         num_new = torch.full((B,), T, dtype=torch.long, device=dev) if num_new is None else num_new.to(dev).long()
         if cache is not None:
-            slots = torch.arange(B, device=dev) if slots is None else slots.to(dev)
+            if tables is None:
+                if cache.row_tables is None or B > cache.row_tables.shape[0]:
+                    raise ValueError("a paged cache without fixed rows needs each row's block table")
+                tables = cache.row_tables[:B]
+            tables = tables.to(dev)
         t = torch.arange(T, device=dev)
         positions = start[:, None] + t[None, :]  # [B, T]
         valid = t[None, :] < num_new[:, None]
@@ -95,24 +100,28 @@ class Transformer(nn.Module):
             mask = (keys <= t[None, :, None]) & (keys < num_new[:, None, None])
         else:
             L = int((start + num_new).max())
-            if L > cache.max_len:
-                raise ValueError(f"step reaches position {L}; the KV cache holds at most {cache.max_len} per sequence")
+            if blocks_for(L, cache.block_size) > tables.shape[1]:
+                raise ValueError(f"step reaches position {L}; the rows' block tables hold at most "
+                                 f"{tables.shape[1] * cache.block_size} tokens")
             keys = torch.arange(L, device=dev)[None, None, :]
             mask = keys <= positions[:, :, None]
         # per step, never per layer: what needs the host to know (a sync on a GPU) is worked out here
         all_valid = bool(valid.all())
         plain_causal = all_valid and L == T and not bool(start.any())
         valid_idx = None if all_valid else valid.reshape(-1).nonzero().squeeze(1)
-        new_b = new_t = None
-        identity_slots = False
+        new_b = new_t = write_idx = read_idx = None
         if cache is not None:
-            if T > 1:
+            read_idx = cache.positions(tables, keys[0].expand(B, L))
+            if all_valid:
+                write_idx = cache.positions(tables, positions).reshape(-1)
+            else:
                 new_b, new_t = valid.nonzero(as_tuple=True)
-            identity_slots = B == cache.num_slots and bool((slots == torch.arange(B, device=dev)).all())
+                p, k = positions[new_b, new_t], cache.block_size
+                write_idx = tables[new_b, p // k] * k + p % k
         return StepContext(
-            rot=self.rotary(positions), mask=mask, valid=valid, num_keys=L, cache=cache,
-            slots=slots, start=start, num_new=num_new, all_valid=all_valid, plain_causal=plain_causal,
-            valid_idx=valid_idx, new_b=new_b, new_t=new_t, identity_slots=identity_slots,
+            rot=self.rotary(positions), mask=mask, valid=valid, num_keys=L, cache=cache, start=start,
+            num_new=num_new, all_valid=all_valid, plain_causal=plain_causal, valid_idx=valid_idx, new_b=new_b,
+            new_t=new_t, write_idx=write_idx, read_idx=read_idx,
         )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -120,13 +129,13 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, cache: LatentCache | None = None, slots: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, cache: PagedLatentCache | None = None, tables: torch.Tensor | None = None,
         start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
         last_only: bool = False, dispatcher: Dispatcher | None = None, clock: StageClock | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`.
         `dispatcher` runs the routed experts elsewhere; `clock`, when given, times attention and gating."""
-        ctx = self.context(input_ids, cache, slots, start, num_new)
+        ctx = self.context(input_ids, cache, tables, start, num_new)
         ctx.clock = clock
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

@@ -57,6 +57,9 @@ class ServiceConfig:
     # gateway (each replica: data-parallel attention with its own KV cache and scheduler)
     gateway_replicas: int = 1
     gateway_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; overrides gateway_replicas
+    # send a request to the replica holding the longest cached prefix of its prompt (serving/gateway/router.py);
+    # off: Serve's default router (the less busy of two at random)
+    cache_aware_routing: bool = True
     gateway_num_cpus: float = 1.0
     gateway_gpus: float = 0.0  # GPUs each replica asks Ray for (fractional allowed: share a node's GPUs)
     gateway_device: str | None = None  # where a replica computes; None: "cuda" if it sees one, else the CPU

@@ -40,7 +40,7 @@ class GatewayMetrics:
         self.duration = Histogram("moe_request_duration_seconds", "Whole request, arrival to last token.",
                                   buckets=SLOW_BUCKETS, registry=r)
         self.rejected = Counter("moe_rejected_requests", "Requests refused at admission, by cause: queue_full, "
-                                "kv_capacity, prompt_too_long, invalid.", ["cause"], registry=r)
+                                "kv_capacity (can never fit the KV cache), prompt_too_long, invalid.", ["cause"], registry=r)
         self.rejection = Histogram("moe_rejection_seconds", "From a request's arrival at the gateway to its refusal.",
                                    buckets=FAST_BUCKETS, registry=r)
         self.loop_lag = Histogram("moe_event_loop_lag_seconds", "How late the gateway replica's event loop runs a "
@@ -59,9 +59,17 @@ class GatewayMetrics:
         self.running = Gauge("moe_scheduler_running_requests", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge("moe_scheduler_waiting_requests", "Requests in the waiting queue.", registry=r)
         self.queue_capacity = Gauge("moe_scheduler_queue_capacity", "Waiting-queue bound.", registry=r)
-        self.kv_used = Gauge("moe_kv_cache_used_tokens", "Tokens held in the compressed KV cache.", registry=r)
-        self.kv_reserved = Gauge("moe_kv_cache_reserved_tokens", "Tokens reserved by admitted requests.", registry=r)
-        self.kv_capacity = Gauge("moe_kv_cache_capacity_tokens", "Tokens the KV cache can reserve.", registry=r)
+        self.kv_used = Gauge("moe_kv_cache_used_tokens", "Tokens running sequences hold in the paged KV cache.",
+                             registry=r)
+        self.kv_capacity = Gauge("moe_kv_cache_capacity_tokens", "Tokens the paged KV cache holds.", registry=r)
+        self.kv_blocks = Gauge("moe_kv_cache_blocks", "KV cache blocks by state: used (a running sequence's), "
+                               "kept (a finished prompt's prefix, reusable until needed), free.", ["state"], registry=r)
+        self.prefix_query = Counter("moe_prefix_cache_query_tokens", "Prompt tokens of admitted requests, looked up "
+                                    "in the prefix cache.", registry=r)
+        self.prefix_hit = Counter("moe_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not "
+                                  "computed again).", registry=r)
+        self.preemptions = Counter("moe_preemptions", "Running sequences whose KV blocks were taken back for others; "
+                                   "each computes its tokens again later.", registry=r)
         # per worker, as the gateway sees it
         self.rpc = Histogram("moe_expert_rpc_seconds", "RunExperts round trip seen by the gateway.", ["worker"],
                              buckets=FAST_BUCKETS, registry=r)

@@ -61,6 +61,7 @@ class Controller:
         self.tasks: list[asyncio.Task] = []
         self.http: asyncio.AbstractServer | None = None
         self._up_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -68,21 +69,23 @@ class Controller:
         return [(self.moe_layers[l], e) for l, e in placement.hosted(worker_id)]
 
     async def start(self) -> dict:
-        """Place the experts, start every worker, publish the first ready table. Fails loudly."""
-        await self._up()
-        if self.board.ready:
+        """Place the experts, start every worker, publish the first ready table. Fails loudly. Every gateway
+        replica calls it as it starts; the first does the work, the others wait for its table."""
+        async with self._start_lock:
+            await self._up()
+            if self.board.ready:
+                return self.board.snapshot()
+            placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
+                                          self.args.n_routed_experts, self.replicas_per_worker)
+            results = await asyncio.gather(*(self.pool.start(w, self.pairs_of(placement, w))
+                                             for w in range(placement.num_workers)), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                await self.pool.stop_all()
+                raise errors[0]
+            self._began(placement)
+            await self.publish(placement, ready=True)
             return self.board.snapshot()
-        placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
-                                      self.args.n_routed_experts, self.replicas_per_worker)
-        results = await asyncio.gather(*(self.pool.start(w, self.pairs_of(placement, w))
-                                         for w in range(placement.num_workers)), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.pool.stop_all()
-            raise errors[0]
-        self._began(placement)
-        await self.publish(placement, ready=True)
-        return self.board.snapshot()
 
     def _began(self, placement: Placement) -> None:
         self.board.placement = placement

@@ -9,10 +9,12 @@ import os
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from moe_service.serving.config import APP_NAME, GATEWAY_NAME, HTTP_FRONT_NAME, ServiceConfig  # noqa: F401 (APP_NAME)
 from moe_service.serving.gateway.deployment import GatewayDeployment
 from moe_service.serving.gateway.http_front import HTTPFront
+from moe_service.serving.gateway.router import ROUTING_STATS_PERIOD_S, CacheAffinityRouter
 
 SERVICER_FUNCTIONS = [
     "moe_service.serving.gateway.grpc_api.add_InferenceServicer_to_server",
@@ -41,6 +43,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # the least any stop then takes; the controller drains before a planned one)
         "graceful_shutdown_wait_loop_s": 0.5,
     }
+    if cfg.cache_aware_routing:
+        # every call to the gateway, from Serve's gRPC proxy or the HTTP front's handle, goes first to the
+        # replica holding the longest cached prefix of its prompt (router.py)
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=CacheAffinityRouter, request_router_kwargs={"model": cfg.model},
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
     if cfg.gateway_autoscaling:
         options["autoscaling_config"] = cfg.gateway_autoscaling
     else:

@@ -138,6 +138,15 @@ class GatewayDeployment:
                 "expert_streams": sorted(self.gateway.remote.open_addresses()), "device": str(self.gateway.device),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    def record_routing_stats(self) -> dict:
+        """What the cache-aware router (router.py) reads every few seconds: the prefixes this replica holds."""
+        from moe_service.serving.gateway.router import short
+
+        engine = self.gateway.engine
+        s = engine.stats()
+        return {"prefixes": [short(k) for k in engine.scheduler.pool.held_keys()],
+                "in_flight": s["running"] + s["waiting"]}
+
     def check_health(self) -> None:
         # Serve's own replica health check: a dead engine thread restarts the replica
         if not self.gateway.engine_loop.thread.is_alive():

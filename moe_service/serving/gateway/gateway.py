@@ -70,6 +70,7 @@ class Gateway:
         self.api = RequestAPI(self)
         self.tasks: list[asyncio.Task] = []
         self.closed = False
+        self._counted: dict[str, int] = {}  # the engine's counters as the metrics last saw them
 
     async def start(self) -> None:
         cfg, m = self.cfg, self.metrics
@@ -116,7 +117,12 @@ class Gateway:
         m.running.set(s["running"])
         m.waiting.set(s["waiting"])
         m.kv_used.set(s["kv_used_tokens"])
-        m.kv_reserved.set(s["kv_reserved_tokens"])
+        for state in ("used", "kept", "free"):
+            m.kv_blocks.labels(state).set(s[f"kv_blocks_{state}"])
+        for counter, key in ((m.prefix_query, "prefix_query_tokens"), (m.prefix_hit, "prefix_hit_tokens"),
+                             (m.preemptions, "preemptions")):
+            counter.inc(s[key] - self._counted.get(key, 0))
+            self._counted[key] = s[key]
         stages: dict[str, float] = defaultdict(float)
         for o in stats.outcomes:
             for stage, seconds in o.stages.items():

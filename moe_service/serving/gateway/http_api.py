@@ -147,9 +147,10 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def build_http_app(gateway: GatewayAccess, model_name: str) -> FastAPI:
@@ -205,13 +206,13 @@ def build_http_app(gateway: GatewayAccess, model_name: str) -> FastAPI:
                 return c
 
             return _sse_response(first, stream, head, choice, len(prompt), body, rid)
-        choices = await _collect(first, stream, body.n)
+        choices, cached = await _collect(first, stream, body.n)
         out = []
         for i, (tokens, text, reason) in enumerate(choices):
             out.append({"index": i, "text": text, "finish_reason": reason,
                         "logprobs": front.completion_logprobs(tokens, 0) if want_lp else None})
         generated = sum(len(t) for t, _, _ in choices)
-        return JSONResponse({**head, "choices": out, "usage": _usage(len(prompt), generated)},
+        return JSONResponse({**head, "choices": out, "usage": _usage(len(prompt), generated, cached)},
                             headers={"x-request-id": rid})
 
     @app.post("/v1/chat/completions")
@@ -236,14 +237,14 @@ def build_http_app(gateway: GatewayAccess, model_name: str) -> FastAPI:
             roles = tuple({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]} for i in range(body.n))
             return _sse_response(first, stream, chunk, choice, len(prompt), body, rid, roles)
-        choices = await _collect(first, stream, body.n)
+        choices, cached = await _collect(first, stream, body.n)
         out = []
         for i, (tokens, text, reason) in enumerate(choices):
             out.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                         "logprobs": {"content": [front.chat_logprobs(r) for r in tokens]} if body.logprobs else None})
         generated = sum(len(t) for t, _, _ in choices)
         return JSONResponse({**head, "object": "chat.completion", "choices": out,
-                             "usage": _usage(len(prompt), generated)}, headers={"x-request-id": rid})
+                             "usage": _usage(len(prompt), generated, cached)}, headers={"x-request-id": rid})
 
     return app
 
@@ -255,17 +256,18 @@ def _sse_response(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2
     the usage chunk if asked for, and [DONE]. An error after the first token (the status is sent by then)
     comes as one event with the error object."""
     async def events() -> AsyncIterator[bytes]:
-        generated = 0
+        generated = cached = 0
         try:
             for p in preamble:
                 yield _sse(p)
             r: moe_pb2.GenerateResponse | None = first
             while r is not None:
                 generated += not r.finish_reason
+                cached = max(cached, r.usage.cached_tokens)
                 yield _sse({**head, "choices": [choice(r)]})
                 r = await anext(stream, None)
             if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, generated, cached)})
             yield _sse("[DONE]")
         except GatewayError as e:
             yield _sse(APIError.of(e).body())
@@ -276,17 +278,20 @@ def _sse_response(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2
 
 
 async def _collect(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb2.GenerateResponse], n: int
-                   ) -> list[tuple[list[moe_pb2.GenerateResponse], str, str]]:
-    """Each choice's token messages, text and finish reason, from a whole stream."""
+                   ) -> tuple[list[tuple[list[moe_pb2.GenerateResponse], str, str]], int]:
+    """Each choice's token messages, text and finish reason, from a whole stream; and the prompt tokens
+    the prefix cache held (the most any choice found: the prompt is counted once)."""
     tokens: list[list] = [[] for _ in range(n)]
     texts = [""] * n
     reasons = [""] * n
+    cached = 0
     try:
         r: moe_pb2.GenerateResponse | None = first
         while r is not None:
             texts[r.index] += r.text
             if r.finish_reason:
                 reasons[r.index] = r.finish_reason
+                cached = max(cached, r.usage.cached_tokens)
             else:
                 tokens[r.index].append(r)
             r = await anext(stream, None)
@@ -294,4 +299,4 @@ async def _collect(first: moe_pb2.GenerateResponse, stream: AsyncIterator[moe_pb
         raise APIError.of(e) from None
     finally:
         await stream.aclose()
-    return list(zip(tokens, texts, reasons))
+    return list(zip(tokens, texts, reasons)), cached

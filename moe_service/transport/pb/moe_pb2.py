@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"moe_service/transport/pb/moe.proto\x12\x06moe.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdd\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb2\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.moe.v1.TokenIdsH\x00\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.moe.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0fstream_interval\x18\x06 \x01(\rB\x08\n\x06prompt\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\"\xfd\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.moe.v1.Usage\x12\r\n\x05index\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x14\n\x07logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x12.moe.v1.TopLogprob\x12%\n\x06tokens\x18\t \x03(\x0b\x32\x15.moe.v1.StreamedTokenB\n\n\x08_logprob\"{\n\rStreamedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12(\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x12.moe.v1.TopLogprobB\n\n\x08_logprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0e\x46orwardRequest\x12#\n\tsequences\x18\x01 \x03(\x0b\x32\x10.moe.v1.TokenIds\x12!\n\x07targets\x18\x02 \x03(\x0b\x32\x10.moe.v1.TokenIds\"k\n\x0f\x46orwardResponse\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\'\n\x0ftarget_logprobs\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xd9\x01\n\rServiceLimits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x03 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11request_timeout_s\x18\x05 \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12max_forward_tokens\x18\x07 \x01(\r\"\xc3\x03\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x12\n\nmoe_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x17\n\x0f\x61ttention_heads\x18\x06 \x01(\r\x12 \n\x18routed_experts_per_layer\x18\x07 \x01(\r\x12 \n\x18shared_experts_per_layer\x18\x08 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\t \x01(\r\x12\x13\n\x0btopk_method\x18\n \x01(\t\x12\x14\n\x0cparams_total\x18\x0b \x01(\x04\x12\x1f\n\x17params_active_per_token\x18\x0c \x01(\x04\x12 \n\x18kv_cache_bytes_per_token\x18\r \x01(\x04\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x1f\n\x17max_position_embeddings\x18\x0f \x01(\r\x12\x16\n\x0e\x65xpert_workers\x18\x10 \x01(\r\x12%\n\x06limits\x18\x11 \x01(\x0b\x32\x15.moe.v1.ServiceLimits\"\xa5\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1e\n\x06hidden\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07\x65xperts\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07weights\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\"}\n\x12RunExpertsResponse\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"-\n\x0cHostedExpert\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x9f\x01\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x06hosted\x18\x02 \x03(\x0b\x32\x14.moe.v1.HostedExpert\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04J\x04\x08\x03\x10\x04R\x12replicas_per_layer2\xca\x01\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12@\n\tModelInfo\x12\x18.moe.v1.ModelInfoRequest\x1a\x19.moe.v1.ModelInfoResponse2\xdb\x01\n\x06\x45xpert\x12\x43\n\nRunExperts\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse\x12M\n\x10RunExpertsStream\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse(\x01\x30\x01\x12=\n\x08\x44\x65scribe\x12\x17.moe.v1.DescribeRequest\x1a\x18.moe.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"moe_service/transport/pb/moe.proto\x12\x06moe.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdd\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x14\n\x0cstop_strings\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb2\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.moe.v1.TokenIdsH\x00\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.moe.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0fstream_interval\x18\x06 \x01(\rB\x08\n\x06prompt\"\x84\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"\xfd\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.moe.v1.Usage\x12\r\n\x05index\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x14\n\x07logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x12.moe.v1.TopLogprob\x12%\n\x06tokens\x18\t \x03(\x0b\x32\x15.moe.v1.StreamedTokenB\n\n\x08_logprob\"{\n\rStreamedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12(\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x12.moe.v1.TopLogprobB\n\n\x08_logprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0e\x46orwardRequest\x12#\n\tsequences\x18\x01 \x03(\x0b\x32\x10.moe.v1.TokenIds\x12!\n\x07targets\x18\x02 \x03(\x0b\x32\x10.moe.v1.TokenIds\"k\n\x0f\x46orwardResponse\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\'\n\x0ftarget_logprobs\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07lengths\x18\x03 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xd9\x01\n\rServiceLimits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x03 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11request_timeout_s\x18\x05 \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12max_forward_tokens\x18\x07 \x01(\r\"\xc3\x03\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x12\n\nmoe_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x17\n\x0f\x61ttention_heads\x18\x06 \x01(\r\x12 \n\x18routed_experts_per_layer\x18\x07 \x01(\r\x12 \n\x18shared_experts_per_layer\x18\x08 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\t \x01(\r\x12\x13\n\x0btopk_method\x18\n \x01(\t\x12\x14\n\x0cparams_total\x18\x0b \x01(\x04\x12\x1f\n\x17params_active_per_token\x18\x0c \x01(\x04\x12 \n\x18kv_cache_bytes_per_token\x18\r \x01(\x04\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x1f\n\x17max_position_embeddings\x18\x0f \x01(\r\x12\x16\n\x0e\x65xpert_workers\x18\x10 \x01(\r\x12%\n\x06limits\x18\x11 \x01(\x0b\x32\x15.moe.v1.ServiceLimits\"\xa5\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x1e\n\x06hidden\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07\x65xperts\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1f\n\x07weights\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x12\n\ndeadline_s\x18\x06 \x01(\x01\"}\n\x12RunExpertsResponse\x12\x1e\n\x06output\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\nerror_code\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"-\n\x0cHostedExpert\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\x9f\x01\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x06hosted\x18\x02 \x03(\x0b\x32\x14.moe.v1.HostedExpert\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04J\x04\x08\x03\x10\x04R\x12replicas_per_layer2\xca\x01\n\tInference\x12?\n\x08Generate\x12\x17.moe.v1.GenerateRequest\x1a\x18.moe.v1.GenerateResponse0\x01\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12@\n\tModelInfo\x12\x18.moe.v1.ModelInfoRequest\x1a\x19.moe.v1.ModelInfoResponse2\xdb\x01\n\x06\x45xpert\x12\x43\n\nRunExperts\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse\x12M\n\x10RunExpertsStream\x12\x19.moe.v1.RunExpertsRequest\x1a\x1a.moe.v1.RunExpertsResponse(\x01\x30\x01\x12=\n\x08\x44\x65scribe\x12\x17.moe.v1.DescribeRequest\x1a\x18.moe.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,36 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=347
   _globals['_GENERATEREQUEST']._serialized_start=350
   _globals['_GENERATEREQUEST']._serialized_end=528
-  _globals['_USAGE']._serialized_start=530
-  _globals['_USAGE']._serialized_end=639
-  _globals['_GENERATERESPONSE']._serialized_start=642
-  _globals['_GENERATERESPONSE']._serialized_end=895
-  _globals['_STREAMEDTOKEN']._serialized_start=897
-  _globals['_STREAMEDTOKEN']._serialized_end=1020
-  _globals['_TOPLOGPROB']._serialized_start=1022
-  _globals['_TOPLOGPROB']._serialized_end=1069
-  _globals['_FORWARDREQUEST']._serialized_start=1071
-  _globals['_FORWARDREQUEST']._serialized_end=1159
-  _globals['_FORWARDRESPONSE']._serialized_start=1161
-  _globals['_FORWARDRESPONSE']._serialized_end=1268
-  _globals['_MODELINFOREQUEST']._serialized_start=1270
-  _globals['_MODELINFOREQUEST']._serialized_end=1288
-  _globals['_SERVICELIMITS']._serialized_start=1291
-  _globals['_SERVICELIMITS']._serialized_end=1508
-  _globals['_MODELINFORESPONSE']._serialized_start=1511
-  _globals['_MODELINFORESPONSE']._serialized_end=1962
-  _globals['_RUNEXPERTSREQUEST']._serialized_start=1965
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=2130
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=2132
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=2257
-  _globals['_DESCRIBEREQUEST']._serialized_start=2259
-  _globals['_DESCRIBEREQUEST']._serialized_end=2276
-  _globals['_HOSTEDEXPERT']._serialized_start=2278
-  _globals['_HOSTEDEXPERT']._serialized_end=2323
-  _globals['_DESCRIBERESPONSE']._serialized_start=2326
-  _globals['_DESCRIBERESPONSE']._serialized_end=2485
-  _globals['_INFERENCE']._serialized_start=2488
-  _globals['_INFERENCE']._serialized_end=2690
-  _globals['_EXPERT']._serialized_start=2693
-  _globals['_EXPERT']._serialized_end=2912
+  _globals['_USAGE']._serialized_start=531
+  _globals['_USAGE']._serialized_end=663
+  _globals['_GENERATERESPONSE']._serialized_start=666
+  _globals['_GENERATERESPONSE']._serialized_end=919
+  _globals['_STREAMEDTOKEN']._serialized_start=921
+  _globals['_STREAMEDTOKEN']._serialized_end=1044
+  _globals['_TOPLOGPROB']._serialized_start=1046
+  _globals['_TOPLOGPROB']._serialized_end=1093
+  _globals['_FORWARDREQUEST']._serialized_start=1095
+  _globals['_FORWARDREQUEST']._serialized_end=1183
+  _globals['_FORWARDRESPONSE']._serialized_start=1185
+  _globals['_FORWARDRESPONSE']._serialized_end=1292
+  _globals['_MODELINFOREQUEST']._serialized_start=1294
+  _globals['_MODELINFOREQUEST']._serialized_end=1312
+  _globals['_SERVICELIMITS']._serialized_start=1315
+  _globals['_SERVICELIMITS']._serialized_end=1532
+  _globals['_MODELINFORESPONSE']._serialized_start=1535
+  _globals['_MODELINFORESPONSE']._serialized_end=1986
+  _globals['_RUNEXPERTSREQUEST']._serialized_start=1989
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=2154
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=2156
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=2281
+  _globals['_DESCRIBEREQUEST']._serialized_start=2283
+  _globals['_DESCRIBEREQUEST']._serialized_end=2300
+  _globals['_HOSTEDEXPERT']._serialized_start=2302
+  _globals['_HOSTEDEXPERT']._serialized_end=2347
+  _globals['_DESCRIBERESPONSE']._serialized_start=2350
+  _globals['_DESCRIBERESPONSE']._serialized_end=2509
+  _globals['_INFERENCE']._serialized_start=2512
+  _globals['_INFERENCE']._serialized_end=2714
+  _globals['_EXPERT']._serialized_start=2717
+  _globals['_EXPERT']._serialized_end=2936
 # @@protoc_insertion_point(module_scope)
