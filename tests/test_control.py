@@ -213,6 +213,29 @@ def test_a_gateway_that_never_confirms_delays_the_drop_by_the_bound_only():
     run(go())
 
 
+def test_min_replicas_holds_from_start_through_rebalances_scaling_and_a_loss():
+    """min_replicas 2: every expert on two workers at start, after a rebalance and a scale step; a lost
+    worker shows as under-replicated experts until its restart restores them."""
+    async def go():
+        launcher, ctl, gws = await service(gateways=2, min_replicas=2)
+        assert ctl.placement.replica_counts().min() >= 2
+        for num_workers in (None, 4, 3):  # a rebalance, a worker added, one removed
+            hot_load(ctl)
+            r = await ctl.rebalance(force=True, num_workers=num_workers)
+            assert r["applied"] and ctl.placement.replica_counts().min() >= 2, num_workers
+            hosted_as_placed(ctl, launcher)
+        under = lambda: ctl.metrics.under_replicated._value.get()  # noqa: E731
+        assert under() == 0
+        lost = ctl.pool.workers[1]
+        lost.handle.alive = False
+        await eventually_async(lambda: under() > 0 or lost.restarts, what="the loss seen")
+        await eventually_async(lambda: lost.restarts == 1 and lost.healthy and under() == 0,
+                               what="the worker restarted and redundancy restored")
+        assert all(not g.violations for g in gws)
+        await stop(ctl, gws)
+    run(go())
+
+
 def test_a_worker_that_dies_while_loading_comes_back_with_its_replicas():
     async def go():
         launcher, ctl, gws = await service()

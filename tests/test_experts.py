@@ -279,6 +279,28 @@ def test_lost_only_replica_waits_for_a_new_table_and_keeps_the_steps_own(loop, m
         loop.run(restarted.stop(0))
 
 
+def test_a_lost_worker_is_known_to_every_model_thread_at_once(loop, model):
+    """The first thread to find a worker gone marks it down for the gateway: another thread's next call
+    plans without it (no call of its own to find out), until the next table says where workers are."""
+    E = model.args.n_routed_experts
+    hosts, replicas = split_experts(model, 2, {e: [0, 1] for e in range(E)})
+    servers = loop.run(start_workers(hosts))
+    remote = RemoteExperts(table_of(replicas, servers))
+    try:
+        layer, x, w, e = layer_inputs(model, 40)
+        loop.run(servers[1].stop(0))
+        _, calls = call(remote, layer, x, w, e)  # one model thread finds it
+        assert any(not c.ok and c.worker == 1 for c in calls) and remote.down == {1}
+        got, calls = call(remote, layer, x, w, e)  # another's dispatcher
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert calls and all(c.ok and c.worker == 0 and not c.retried for c in calls)
+        remote.switch(table_of(replicas, servers, version=2))
+        assert not remote.down
+    finally:
+        remote.close()
+        loop.run(servers[0].stop(0))
+
+
 def test_a_worker_that_no_longer_hosts_an_expert_is_a_lost_worker(loop, model):
     """A rebalance dropped the replica a call was sent to (FAILED_PRECONDITION, a stale table): its
     pairs go to the other replica instead of failing the step."""
@@ -320,7 +342,7 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
         # with every replica hung, the step fails when its deadline passes, and only then
         t0 = time.monotonic()
-        with pytest.raises(StepDeadline):
+        with pytest.raises(StepDeadline, match=r"no live replica of expert \d+ in layer \d+: every worker hosting it"):
             call(stuck, layer, x, w, e, deadline=t0 + 1.0)
         assert 0.9 <= time.monotonic() - t0 < 3.0
     finally:

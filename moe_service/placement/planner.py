@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment, linprog
 
 from .placement import Placement, as_load, check_sizes
+from .redundancy import actives, check_redundancy, standby_slots, with_standbys
 from .timeaware import WorkerSeconds, plan_by_time
 
 DEFAULT_MIN_BALANCEDNESS = 0.97
@@ -32,7 +33,7 @@ _TRIES = 3  # experts per step, and workers per expert, the local search tries
 def plan(
     load: Any, num_workers: int, replicas_per_worker: int, current: Placement | None = None, *,
     min_balancedness: float = DEFAULT_MIN_BALANCEDNESS, objective: str = "tokens",
-    worker_seconds: WorkerSeconds | None = None, pairs_per_step: float | None = None,
+    worker_seconds: WorkerSeconds | None = None, pairs_per_step: float | None = None, min_replicas: int = 1,
 ) -> Placement:
     """Placement of ``load`` ``[L, E]`` (token counts) on ``num_workers`` workers.
 
@@ -54,7 +55,18 @@ def plan(
     (placement/timeaware.py) for steps routing ``pairs_per_step`` pairs, with
     ``worker_seconds(touched replicas, pairs, replicas with 2+ pairs)`` from the cost model; it is never
     predicted slower than token balance's plan or ``current``.
+
+    ``min_replicas`` > 1: every expert on at least that many distinct workers, whatever the objective: the
+    active replicas are planned in the slots left after ``standby_slots``, then standbys fill them
+    (placement/redundancy.py).
     """
+    if min_replicas > 1:
+        num_experts = as_load(load).shape[1]
+        check_redundancy(num_experts, num_workers, replicas_per_worker, min_replicas)
+        active = plan(load, num_workers, replicas_per_worker - standby_slots(num_experts, num_workers, min_replicas),
+                      current and actives(current), min_balancedness=min_balancedness, objective=objective, worker_seconds=worker_seconds,
+                      pairs_per_step=pairs_per_step)
+        return with_standbys(active, min_replicas, replicas_per_worker, prefer=current)
     if objective == "time":
         if worker_seconds is None or pairs_per_step is None:
             raise ValueError("objective='time' needs worker_seconds and pairs_per_step")

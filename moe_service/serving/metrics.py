@@ -138,6 +138,8 @@ class ControllerMetrics:
         self.rebalances = Counter("moe_rebalances", "Placement changes applied.", registry=r)
         self.rebalance_seconds = Histogram("moe_rebalance_duration_seconds", "Time to apply a new placement.",
                                            buckets=SLOW_BUCKETS, registry=r)
+        self.under_replicated = Gauge("moe_experts_under_replicated", "(layer, expert) pairs with fewer live "
+                                      "replicas (on healthy workers) than min_replicas asks.", registry=r)
         self.version = Gauge("moe_placement_version", "Version of the placement table.", registry=r)
 
 

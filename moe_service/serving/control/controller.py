@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from moe_service.checkpoint import open_source
 from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
+from moe_service.placement.redundancy import live_replicas, standby_slots
 from moe_service.serving.config import CONTROLLER_NAME, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -37,7 +38,10 @@ class Controller:
         cfg = self.cfg = ServiceConfig.from_dict(config)
         self.args = open_source(cfg.model).args
         self.moe_layers = self.args.moe_layers
-        self.replicas_per_worker = cfg.replicas_per_worker or math.ceil(1.25 * self.args.n_routed_experts / cfg.workers)
+        E, fewest = self.args.n_routed_experts, min(cfg.workers, (cfg.autoscaling or {}).get("min_workers", cfg.workers))
+        # every expert once + 25%, and room for the standbys on the fewest workers the service may run
+        self.replicas_per_worker = cfg.replicas_per_worker or (
+            math.ceil(1.25 * E / cfg.workers) + standby_slots(E, fewest, cfg.min_replicas))
         self.worker_seconds = cfg.worker_seconds(self.args) if cfg.rebalance_objective == "time" else None
         if launcher is None or recovering is None:
             from moe_service.serving.control.ray_launcher import RayLauncher
@@ -76,7 +80,7 @@ class Controller:
             if self.board.ready:
                 return self.board.snapshot()
             placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
-                                          self.args.n_routed_experts, self.replicas_per_worker)
+                                          self.args.n_routed_experts, self.replicas_per_worker, self.cfg.min_replicas)
             results = await asyncio.gather(*(self.pool.start(w, self.pairs_of(placement, w))
                                              for w in range(placement.num_workers)), return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
@@ -148,6 +152,9 @@ class Controller:
             self._export_placement()
         self.metrics.version.set(version)
         self.metrics.workers.set(sum(w.healthy for w in self.pool.workers.values()))
+        if self.placement is not None:
+            healthy = {w.worker_id for w in self.pool.workers.values() if w.healthy}
+            self.metrics.under_replicated.set(int((live_replicas(self.placement, healthy) < self.cfg.min_replicas).sum()))
         for w in self.pool.workers.values():
             self.metrics.worker_up.labels(str(w.worker_id)).set(int(w.healthy))
             self._target(w)
@@ -235,7 +242,7 @@ class Controller:
         if self.worker_seconds is not None:
             by_time = (self.worker_seconds, self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
         return propose(self.window_load(), self.placement, num_workers or len(self.pool.workers),
-                       self.replicas_per_worker, self.cfg.rebalance_objective, by_time)
+                       self.replicas_per_worker, self.cfg.rebalance_objective, by_time, self.cfg.min_replicas)
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""

@@ -75,13 +75,14 @@ async def apply_placement(new: Placement, pairs_of: Callable[[Placement, int], P
 
 
 def propose(load: np.ndarray, current: Placement, num_workers: int, replicas_per_worker: int, objective: str,
-            by_time: tuple | None = None) -> dict:
+            by_time: tuple | None = None, min_replicas: int = 1) -> dict:
     """The placement a load window `[L, E]` asks for on `num_workers`, and its expected quality (`gain`, by
     the objective: balancedness, or with `by_time` = (worker_seconds, pairs per step) the predicted expert
     stage). An empty window says nothing: no gain (a forced rebalance or a new worker count still applies)."""
     busy = load.sum() > 0
     time_args = {} if by_time is None else dict(objective="time", worker_seconds=by_time[0], pairs_per_step=by_time[1])
-    new = plan(load if busy else np.ones_like(load), num_workers, replicas_per_worker, current=current, **time_args)
+    new = plan(load if busy else np.ones_like(load), num_workers, replicas_per_worker, current=current,
+               min_replicas=min_replicas, **time_args)
     before = current.balancedness(load) if busy else np.ones(load.shape[0])
     after = new.balancedness(load) if busy else np.ones(load.shape[0])
     out = {"objective": objective, "balancedness_before": before.tolist(), "balancedness_after": after.tolist(),

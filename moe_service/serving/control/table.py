@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from moe_service.placement import Placement, plan
+from moe_service.placement.redundancy import standby_slots, with_standbys
 
 
 class TableBoard:
@@ -85,11 +86,14 @@ def rebuild_placement(found: dict[int, list[tuple[int, int]]], moe_layers: list[
     return Placement(hosts, hosts / hosts.sum(axis=2, keepdims=True), replicas_per_worker), lost
 
 
-def initial_placement(workers: int, redundant_experts: int, num_layers: int, num_experts: int, slots: int) -> Placement:
-    """The first placement: round robin, or with `redundant_experts` of each layer replicated."""
+def initial_placement(workers: int, redundant_experts: int, num_layers: int, num_experts: int, slots: int,
+                      min_replicas: int = 1) -> Placement:
+    """The first placement: round robin, or with `redundant_experts` of each layer replicated; every expert
+    on at least `min_replicas` workers."""
     if redundant_experts <= 0:
-        return Placement.round_robin(num_layers, num_experts, workers, slots)
+        active_slots = slots - standby_slots(num_experts, workers, min_replicas)
+        return with_standbys(Placement.round_robin(num_layers, num_experts, workers, active_slots), min_replicas, slots)
     # the first `redundant_experts` experts of each layer look hot: the planner gives them more replicas
     load = np.ones((num_layers, num_experts))
     load[:, : redundant_experts] = 2.0 * workers
-    return plan(load, workers, slots)
+    return plan(load, workers, slots, min_replicas=min_replicas)

@@ -90,6 +90,25 @@ class RemoteExperts:
         self.stage_always = stage_always  # tests: run a GPU gateway's copies on a CPU machine
         self._dispatchers: list[Dispatcher] = []
         self._lock = threading.Lock()
+        # workers a model thread found lost (a broken stream, no answer in time): every thread plans
+        # without them at once, until the next table (the controller's word on them)
+        self.down: frozenset[int] = frozenset()
+
+    def mark_down(self, worker: int) -> None:
+        with self._lock:
+            self.down = self.down | {worker}
+
+    def down_in(self, table: RoutingTable) -> frozenset[int]:
+        """The marks, for a call planned with `table`: they were made against the gateway's table, and a
+        newer one (a call's own, from the controller) already says where each worker is."""
+        return self.down if table.version <= self.table.version else frozenset()
+
+    def forget_down(self, version: int) -> None:
+        """A wait for a table newer than `version` ran out: what was marked down may have been a passing
+        failure, so try every worker again (a later table clears the marks anyway)."""
+        with self._lock:
+            if self.table.version <= version:
+                self.down = frozenset()
 
     def dispatcher(self) -> "Dispatcher":
         """A new dispatcher, for one model thread (or one tool's calls)."""
@@ -104,6 +123,7 @@ class RemoteExperts:
         self.table = table
         addresses = set(table.addresses.values())
         with self._lock:
+            self.down = frozenset()
             dispatchers = list(self._dispatchers)
         for d in dispatchers:
             d.streams.keep_only(addresses)
@@ -183,13 +203,17 @@ class LayerCall:
         """Plans the `pending` pairs ([T, K], -1 where none), waiting for a newer table while one has no live
         replica, and writes each worker its message."""
         d, r = self.d, self.d.remote
+        missing: NoReplicaError | None = None
         while True:
             if time.monotonic() >= d.deadline:
-                raise StepDeadline(f"layer {self.layer}: the step's deadline passed before the experts answered")
+                why = f" ({missing}: every worker hosting it was lost)" if missing else ""
+                raise StepDeadline(f"layer {self.layer}: the step's deadline passed before the experts answered{why}")
             try:
-                self.plan = plan_dispatch(pending, self.weights, self.table.routes[self.layer].without(self.excluded))
+                self.plan = plan_dispatch(pending, self.weights,
+                                          self.table.routes[self.layer].without(self.excluded | r.down_in(self.table)))
                 break
             except NoReplicaError as e:
+                missing = e
                 self.table = self._newer_table(e)
                 self.excluded = set()
         self.call_deadline = min(d.deadline, time.monotonic() + r.call_timeout_s)
@@ -210,9 +234,13 @@ class LayerCall:
         wait = max(0.0, min(r.table_wait_s, d.deadline - time.monotonic()))
         if r.wait_for_table is None:  # nobody to ask: back off, then try the same table again
             time.sleep(wait)
+            r.forget_down(self.table.version)
             return self.table
-        newer = r.wait_for_table(self.excluded, self.table.version, wait)
-        return newer if newer is not None and newer.version > self.table.version else self.table
+        newer = r.wait_for_table(self.excluded | r.down_in(self.table), self.table.version, wait)
+        if newer is not None and newer.version > self.table.version:
+            return newer
+        r.forget_down(self.table.version)
+        return self.table
 
     def wait(self) -> torch.Tensor:
         """-> [T, D] on the gateway's device: the weighted sum of every pair's expert, whichever workers
@@ -233,6 +261,8 @@ class LayerCall:
                     slowest = max(slowest, a.compute_seconds)
                 elif a.code in WORKER_LOST:
                     self.excluded.add(p.worker)
+                    if a.code != grpc.StatusCode.FAILED_PRECONDITION:  # that one is alive, with a newer table
+                        d.remote.mark_down(p.worker)
                     lost = self._lose(lost, p)
                 else:
                     raise ExpertsFailed(f"worker {p.worker}, layer {self.layer}: {a}")

@@ -1,0 +1,77 @@
+"""Every expert on at least `min_replicas` distinct workers, so that a lost worker's pairs always have a live
+replica elsewhere in the same layer call (no wait for a restart).
+
+The planners place the *active* replicas, those that serve tokens, in `replicas_per_worker - standby_slots`
+slots per worker; then `with_standbys` adds a standby (share 0) for each expert on fewer workers than asked,
+in the slots kept free for them. A standby serves only when its expert's other replicas are lost
+(`LayerRoutes.without` splits an expert's tokens evenly over standbys when nothing else is left). Both
+objectives (tokens, time) go through the same step, so both keep the invariant."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .placement import Placement
+
+
+def standby_slots(num_experts: int, num_workers: int, min_replicas: int) -> int:
+    """Slots per worker and layer to keep for standbys: room for every expert's `min_replicas - 1` more."""
+    return math.ceil(num_experts * (min_replicas - 1) / num_workers) if min_replicas > 1 else 0
+
+
+def check_redundancy(num_experts: int, num_workers: int, replicas_per_worker: int, min_replicas: int) -> None:
+    if min_replicas < 1:
+        raise ValueError(f"min_replicas must be >= 1, got {min_replicas}")
+    if min_replicas > num_workers:
+        raise ValueError(f"min_replicas {min_replicas} needs at least as many workers; there are {num_workers}")
+    active = replicas_per_worker - standby_slots(num_experts, num_workers, min_replicas)
+    if active * num_workers < num_experts:
+        raise ValueError(f"{replicas_per_worker} slots per worker cannot hold every expert {min_replicas} times on "
+                         f"{num_workers} workers: at least {math.ceil(num_experts / num_workers) + standby_slots(num_experts, num_workers, min_replicas)} are needed")
+
+
+def with_standbys(active: Placement, min_replicas: int, replicas_per_worker: int,
+                  prefer: Placement | None = None) -> Placement:
+    """`active` with a standby replica (share 0) added for each expert hosted on fewer than `min_replicas`
+    workers, in `replicas_per_worker` slots. A standby goes where `prefer` (the placement running now) had
+    a replica of the expert, so that a re-plan moves few weights; else to the worker with the most free slots."""
+    L, E, W = active.hosts.shape
+    check_redundancy(E, W, replicas_per_worker, min_replicas)
+    hosts = np.zeros((L, E, W), dtype=bool)
+    hosts[:] = active.hosts
+    before = np.zeros((L, E, W), dtype=bool)
+    if prefer is not None and prefer.hosts.shape[:2] == (L, E):
+        n = min(W, prefer.num_workers)
+        before[:, :, :n] = prefer.hosts[:, :, :n]
+    for layer in range(L):
+        used = hosts[layer].sum(axis=0)  # [W]
+        need = min_replicas - hosts[layer].sum(axis=1)  # [E]
+        for expert in np.argsort(-need, kind="stable"):
+            for _ in range(int(need[expert])):
+                free = (used < replicas_per_worker) & ~hosts[layer, expert]
+                if not free.any():
+                    raise ValueError(f"no free slot for a standby of expert {expert} in layer {layer} "
+                                     f"({replicas_per_worker} slots per worker, {W} workers)")
+                # where it was before, then the most free slots, then the lowest id
+                key = np.where(free, before[layer, expert] * (replicas_per_worker + 1) + replicas_per_worker - used, -1)
+                worker = int(np.argmax(key))
+                hosts[layer, expert, worker] = True
+                used[worker] += 1
+    return Placement(hosts=hosts, fractions=active.fractions, replicas_per_worker=replicas_per_worker)
+
+
+def actives(p: Placement) -> Placement:
+    """`p` without its standbys (hosted replicas with no share of a served expert): what a re-plan starts from,
+    so that the planners see the replicas that serve tokens; `with_standbys(prefer=p)` puts the rest back."""
+    serving = p.hosts & (p.fractions > 0)
+    hosts = np.where(serving.any(axis=2, keepdims=True), serving, p.hosts)
+    return Placement(hosts=hosts, fractions=p.fractions, replicas_per_worker=p.replicas_per_worker)
+
+
+def live_replicas(placement: Placement, healthy: set[int] | list[int]) -> np.ndarray:
+    """Replicas of each expert on healthy workers, ``[L, E]``."""
+    alive = np.zeros(placement.num_workers, dtype=bool)
+    alive[[w for w in healthy if w < placement.num_workers]] = True
+    return (placement.hosts & alive).sum(axis=2)
