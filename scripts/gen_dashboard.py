@@ -72,6 +72,10 @@ def dashboard() -> dict:
                ("sum(rate(moe_preemptions_total[$__rate_interval]))", "preemptions/s")], 12, 58),
         panel(16, "Cache-aware routing (choices/s)",
               [("sum by (choice) (rate(ray_moe_router_choices_total[$__rate_interval]))", "{{choice}}")], 0, 66),
+        panel(17, "Worker loss: stall and redundancy",
+              [(q("moe_worker_loss_stall_seconds", 0.99), "p99 stall, loss to the layer's answer"),
+               (q("moe_redundancy_restored_seconds", 0.5), "p50 until min_replicas again"),
+               ("moe_experts_under_replicated", "experts under min_replicas")], 12, 66, unit="s"),
     ]
     return {
         "title": "moe-service", "uid": "moe-service", "schemaVersion": 39, "version": 1, "editable": True,

@@ -336,10 +336,16 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
     remote = RemoteExperts(table, call_timeout_s=0.3)
     # every replica hung
     stuck = RemoteExperts(RoutingTable(1, table.routes, {0: hung_too.address, 1: hung.address}), call_timeout_s=0.3)
+    # the call timeout far away: a message's own deadline (its base + per row) finds the hung worker
+    by_rows = RemoteExperts(table, call_timeout_s=30.0, message_timeout_s=0.2, row_timeout_s=0.01)
     try:
         layer, x, w, e = layer_inputs(model, 8)
         got, _ = call(remote, layer, x, w, e, deadline=time.monotonic() + 20)
         assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        t0 = time.monotonic()
+        got, calls = call(by_rows, layer, x, w, e, deadline=t0 + 20)
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert time.monotonic() - t0 < 3.0 and any(not c.ok and c.worker == 1 for c in calls)
         # with every replica hung, the step fails when its deadline passes, and only then
         t0 = time.monotonic()
         with pytest.raises(StepDeadline, match=r"no live replica of expert \d+ in layer \d+: every worker hosting it"):
@@ -348,6 +354,7 @@ def test_a_hung_worker_costs_one_call_timeout_and_the_deadline_ends_the_step(loo
     finally:
         remote.close()
         stuck.close()
+        by_rows.close()
         for s in (*servers.values(), hung, hung_too):
             loop.run(s.stop(0))
 

@@ -180,3 +180,31 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
                 assert c.generate_ids(p, max_new_tokens=NEW_TOKENS, ignore_eos=True) == want
     finally:
         svc.shutdown()
+
+
+def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
+    """min_replicas 2 on 4 workers, two SIGKILLed at once: an expert both of whose replicas were on them waits
+    for a restart, every other goes on at once; no request fails and every output is exact."""
+    prompts, reference = workload
+    svc = start_service({**config(), "workers": 4, "redundant_experts": 0, "min_replicas": 2})
+    ctl = svc.controller()
+    try:
+        clients = Clients(svc.address, prompts, reference)
+        try:
+            eventually(lambda: clients.done >= CLIENTS or Pending(clients.done), 60, what="the clients streaming")
+            before = workers(ctl)
+            pids = [ray.get(ray.get_actor(before[w]["actor_name"], namespace="moe_service").ping.remote())["pid"]
+                    for w in (1, 2)]
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(ctl, lambda ws: all(ws[w]["generation"] > before[w]["generation"] for w in (1, 2))
+                       and all(w["healthy"] for w in ws.values()), "both workers restarted")
+            done = clients.done
+            eventually(lambda: clients.done >= done + CLIENTS or Pending(clients.done), 60,
+                       what="requests finishing after the restarts")
+        finally:
+            clients.finish()
+        assert not clients.errors, clients.errors[:3]
+        assert not clients.mismatches, clients.mismatches[:3]
+    finally:
+        svc.shutdown()

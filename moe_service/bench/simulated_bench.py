@@ -76,8 +76,9 @@ def run(workers: int = 8, streams: int = 64, new_tokens: int = 8, device: str = 
     rng = np.random.default_rng(0)
     if prefill_tokens:
         tokens_per_call, new_tokens = prefill_tokens, 1
+        # the same prompts in every phase (their tokens are compared), each prefilled whole: no prefix cache
         scheduler = {"max_running": 1, "micro_batches": 1, "max_seq_len": prefill_tokens + 8,
-                     "prefill_chunk": prefill_tokens, "step_token_budget": prefill_tokens}
+                     "prefill_chunk": prefill_tokens, "step_token_budget": prefill_tokens, "prefix_caching": False}
         prompts = [[int(t) for t in rng.integers(3, 512, prefill_tokens)] for _ in range(requests)]
     else:
         tokens_per_call = streams

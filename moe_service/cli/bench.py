@@ -44,6 +44,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import cache_bench as b
 
         r = b.run(out_dir=ns.out, parts=tuple(ns.parts.split(",")), preset=ns.preset)
+    elif ns.what == "soak":
+        from moe_service.bench import soak_bench as b
+
+        r = b.run(seconds=ns.seconds, out_dir=ns.out)
     elif ns.what == "projection":
         from moe_service.bench import projection as b
 
@@ -63,7 +67,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
     bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "simulated",
-                                          "projection", "fp8", "ingress", "cache"],
+                                          "projection", "fp8", "ingress", "cache", "soak"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
                             "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
                             "placement: time-aware vs token-balanced placement, measured per worker on this CPU; simulated: "
@@ -71,7 +75,8 @@ def add_parsers(sub) -> None:
                             "projection: a decode step of DeepSeek-V2(-Lite) on H100/H200, on paper; fp8: FP8 experts' "
                             "compute beside float32 and bf16, and a served worker's memory with them; ingress: the CPU a streamed "
                             "token costs every process at the front, per message and coalesced; cache: the paged KV cache's "
-                            "concurrency at fixed memory, prefix reuse, preemption and cache-aware routing, before/after")
+                            "concurrency at fixed memory, prefix reuse, preemption and cache-aware routing, before/after; soak: "
+                            "each request's longest gap between tokens while workers are killed, min_replicas 1 and 2")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)
@@ -81,6 +86,7 @@ def add_parsers(sub) -> None:
                        "instead (use --preset tiny): goodput, refusals, latency, memory, a plot")
     bench.add_argument("--micro-batches", type=int, default=None, help="served: the scheduler's micro_batches "
                        "(default: the service's)")
+    bench.add_argument("--seconds", type=float, default=180.0, help="soak: seconds per phase")
     bench.add_argument("--parts", default="concurrency,prefix,preemption,affinity",
                        help="cache: which measurements, comma-separated")
     bench.set_defaults(fn=cmd_bench)

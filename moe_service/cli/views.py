@@ -32,7 +32,8 @@ def format_placement(stats: dict) -> str:
         load = loads[wid] if wid < len(loads) else 0.0
         hosted = stats.get("placement", {}).get(str(wid), [])
         state = "up" if w["healthy"] else "DOWN"
-        lines.append(f"worker {wid:>2} {state:4} {w['address'] or '-':>21}  {len(hosted):4} replicas  "
+        standby = (f" ({w['standbys']} standby, {w['standby_bytes'] / 2**20:.0f} MiB)" if w.get("standbys") else "")
+        lines.append(f"worker {wid:>2} {state:4} {w['address'] or '-':>21}  {len(hosted):4} replicas{standby}  "
                      f"load {load:10.0f} {_bar(load, top)}")
     bal = stats.get("balancedness", {})
     if bal:

@@ -72,7 +72,11 @@ class ServiceConfig:
     # run the gateway's shared experts while the routed ones are on the wire; None: where overlap pays
     # (overlap_pays), with scheduler.micro_batches likewise (see overlap())
     overlap_shared_experts: bool | None = None
-    expert_call_timeout_s: float = 30.0
+    expert_call_timeout_s: float = 30.0  # the most a worker's answer may take
+    # a message to a worker is answered within this + expert_row_timeout_s per row it carries, or the worker
+    # is taken for lost (its pairs go to another replica): generous for a CPU worker's largest prefill
+    expert_message_timeout_s: float = 2.0
+    expert_row_timeout_s: float = 0.01
     request_timeout_s: float = 300.0
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
     # metrics (each process serves its own /metrics; the controller serves http_sd at sd_port)

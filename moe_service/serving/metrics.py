@@ -80,6 +80,9 @@ class GatewayMetrics:
                                   registry=r)
         self.bytes_received = Counter("moe_expert_received_bytes", "Bytes received from each worker.", ["worker"],
                                       registry=r)
+        self.loss_stall = Histogram("moe_worker_loss_stall_seconds", "From a layer call finding a worker lost to "
+                                    "its answer (its pairs answered by other replicas, or after a new table).",
+                                    buckets=FAST_BUCKETS, registry=r)
         self.retries = Counter("moe_expert_retries", "Calls re-sent to another replica.", ["worker"], registry=r)
         self.failures = Counter("moe_expert_failures", "Calls that failed.", ["worker"], registry=r)
         # routing
@@ -140,6 +143,9 @@ class ControllerMetrics:
                                            buckets=SLOW_BUCKETS, registry=r)
         self.under_replicated = Gauge("moe_experts_under_replicated", "(layer, expert) pairs with fewer live "
                                       "replicas (on healthy workers) than min_replicas asks.", registry=r)
+        self.redundancy_restored = Histogram(
+            "moe_redundancy_restored_seconds", "From an expert falling below min_replicas live replicas (a worker "
+            "lost) to every expert back at min_replicas.", buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
         self.version = Gauge("moe_placement_version", "Version of the placement table.", registry=r)
 
 

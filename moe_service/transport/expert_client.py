@@ -109,6 +109,7 @@ class Sent:
     error: WireError | None = None  # the write failed: there is nothing to wait for
     answered: float = 0.0  # time.perf_counter() when its answer (or error) was read
     writing: "asyncio.Task | None" = None
+    deadline: float = float("inf")  # its own (time.monotonic()): past it, the worker is taken for lost
 
 
 class ExpertStreams:
@@ -135,13 +136,14 @@ class ExpertStreams:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def send(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float) -> list[Sent]:
+    def send(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float | list[float]) -> list[Sent]:
         """Writes each (address, request bytes, their seq, the expected output's (dtype, shape)) on the
-        address's stream; `deadline` is a time.monotonic() value."""
+        address's stream; `deadline` is a time.monotonic() value, or one per message."""
         return self.loop.run_until_complete(self._send_all(messages, deadline))
 
     def receive(self, sent: list[Sent], deadline: float) -> list[fastwire.Response | WireError]:
-        """The answer to each request sent, or why there is none, in the same order."""
+        """The answer to each request sent, or why there is none, in the same order; each waits until its
+        own deadline (from `send`) or `deadline`, whichever comes first."""
         return self.loop.run_until_complete(self._receive_all(sent, deadline))
 
     def keep_only(self, addresses: set[str]) -> None:
@@ -175,9 +177,10 @@ class ExpertStreams:
             call.cancel()
 
     async def _send_all(self, messages: list[tuple[str, bytes, int, tuple]], deadline: float) -> list[Sent]:
-        sent = [Sent(address, seq, expect) for address, _, seq, expect in messages]
+        deadlines = deadline if isinstance(deadline, list) else [deadline] * len(messages)
+        sent = [Sent(address, seq, expect, deadline=d) for (address, _, seq, expect), d in zip(messages, deadlines)]
         for s, (_, payload, _, _) in zip(sent, messages):
-            s.writing = self.loop.create_task(self._write(s, payload, deadline))
+            s.writing = self.loop.create_task(self._write(s, payload, s.deadline))
         # one turn of the loop hands each message to gRPC's core, which sends it; the writes' completions
         # are taken with the answers, not waited for here (docs/performance.md, data plane)
         await asyncio.sleep(0)
@@ -203,7 +206,7 @@ class ExpertStreams:
         return list(await asyncio.gather(*(self._read(s, deadline) for s in sent)))
 
     async def _read(self, sent: Sent, deadline: float) -> fastwire.Response | WireError:
-        answer = await self._answer(sent, deadline)
+        answer = await self._answer(sent, min(deadline, sent.deadline))
         sent.answered = time.perf_counter()
         return answer
 

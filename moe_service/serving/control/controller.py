@@ -38,10 +38,7 @@ class Controller:
         cfg = self.cfg = ServiceConfig.from_dict(config)
         self.args = open_source(cfg.model).args
         self.moe_layers = self.args.moe_layers
-        E, fewest = self.args.n_routed_experts, min(cfg.workers, (cfg.autoscaling or {}).get("min_workers", cfg.workers))
-        # every expert once + 25%, and room for the standbys on the fewest workers the service may run
-        self.replicas_per_worker = cfg.replicas_per_worker or (
-            math.ceil(1.25 * E / cfg.workers) + standby_slots(E, fewest, cfg.min_replicas))
+        self.replicas_per_worker = self.slots_for(cfg.workers)
         self.worker_seconds = cfg.worker_seconds(self.args) if cfg.rebalance_objective == "time" else None
         if launcher is None or recovering is None:
             from moe_service.serving.control.ray_launcher import RayLauncher
@@ -66,8 +63,17 @@ class Controller:
         self.http: asyncio.AbstractServer | None = None
         self._up_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
+        self.degraded_since: float | None = None  # when some expert fell below min_replicas
 
     # ---- lifecycle ---------------------------------------------------------------------------
+
+    def slots_for(self, num_workers: int) -> int:
+        """Replicas per worker and layer: `replicas_per_worker`, or every expert once + 25% and room for the
+        standbys (min_replicas), on the workers the service starts with or on `num_workers` if fewer."""
+        if self.cfg.replicas_per_worker:
+            return self.cfg.replicas_per_worker
+        E, m = self.args.n_routed_experts, self.cfg.min_replicas
+        return max(math.ceil(1.25 * E / w) + standby_slots(E, w, m) for w in (self.cfg.workers, num_workers))
 
     def pairs_of(self, placement: Placement, worker_id: int) -> Pairs:
         return [(self.moe_layers[l], e) for l, e in placement.hosted(worker_id)]
@@ -153,12 +159,22 @@ class Controller:
         self.metrics.version.set(version)
         self.metrics.workers.set(sum(w.healthy for w in self.pool.workers.values()))
         if self.placement is not None:
-            healthy = {w.worker_id for w in self.pool.workers.values() if w.healthy}
-            self.metrics.under_replicated.set(int((live_replicas(self.placement, healthy) < self.cfg.min_replicas).sum()))
+            self._count_redundancy()
         for w in self.pool.workers.values():
             self.metrics.worker_up.labels(str(w.worker_id)).set(int(w.healthy))
             self._target(w)
         return version
+
+    def _count_redundancy(self) -> None:
+        """Experts below min_replicas on the healthy workers; how long redundancy took to come back."""
+        healthy = {w.worker_id for w in self.pool.workers.values() if w.healthy}
+        under = int((live_replicas(self.placement, healthy) < self.cfg.min_replicas).sum())
+        self.metrics.under_replicated.set(under)
+        if under and self.degraded_since is None:
+            self.degraded_since = time.monotonic()
+        elif not under and self.degraded_since is not None:
+            self.metrics.redundancy_restored.observe(time.monotonic() - self.degraded_since)
+            self.degraded_since = None
 
     async def _republish(self) -> None:
         if self.placement is not None:
@@ -241,8 +257,9 @@ class Controller:
         by_time = None
         if self.worker_seconds is not None:
             by_time = (self.worker_seconds, self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
-        return propose(self.window_load(), self.placement, num_workers or len(self.pool.workers),
-                       self.replicas_per_worker, self.cfg.rebalance_objective, by_time, self.cfg.min_replicas)
+        num_workers = num_workers or len(self.pool.workers)
+        return propose(self.window_load(), self.placement, num_workers, self.slots_for(num_workers),
+                       self.cfg.rebalance_objective, by_time, self.cfg.min_replicas)
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""
@@ -318,8 +335,16 @@ class Controller:
 
     def _worker_info(self) -> list[dict]:
         name = getattr(self.launcher, "name", lambda w, g: None)
+        p = self.placement
+        # standbys: replicas with no share of an expert that others serve (what min_replicas costs a worker)
+        standby = (p.hosts & (p.fractions == 0)).sum(axis=(0, 1)) if p is not None else None
+        a = self.args
+        replica_bytes = 3 * a.hidden_size * a.moe_intermediate_size * (
+            1 if self.cfg.quantize == "fp8" else 2 if self.cfg.dtype in ("bfloat16", "float16") else 4)
         return [{"worker_id": w, "address": s.address, "healthy": s.healthy, "restarts": s.restarts,
                  "generation": s.generation, "experts": len(s.pairs), "metrics": s.metrics,
+                 "standbys": int(standby[w]) if standby is not None and w < len(standby) else 0,
+                 "standby_bytes": int(standby[w]) * replica_bytes if standby is not None and w < len(standby) else 0,
                  "actor_name": name(w, s.generation)} for w, s in sorted(self.pool.workers.items())]
 
     def _targets(self) -> list[dict]:

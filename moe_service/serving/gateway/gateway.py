@@ -76,7 +76,12 @@ class Gateway:
         cfg, m = self.cfg, self.metrics
         table = await asyncio.wait_for(self.follower.first(), cfg.worker_start_timeout_s)
         overlap, _ = cfg.overlap()
+        # a SIMULATED cluster holds its answers for dilated time: so are its messages' deadlines
+        sim = cfg.simulation()
+        dilate = sim.time_scale if sim is not None else 1.0
         self.remote = RemoteExperts(table, call_timeout_s=cfg.expert_call_timeout_s, overlap=overlap,
+                                    message_timeout_s=cfg.expert_message_timeout_s * dilate,
+                                    row_timeout_s=cfg.expert_row_timeout_s * dilate,
                                     wait_for_table=self.follower.wait_for_table, tls=cfg.tls())
         self.engine = Engine(self.model, self.tokenizer, cfg.scheduler_config(), dispatchers=self.remote.dispatcher,
                              workload_rows=bool(cfg.workloads))
@@ -139,6 +144,8 @@ class Gateway:
         m = self.metrics
         per_worker: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])  # rows, sent, received, retries, failures
         for r in records:
+            for s in r.stalls:
+                m.loss_stall.observe(s)
             for c in r.calls:
                 w = str(c.worker)
                 m.rpc.labels(w).observe(c.seconds)

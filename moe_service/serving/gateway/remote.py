@@ -67,6 +67,7 @@ class StepRecord:
     workloads: torch.Tensor | None = None  # [T] each FFN row's workload class, when counted
     routed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, ids [T, K] on the host)
     calls: list[CallStats] = field(default_factory=list)
+    stalls: list[float] = field(default_factory=list)  # per layer call that lost a worker: loss to answer, seconds
 
 
 class ExpertsFailed(Exception):
@@ -79,12 +80,16 @@ class RemoteExperts:
     controller about the excluded workers), or None once the seconds pass. `overlap`: the model's shared
     experts run while the routed ones are on the wire (off, each layer call is waited for at once)."""
 
-    def __init__(self, table: RoutingTable, *, call_timeout_s: float = 30.0, table_wait_s: float = 2.0,
+    def __init__(self, table: RoutingTable, *, call_timeout_s: float = 30.0, message_timeout_s: float = 2.0,
+                 row_timeout_s: float = 0.01, table_wait_s: float = 2.0,
                  wait_for_table: Callable[[set[int], int, float], RoutingTable | None] | None = None,
                  overlap: bool = True, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  tls: TLSConfig | None = None, stage_always: bool = False) -> None:
         self.table = table
         self.call_timeout_s, self.table_wait_s = call_timeout_s, table_wait_s
+        # a message's answer is due `message_timeout_s` + `row_timeout_s` per row after it is sent (at most
+        # `call_timeout_s`): a hung worker is found in about a step's time, not the call timeout's
+        self.message_timeout_s, self.row_timeout_s = message_timeout_s, row_timeout_s
         self.wait_for_table, self.overlap = wait_for_table, overlap
         self.max_message_bytes, self.tls = max_message_bytes, tls
         self.stage_always = stage_always  # tests: run a GPU gateway's copies on a CPU machine
@@ -197,6 +202,7 @@ class LayerCall:
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.excluded: set[int] = set()
         self.retried = False
+        self.lost_at: float | None = None  # time.perf_counter() when it first found a worker lost
         self.result: torch.Tensor | None = None
 
     def send(self, pending: torch.Tensor) -> None:
@@ -216,7 +222,10 @@ class LayerCall:
                 missing = e
                 self.table = self._newer_table(e)
                 self.excluded = set()
-        self.call_deadline = min(d.deadline, time.monotonic() + r.call_timeout_s)
+        now = time.monotonic()
+        due = [min(d.deadline, now + min(r.call_timeout_s, r.message_timeout_s + r.row_timeout_s * p.rows.shape[0]))
+               for p in self.plan]
+        self.call_deadline = max(due, default=min(d.deadline, now + r.call_timeout_s))
         left = d.deadline - time.monotonic() if d.deadline != float("inf") else 0.0
         messages = []
         for p in self.plan:
@@ -224,7 +233,7 @@ class LayerCall:
             payload = fastwire.encode_request(self.layer, self.x, p.experts, p.weights, p.rows, seq, left)
             messages.append((self.table.addresses[p.worker], payload, seq, (self.x.dtype, (p.rows.shape[0], self.x.shape[1]))))
         self.sizes = [len(m[1]) for m in messages]
-        self.sent: list[Sent] = d.streams.send(messages, self.call_deadline)
+        self.sent: list[Sent] = d.streams.send(messages, due)
         self.t_sent = time.perf_counter()
 
     def _newer_table(self, e: NoReplicaError) -> RoutingTable:
@@ -276,9 +285,13 @@ class LayerCall:
                 out = combine(self.x.shape[0], self.parts, self.x, d.staging.answer_buffer(self.x, self.device))
                 self.result = d.staging.to_device(out, self.device)
                 d.clock.add_seconds("combine", time.perf_counter() - t_done)
+                if self.lost_at is not None:
+                    d.record.stalls.append(time.perf_counter() - self.lost_at)
                 return self.result
             # only the lost workers' pairs are planned again; padding stays padding
             self.retried = True
+            if self.lost_at is None:
+                self.lost_at = t_done
             self.send(torch.where(lost, self.ids, -1))
 
     def _lose(self, lost: torch.Tensor | None, p: WorkerDispatch) -> torch.Tensor:
