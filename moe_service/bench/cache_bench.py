@@ -18,11 +18,10 @@ import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from moe_service.bench.common import log
+from moe_service.bench.common import log, save_figure
 
 SLOTS, SLOT_LEN = 32, 2048  # the cache before paging: max_running slots of max_seq_len positions
 SYSTEM_LEN = 1000
@@ -300,12 +299,7 @@ def plot(r: dict, out_dir: str) -> str:
         ax.set_ylim(0, 100)
         ax.set_title("2 gateway replicas, 8 system prompts", fontsize=9)
     fig.suptitle("paged latent cache (measured, CPU)", fontsize=10)
-    fig.tight_layout()
-    path = Path(out_dir) / "cache.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out_dir, "cache.png")
 
 
 def format_results(r: dict) -> str:

@@ -43,3 +43,15 @@ def local_service(**settings) -> dict:
     keeps the experts in parallel."""
     return {"gpus_per_worker": 0.0, "gateway_num_cpus": 0, "expert_bind_host": "127.0.0.1", "gateway_torch_threads": 2,
             "sd_port": 0, "rebalance_interval_s": 0, **settings}
+
+
+def save_figure(fig, out_dir: str | Path, name: str) -> str:
+    """Lays out, writes `out_dir/name` and closes a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from moe_service.bench.common import log
+from moe_service.bench.common import log, save_figure
 from moe_service.bench.overload import proxy_pid
 
 ENGINE_THREADS = ("moe-engine", "moe-microbatch")
@@ -120,12 +120,7 @@ def plot(r: dict, out_dir: str) -> str:
     ax.set_ylim(bottom=0)
     ax.set_title("CPU at the front per streamed token (measured, tiny model)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "ingress.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out_dir, "ingress.png")
 
 
 def format_results(r: dict) -> str:

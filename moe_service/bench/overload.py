@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from moe_service.bench.common import log
+from moe_service.bench.common import log, save_figure
 from moe_service.transport.memory import process_memory
 
 CAPACITY = 300  # the 1x burst: what the default limits admit at once (max_running + max_queue >= 300)
@@ -222,8 +222,6 @@ def run(preset: str = "tiny", workers: int = 2, out_dir: str = "bench-results") 
 
 
 def plot(r: dict, out_dir: str) -> str:
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,9 +239,4 @@ def plot(r: dict, out_dir: str) -> str:
     ax.set_ylim(bottom=0)
     ax.set_title(f"overload, preset {r['preset']} (measured)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "overload.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out_dir, "overload.png")

@@ -14,11 +14,10 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 
-from moe_service.bench.common import log
+from moe_service.bench.common import log, save_figure
 
 CLIENTS, NEW_TOKENS, KILL_EVERY_S, REBALANCE_EVERY_S = 8, 24, 15.0, 10.0
 
@@ -183,12 +182,7 @@ def plot(r: dict, out_dir: str) -> str:
     ax.set_ylabel("seconds between two tokens")
     ax.set_title("a worker SIGKILLed every 15 s, 8 streams, 3 workers (measured, CPU)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "soak.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out_dir, "soak.png")
 
 
 def format_results(r: dict) -> str:
