@@ -303,20 +303,27 @@ def test_a_restarted_controller_adopts_the_workers_and_outnumbers_the_gateways_v
     run(go())
 
 
-def test_a_worker_lost_while_the_controller_was_down_is_replaced_on_recovery():
+@pytest.mark.parametrize("min_replicas", [1, 2])
+def test_a_worker_lost_while_the_controller_was_down_is_replaced_on_recovery(min_replicas):
+    """The controller lost during a worker loss: its successor adopts the survivors, restarts the lost
+    worker with its replicas, and converges to a ready table with every expert min_replicas times."""
     async def go():
-        launcher, ctl, gws = await service()
+        settings = dict(CONFIG, min_replicas=min_replicas)
+        launcher, ctl, gws = await service(min_replicas=min_replicas)
         await stop(ctl, gws)
-        launcher, ctl, gws = await service()
+        launcher, ctl, gws = await service(min_replicas=min_replicas)
         pairs = set(ctl.pairs_of(ctl.placement, 2))
         for t in ctl.tasks:
             t.cancel()
         ctl.http.close()
         next(w for w in launcher.workers if w.worker_id == 2).alive = False
-        new = Controller(dict(CONFIG), launcher, recovering=True)
+        new = Controller(settings, launcher, recovering=True)
         t = await new.wait_for_table(0, 5.0)
         assert t["ready"] and len(t["addresses"]) == 3
         assert launcher.hosting(new.pool.workers[2].address) == pairs
+        assert new.placement.replica_counts().min() >= min_replicas
+        assert (await new.rebalance(force=True))["applied"]  # and it plans on from there
+        assert new.placement.replica_counts().min() >= min_replicas
         await new.shutdown()
     run(go())
 

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from moe_service.checkpoint import open_source
 from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
-from moe_service.placement.redundancy import live_replicas, standby_slots
+from moe_service.placement.redundancy import live_replicas, standby_slots, with_standbys
 from moe_service.serving.config import CONTROLLER_NAME, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -132,6 +132,8 @@ class Controller:
             self.pool.adopt(f)
         placement, lost = rebuild_placement({f.worker_id: f.pairs for f in found}, self.moe_layers,
                                             self.args.n_routed_experts, self.cfg.workers, self.replicas_per_worker)
+        # experts left below min_replicas by the loss get standbys, on the emptiest workers: the lost ones
+        placement = with_standbys(placement, self.cfg.min_replicas, self.replicas_per_worker)
         for w in lost:  # a generation no earlier process of it can have had
             await self.pool.start(w, self.pairs_of(placement, w), max([0, *(f.generation for f in found)]) + 1)
         log.warning("controller restarted: adopted %d running workers, restarted %d", len(found), len(lost))
