@@ -60,6 +60,15 @@ def _service_config(ns: argparse.Namespace) -> dict:
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
     if ns.replicas_per_worker:
         cfg["replicas_per_worker"] = ns.replicas_per_worker
+    if ns.ray_address:
+        # a cluster whose node groups declare the roles (cluster/, k8s/) gets each part where it declares it:
+        # by GPUs alone, Ray may put the gateway on a worker node and push a worker onto the head
+        import ray
+
+        declared = ray.cluster_resources()
+        for key, resource in (("worker_resources", "expert_worker"), ("gateway_resources", "gateway")):
+            if declared.get(resource, 0) > 0:
+                cfg[key] = {resource: 1}
     return cfg
 
 
