@@ -23,15 +23,14 @@ def chain(parent: Key, tokens: list[int]) -> Key:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
-def prefix_keys(tokens: list[int], block_size: int, limit: int | None = None) -> list[Key]:
-    """The keys of the full blocks of `tokens`, at most `limit` of them."""
-    keys: list[Key] = []
+def prefix_keys(tokens: list[int], block_size: int, limit: int | None = None, known: list[Key] = ()) -> list[Key]:
+    """The keys of the full blocks of `tokens`, at most `limit` of them; `known`: the first keys, already
+    worked out (only the rest are hashed)."""
+    keys = list(known)
     n = len(tokens) // block_size if limit is None else min(limit, len(tokens) // block_size)
-    parent = b""
-    for i in range(n):
-        parent = chain(parent, tokens[i * block_size : (i + 1) * block_size])
-        keys.append(parent)
-    return keys
+    for i in range(len(keys), n):
+        keys.append(chain(keys[-1] if keys else b"", tokens[i * block_size : (i + 1) * block_size]))
+    return keys[:n]
 
 
 class BlockPool:

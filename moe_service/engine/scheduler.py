@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from moe_service.engine.blocks import BlockPool, chain, prefix_keys
+from moe_service.engine.blocks import BlockPool, prefix_keys
 from moe_service.engine.sampling import SamplingParams
 from moe_service.engine.sequence import Sequence, check_tokens
 from moe_service.model.cache import BLOCK_SIZE, blocks_for
@@ -145,9 +145,7 @@ class Scheduler:
         seq.computed += n
         full = seq.computed // BLOCK_SIZE
         if full > len(seq.keys):
-            tokens = seq.tokens
-            for i in range(len(seq.keys), full):
-                seq.keys.append(chain(seq.keys[-1] if seq.keys else b"", tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]))
+            seq.keys = prefix_keys(seq.tokens, BLOCK_SIZE, full, seq.keys)
         for i in range(before, full):
             self.pool.publish(seq.blocks[i], seq.keys[i])
 
@@ -187,7 +185,7 @@ class Scheduler:
             # every position up to the last output token may come from the cache
             usable = target // BLOCK_SIZE if s.output else (target - 1) // BLOCK_SIZE
             if len(s.keys) < usable:
-                s.keys = prefix_keys(s.tokens, BLOCK_SIZE, usable)
+                s.keys = prefix_keys(s.tokens, BLOCK_SIZE, usable, s.keys)
             hits = pool.match(s.keys[:usable])
             need = blocks_for(target) - len(hits)
             kept_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in `available` until taken
@@ -206,20 +204,22 @@ class Scheduler:
     def _grow(self, decode: list[Sequence]) -> list[Sequence]:
         """A block for every decoding sequence whose next position starts one, oldest first; when none is
         left, the newest running sequence is preempted (possibly one of these). Returns those still running."""
+        preempted: set[Sequence] = set()
         for s in decode:
-            if s not in self.running or s.computed < len(s.blocks) * BLOCK_SIZE:
+            if s in preempted or s.computed < len(s.blocks) * BLOCK_SIZE:
                 continue
             while not self.pool.available and self.running[-1] is not s:
-                self._preempt(self.running[-1])
+                preempted.add(self._preempt(self.running[-1]))
             if self.pool.available:
                 s.blocks.append(self.pool.allocate())
             else:  # s is the newest: it waits for the others
-                self._preempt(s)
-        return [s for s in decode if s in self.running]
+                preempted.add(self._preempt(s))
+        return [s for s in decode if s not in preempted] if preempted else decode
 
-    def _preempt(self, s: Sequence) -> None:
+    def _preempt(self, s: Sequence) -> Sequence:
         self.finish(s)
         s.computed = 0
         s.preemptions += 1
         self.counts["preemptions"] += 1
         self.waiting.appendleft(s)
+        return s

@@ -115,6 +115,7 @@ class Transformer(nn.Module):
             if all_valid:
                 write_idx = cache.positions(tables, positions).reshape(-1)
             else:
+                # only the real tokens: a padding position may lie past its row's block table
                 new_b, new_t = valid.nonzero(as_tuple=True)
                 p, k = positions[new_b, new_t], cache.block_size
                 write_idx = tables[new_b, p // k] * k + p % k
