@@ -114,7 +114,7 @@ def _stream_one_token(address: str, echo_port: int, hidden: int, experts: int, t
         seq = streams.next_seq()
         payload = fastwire.encode_request(1, x, e, w, seq=seq, deadline_s=60.0)
         deadline = time.monotonic() + 60
-        answer = streams.receive(streams.send([(address, payload, seq, (dtype, (1, hidden)))], deadline), deadline)[0]
+        answer = streams.receive(streams.send([(address, payload, seq, (dtype, (1, hidden)))], deadline))[0]
         return answer.compute_seconds
 
     try:

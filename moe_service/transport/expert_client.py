@@ -141,10 +141,10 @@ class ExpertStreams:
         address's stream; `deadline` is a time.monotonic() value, or one per message."""
         return self.loop.run_until_complete(self._send_all(messages, deadline))
 
-    def receive(self, sent: list[Sent], deadline: float) -> list[fastwire.Response | WireError]:
+    def receive(self, sent: list[Sent]) -> list[fastwire.Response | WireError]:
         """The answer to each request sent, or why there is none, in the same order; each waits until its
-        own deadline (from `send`) or `deadline`, whichever comes first."""
-        return self.loop.run_until_complete(self._receive_all(sent, deadline))
+        own deadline (from `send`)."""
+        return self.loop.run_until_complete(self._receive_all(sent))
 
     def keep_only(self, addresses: set[str]) -> None:
         """Close the streams and channels to workers a new table no longer lists (from any thread
@@ -200,13 +200,13 @@ class ExpertStreams:
             self._reset(sent.address)
             sent.error = WireError(grpc.StatusCode.UNAVAILABLE, "the stream ended")
 
-    async def _receive_all(self, sent: list[Sent], deadline: float) -> list[fastwire.Response | WireError]:
+    async def _receive_all(self, sent: list[Sent]) -> list[fastwire.Response | WireError]:
         if len(sent) == 1:
-            return [await self._read(sent[0], deadline)]
-        return list(await asyncio.gather(*(self._read(s, deadline) for s in sent)))
+            return [await self._read(sent[0])]
+        return list(await asyncio.gather(*(self._read(s) for s in sent)))
 
-    async def _read(self, sent: Sent, deadline: float) -> fastwire.Response | WireError:
-        answer = await self._answer(sent, min(deadline, sent.deadline))
+    async def _read(self, sent: Sent) -> fastwire.Response | WireError:
+        answer = await self._answer(sent, sent.deadline)
         sent.answered = time.perf_counter()
         return answer
 

@@ -225,8 +225,7 @@ class LayerCall:
         now = time.monotonic()
         due = [min(d.deadline, now + min(r.call_timeout_s, r.message_timeout_s + r.row_timeout_s * p.rows.shape[0]))
                for p in self.plan]
-        self.call_deadline = max(due, default=min(d.deadline, now + r.call_timeout_s))
-        left = d.deadline - time.monotonic() if d.deadline != float("inf") else 0.0
+        left = d.deadline - now if d.deadline != float("inf") else 0.0
         messages = []
         for p in self.plan:
             seq = d.streams.next_seq()
@@ -259,7 +258,7 @@ class LayerCall:
         d = self.d
         while True:
             t_wait = time.perf_counter()
-            answers = d.streams.receive(self.sent, self.call_deadline)
+            answers = d.streams.receive(self.sent)
             t_done = time.perf_counter()
             lost: torch.Tensor | None = None
             slowest = 0.0
