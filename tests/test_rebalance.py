@@ -4,13 +4,13 @@ fail no request."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
 from ray import serve
 
 from moe_service import load_model
+from moe_service.bench.soak_bench import GapClients
 from moe_service.client import Client
 from moe_service.engine.engine import Engine
 from moe_service.cli.views import fetch
@@ -41,48 +41,18 @@ def prompts_and_reference():
     return prompts, [engine.generate([p], params)[0].output for p in prompts]
 
 
-class Load:
-    """Client threads sending the prompts round and round until stopped; every result is checked."""
-
-    def __init__(self, address: str, prompts, reference, clients: int = 3) -> None:
-        self.address, self.prompts, self.reference = address, prompts, reference
-        self.stop = threading.Event()
-        self.done = 0
-        self.mismatches: list = []
-        self.errors: list = []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        with Client(self.address) as c:
-            k = i
-            while not self.stop.is_set():
-                j = k % len(self.prompts)
-                try:
-                    got = c.generate_ids(self.prompts[j], max_new_tokens=24, ignore_eos=True)
-                except Exception as e:  # every failure is a test failure, reported below
-                    self.errors.append(repr(e))
-                    continue
-                if got != self.reference[j]:
-                    self.mismatches.append((j, got))
-                self.done += 1
-                k += 1
+class Load(GapClients):
+    """The soak benchmark's clients (every result checked), waited on by progress."""
 
     def wait_for(self, n: int, timeout_s: float = 120) -> None:
         """Until the clients have finished `n` more requests; a client's error fails at once."""
         target = self.done + n
 
         def progressed():
-            assert not self.errors, self.errors[:3]
+            assert not self.failed, self.failed[:3]
             return self.done >= target or Pending(f"{self.done} of {target} requests done")
 
         eventually(progressed, timeout_s, what="the clients' progress")
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
 
 
 def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_reference):
@@ -90,7 +60,7 @@ def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_refe
     svc = start_service(config())
     try:
         http = ray_local.get(svc.controller().http_address.remote())
-        load = Load(svc.address, prompts, reference)
+        load = Load(svc.address, prompts, reference, clients=3)
         try:
             load.wait_for(6)
             before = fetch(http, "/stats")
@@ -104,8 +74,8 @@ def test_live_rebalance_under_load_changes_no_output(ray_local, prompts_and_refe
             load.wait_for(6)  # traffic continues on the new placement
         finally:
             load.finish()
-        assert not load.errors, load.errors[:3]
-        assert not load.mismatches, load.mismatches[:3]
+        assert not load.failed, load.failed[:3]
+        assert not load.wrong, load.wrong[:3]
         after = fetch(http, "/stats")
         replicas = sum(len(v) for v in after["placement"].values())
         assert replicas > 2 * 16, "no hot expert got an extra replica"
@@ -135,7 +105,7 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
         load = Load(svc.address, prompts, reference, clients=2)
         try:
             def added() -> bool:
-                assert not load.errors, load.errors[:3]
+                assert not load.failed, load.failed[:3]
                 return workers() == 2
 
             eventually(added, 90, interval=0.2, what="a worker added under load")
@@ -143,8 +113,8 @@ def test_autoscaler_adds_and_removes_a_worker_without_failures(ray_local, prompt
         finally:
             load.finish()
         eventually(lambda: workers() == 1, 90, interval=0.2, what="the idle worker removed")
-        assert not load.errors, load.errors[:3]
-        assert not load.mismatches, load.mismatches[:3]
+        assert not load.failed, load.failed[:3]
+        assert not load.wrong, load.wrong[:3]
         with Client(svc.address) as c:  # and the service still answers exactly
             assert c.generate_ids(prompts[0], max_new_tokens=24, ignore_eos=True) == reference[0]
         # every gateway thread's stream to the removed worker was closed when the table switched
@@ -180,8 +150,8 @@ def test_losing_the_controller_stops_no_traffic_and_reloads_nothing(ray_local, p
             assert loads() == before, "the restarted controller reloaded or replaced a worker"
         finally:
             load.finish()
-        assert not load.errors, load.errors[:3]
-        assert not load.mismatches, load.mismatches[:3]
+        assert not load.failed, load.failed[:3]
+        assert not load.wrong, load.wrong[:3]
         ray_local.kill(ctl, no_restart=False)  # idle
         with Client(svc.address) as c:
             assert c.generate_ids(prompts[1], max_new_tokens=24, ignore_eos=True) == reference[1]

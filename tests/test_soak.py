@@ -100,9 +100,9 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
         clients = GapClients(svc.address, prompts, reference)
         try:
             # the clients' gaps without chaos first: the baseline
-            eventually(lambda: len(clients.gaps) >= 4 * CLIENTS or Pending(len(clients.gaps)), 60,
+            eventually(lambda: clients.done >= 4 * CLIENTS or Pending(clients.done), 60,
                        what="the baseline requests")
-            calm = len(clients.gaps)
+            calm = clients.done
             # the restart time, measured on the first kill: each later kill waits at least that long
             t0 = time.monotonic()
             kill_and_wait_for_restart(ctl, rng.choice(sorted(workers(ctl))))
@@ -140,7 +140,7 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
               f"{counts['rebalances']} rebalances, {counts['scale_steps']} scaling steps, {retries:.0f} retried calls, "
               f"{failures:.0f} step failures")
         assert not clients.failed, clients.failed[:3]
-        assert not clients.wrong
+        assert not clients.wrong, clients.wrong[:3]
         assert len(clients.gaps) > calm and retries > 0 and failures == 0
         base, chaos = np.array(clients.gaps[:calm]), np.array(clients.gaps[calm:])
         print(f"longest gap per request: p99 {np.quantile(chaos, 0.99):.2f}s (before the chaos "
@@ -180,6 +180,6 @@ def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
         finally:
             clients.finish()
         assert not clients.failed, clients.failed[:3]
-        assert not clients.wrong
+        assert not clients.wrong, clients.wrong[:3]
     finally:
         svc.shutdown()

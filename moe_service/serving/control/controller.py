@@ -22,7 +22,9 @@ from prometheus_client import generate_latest
 from moe_service.checkpoint import open_source
 from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
-from moe_service.placement.redundancy import live_replicas, standby_slots, with_standbys
+from moe_service.capacity.costmodel import expert_bytes
+from moe_service.model.args import DTYPES
+from moe_service.placement.redundancy import actives, live_replicas, standby_slots, with_standbys
 from moe_service.serving.config import CONTROLLER_NAME, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -338,11 +340,9 @@ class Controller:
     def _worker_info(self) -> list[dict]:
         name = getattr(self.launcher, "name", lambda w, g: None)
         p = self.placement
-        # standbys: replicas with no share of an expert that others serve (what min_replicas costs a worker)
-        standby = (p.hosts & (p.fractions == 0)).sum(axis=(0, 1)) if p is not None else None
-        a = self.args
-        replica_bytes = 3 * a.hidden_size * a.moe_intermediate_size * (
-            1 if self.cfg.quantize == "fp8" else 2 if self.cfg.dtype in ("bfloat16", "float16") else 4)
+        # standbys: what min_replicas costs a worker (placement/redundancy.py)
+        standby = (p.hosts & ~actives(p).hosts).sum(axis=(0, 1)) if p is not None else None
+        replica_bytes = expert_bytes(self.args, 1 if self.cfg.quantize == "fp8" else DTYPES[self.cfg.dtype].itemsize)
         return [{"worker_id": w, "address": s.address, "healthy": s.healthy, "restarts": s.restarts,
                  "generation": s.generation, "experts": len(s.pairs), "metrics": s.metrics,
                  "standbys": int(standby[w]) if standby is not None and w < len(standby) else 0,

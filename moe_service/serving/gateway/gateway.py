@@ -55,7 +55,7 @@ class Gateway:
         self.tokenizer = load_tokenizer(cfg.model, self.args)
         self.replica_id = uuid.uuid4().hex[:8]
         self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics, workloads=cfg.workloads)
-        sim = cfg.simulation()
+        sim = self.simulation = cfg.simulation()
         if sim is not None:
             sim.export(self.metrics.registry)
             router = sim.trace(self.args)
@@ -77,8 +77,7 @@ class Gateway:
         table = await asyncio.wait_for(self.follower.first(), cfg.worker_start_timeout_s)
         overlap, _ = cfg.overlap()
         # a SIMULATED cluster holds its answers for dilated time: so are its messages' deadlines
-        sim = cfg.simulation()
-        dilate = sim.time_scale if sim is not None else 1.0
+        dilate = self.simulation.time_scale if self.simulation is not None else 1.0
         self.remote = RemoteExperts(table, call_timeout_s=cfg.expert_call_timeout_s, overlap=overlap,
                                     message_timeout_s=cfg.expert_message_timeout_s * dilate,
                                     row_timeout_s=cfg.expert_row_timeout_s * dilate,

@@ -49,7 +49,7 @@ class CacheAffinityRouter(RequestRouter):
         self.tokenizer = None
         self.sent: OrderedDict[int, tuple[ReplicaID, float]] = OrderedDict()  # key -> (replica, when)
         self.routing: OrderedDict[str, list[int]] = OrderedDict()  # a call's keys until it is routed
-        self.reported: dict[ReplicaID, tuple[int, frozenset]] = {}  # a replica's last report, as a set
+        self.reported: dict[ReplicaID, tuple[dict, frozenset]] = {}  # a replica's last report, and it as a set
         self.assigned: dict[ReplicaID, int] = {}  # keys in `sent` per replica
         from ray.util.metrics import Counter
 
@@ -97,8 +97,8 @@ class CacheAffinityRouter(RequestRouter):
         """Leading keys `replica` holds, as it reported or as this router sent it."""
         stats = replica.routing_stats or {}
         seen = self.reported.get(replica.replica_id)
-        if seen is None or seen[0] != id(stats):
-            seen = self.reported[replica.replica_id] = (id(stats), frozenset(stats.get("prefixes") or ()))
+        if seen is None or seen[0] is not stats:  # the object itself: an id could be reused once it is freed
+            seen = self.reported[replica.replica_id] = (stats, frozenset(stats.get("prefixes") or ()))
         reported = seen[1]
         n = 0
         for k in keys:
