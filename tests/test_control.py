@@ -22,6 +22,9 @@ CONFIG = dict(model="tiny", workers=3, expert_bind_host="127.0.0.1", sd_port=0, 
               health_interval_s=0.05, confirm_timeout_s=0.5, gateway_recent_s=5.0, rebalance_min_gain=0.0)
 
 
+REPLICA_BYTES = 3 * 64 * 32 * 4  # one tiny expert in float32
+
+
 class FakeWorker:
     def __init__(self, worker_id: int, generation: int, pairs) -> None:
         self.worker_id, self.generation, self.pairs = worker_id, generation, set(map(tuple, pairs))
@@ -35,6 +38,8 @@ class FakeLauncher:
         self.die_on_next_load = False  # the next worker asked to load dies while loading
         self.died: list[int] = []
         self.load_delay_s = 0.0
+        self.memory: dict | None = None  # each memory pool's size and free bytes before any expert (None: not said)
+        self.pool_of = lambda worker: "node"  # which pool a worker's experts draw from
 
     async def start(self, worker_id: int, generation: int, pairs) -> Started:
         w = FakeWorker(worker_id, generation, pairs)
@@ -51,9 +56,16 @@ class FakeLauncher:
             raise WorkerLost("died while loading")
         handle.pairs, handle.loads = set(map(tuple, pairs)), handle.loads + 1
 
-    async def ping(self, handle: FakeWorker) -> None:
+    async def ping(self, handle: FakeWorker) -> dict | None:
         if not handle.alive:
             raise WorkerLost("gone")
+        if self.memory is None:
+            return None
+        held = len(handle.pairs) * REPLICA_BYTES
+        pool = self.pool_of(handle)
+        taken = sum(len(w.pairs) for w in self.workers if w.alive and self.pool_of(w) == pool) * REPLICA_BYTES
+        return {"hosted": sorted(handle.pairs), "expert_bytes": held,
+                "memory": {**self.memory, "pool": pool, "free_bytes": self.memory["free_bytes"] - taken, "held_bytes": held}}
 
     async def stop(self, handle: FakeWorker) -> None:
         handle.alive = False
@@ -220,7 +232,7 @@ def test_min_replicas_holds_from_start_through_rebalances_scaling_and_a_loss():
         launcher, ctl, gws = await service(gateways=2, min_replicas=2)
         assert ctl.placement.replica_counts().min() >= 2
         info = ctl._worker_info()  # what `moe-service stats` shows: the standbys' memory per worker
-        assert all(w["standbys"] > 0 and w["standby_bytes"] == w["standbys"] * 3 * 64 * 32 * 4 for w in info)
+        assert all(w["standbys"] > 0 and w["standby_bytes"] == w["standbys"] * REPLICA_BYTES for w in info)
         for num_workers in (None, 4, 3):  # a rebalance, a worker added, one removed
             hot_load(ctl)
             r = await ctl.rebalance(force=True, num_workers=num_workers)
@@ -235,6 +247,31 @@ def test_min_replicas_holds_from_start_through_rebalances_scaling_and_a_loss():
                                what="the worker restarted and redundancy restored (seen below, then back)")
         assert all(not g.violations for g in gws)
         await stop(ctl, gws)
+    run(go())
+
+
+@pytest.mark.parametrize("pools,share,want", [("one", 0.79, 2), ("one", 0.81, 1), ("each", 0.79, 2),
+                                               ("each", 0.81, 1), (None, 0.0, 1)])
+def test_unset_min_replicas_is_2_where_the_workers_memory_holds_the_standbys(pools, share, want):
+    """Decided at start on what the (empty) workers report, against the experts with standbys they would hold;
+    workers sharing a pool (one node's RAM) add up; a restarted controller decides the same on the loaded ones."""
+    async def go():
+        launcher = FakeLauncher()
+        probe = Controller(CONFIG, launcher, recovering=False)
+        need = probe.slots_for(3, 2) * len(probe.moe_layers) * REPLICA_BYTES  # per worker, with standbys
+        if pools is not None:
+            launcher.memory = {"free_bytes": int((3 if pools == "one" else 1) * need / share), "total_bytes": 1 << 40}
+        ctl = Controller(CONFIG, launcher, recovering=False)
+        if pools == "each":  # every worker its own device
+            launcher.pool_of = lambda worker: f"gpu-{worker.worker_id}"
+        await ctl.start()
+        assert ctl.min_replicas == want and ctl.redundancy.startswith(f"auto: {want}"), ctl.redundancy
+        assert ctl.placement.replica_counts().min() == want
+        assert ctl.replicas_per_worker == ctl.slots_for(3, want)
+        again = Controller(CONFIG, launcher, recovering=True)
+        await again.table()  # recovers
+        assert again.min_replicas == want, again.redundancy
+        await again.shutdown()
     run(go())
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import ray
@@ -181,5 +183,52 @@ def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
             clients.finish()
         assert not clients.failed, clients.failed[:3]
         assert not clients.wrong, clients.wrong[:3]
+    finally:
+        svc.shutdown()
+
+
+def test_an_expert_with_no_live_replica_ends_requests_at_their_deadline_naming_it(ray_local, workload):
+    """min_replicas 1, and the one worker hosting half the experts hung (SIGSTOP: alive to Ray, silent to
+    the gateway; the controller's ping waits 20 s before it gives up on it). The gateway finds it out within
+    its per-message deadline, then pairs of its experts have no live replica: the request waits for a table
+    that brings one until its deadline, and ends with DEADLINE_EXCEEDED naming the expert. Once the worker
+    answers again, the same request is served, exactly."""
+    prompts, reference = workload
+    svc = start_service({**config(), "workers": 2, "min_replicas": 1, "redundant_experts": 0, "request_timeout_s": 3.0,
+                         "expert_message_timeout_s": 0.3, "health_interval_s": 5.0})
+    ctl = svc.controller()
+    try:
+        with Client(svc.address) as c:
+            assert c.generate_ids(prompts[4], max_new_tokens=NEW_TOKENS, ignore_eos=True) == reference[4]
+            pid = ray.get(ray.get_actor(workers(ctl)[1]["actor_name"], namespace="moe_service").ping.remote())["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    c.generate_ids(prompts[4], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+                waited = time.monotonic() - t0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+            assert re.search(r"no live replica of expert \d+ in layer \d+", err.value.details()), err.value.details()
+            assert 3.0 <= waited < 10.0
+            assert workers(ctl)[1]["generation"] == 1, "the controller restarted the worker: the test saw no outage"
+            eventually(lambda: c.generate_ids(prompts[4], max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout_s=5.0)
+                       == reference[4], 60, interval=0.5, what="the request served again")
+    finally:
+        svc.shutdown()
+
+
+def test_unset_min_replicas_is_decided_on_the_workers_memory(ray_local):
+    """min_replicas unset: the tiny model's experts with standbys take a sliver of this node's memory, so it is
+    2, and every expert has 2 replicas on distinct workers; stats says why."""
+    svc = start_service({k: v for k, v in config().items() if k != "min_replicas"})
+    try:
+        stats = ray.get(svc.controller().stats.remote())
+        assert stats["min_replicas"] == 2 and stats["redundancy"].startswith("auto: 2 ("), stats["redundancy"]
+        routes = ray.get(svc.controller().table.remote())["routes"]
+        assert routes and all(len(set(replicas)) >= 2 for r in routes.values() for replicas in r["replicas"])
+        measured = [w["standby_bytes"] / w["standbys"] for w in stats["workers"] if w["standbys"]]
+        assert measured and all(b == measured[0] for b in measured)  # one replica's bytes, as the workers hold them
     finally:
         svc.shutdown()

@@ -182,8 +182,9 @@ def add_parsers(sub) -> None:
                         help="GPUs per gateway replica (attention, KV cache, sampling); default: as --gpus-per-worker")
         sp.add_argument("--replicas-per-worker", type=int, default=None, help="expert replicas per layer per worker")
         sp.add_argument("--redundant-experts", type=int, default=0, help="experts per layer to replicate at start")
-        sp.add_argument("--min-replicas", type=int, default=1, help="every expert on at least this many workers, "
-                        "always (a lost worker's pairs then have a replica elsewhere at once)")
+        sp.add_argument("--min-replicas", type=int, default=None, help="every expert on at least this many workers, "
+                        "always (a lost worker's pairs then have a replica elsewhere at once); default: 2 where the "
+                        "workers' memory holds it, else 1")
         sp.add_argument("--quantize", choices=["fp8"], default=None,
                         help="keep the routed experts in FP8 128x128 blocks (an FP8 checkpoint's are, always)")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")

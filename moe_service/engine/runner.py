@@ -95,8 +95,8 @@ class ModelRunner:
         out = Outcome(seqs, [n for _, n in group] if prefill else None)
         try:
             out.tokens = self._prefill(group, d, clock) if prefill else self._decode(seqs, d, clock)
-        except StepDeadline:
-            out.error = ("deadline", "the experts were unavailable")
+        except StepDeadline as e:  # its message says which expert was missing, if one was
+            out.error = ("deadline", str(e))
         except Exception as e:  # a bug or a bad answer: this micro-batch's requests fail, the others go on
             out.error = ("error", f"step failed: {e!r}")
         out.stages = clock.totals()

@@ -15,6 +15,10 @@ import numpy as np
 
 from .placement import Placement
 
+# `min_replicas` unset: 2 where the experts with their standbys take at most this share of the memory their
+# workers have for experts (free, plus what they hold already); the rest is the compute's working memory
+AUTO_MEMORY_SHARE = 0.8
+
 
 def standby_slots(num_experts: int, num_workers: int, min_replicas: int) -> int:
     """Slots per worker and layer to keep for standbys: room for every expert's `min_replicas - 1` more."""
@@ -75,3 +79,25 @@ def live_replicas(placement: Placement, healthy: set[int] | list[int]) -> np.nda
     alive = np.zeros(placement.num_workers, dtype=bool)
     alive[[w for w in healthy if w < placement.num_workers]] = True
     return (placement.hosts & alive).sum(axis=2)
+
+
+def redundancy_fits(need: dict[int, int], memory: dict[int, dict | None]) -> tuple[bool, str]:
+    """Whether each worker's memory holds `need[w]` bytes of experts. `memory[w]` is what worker w reports
+    (`transport.memory.device_memory` and the bytes of experts it holds, `held_bytes`); the workers that share
+    a memory pool (a node's RAM, one GPU) need together at most `AUTO_MEMORY_SHARE` of its free memory plus
+    what they hold. Returns the verdict and the tightest pool's numbers."""
+    if not need or any(memory.get(w) is None for w in need):
+        return False, "the workers did not report their memory"
+    pools: dict[str, list[int]] = {}
+    for w in need:
+        pools.setdefault(memory[w]["pool"], []).append(w)
+    worst = (-1.0, "", 0, 0)
+    for pool, ws in pools.items():
+        needed = sum(need[w] for w in ws)
+        room = min(memory[w]["free_bytes"] for w in ws) + sum(memory[w]["held_bytes"] for w in ws)
+        share = needed / room if room > 0 else math.inf
+        worst = max(worst, (share, pool, needed, room))
+    share, pool, needed, room = worst
+    return share <= AUTO_MEMORY_SHARE, (f"{needed / 2**30:.2f} GiB of experts with standbys on {len(pools[pool])} "
+                                        f"worker(s) sharing {room / 2**30:.2f} GiB ({pool}): {share:.0%}, "
+                                        f"at most {AUTO_MEMORY_SHARE:.0%}")

@@ -47,8 +47,9 @@ class ServiceConfig:
     replicas_per_worker: int | None = None  # replicas per layer per worker; default: all experts once + 25%
     redundant_experts: int = 0  # per layer, replicate this many experts on a second worker at start
     # every expert on at least this many distinct workers, after every plan and scale step (standbys take
-    # the extra slots; placement/redundancy.py): a lost worker's pairs then always have a live replica
-    min_replicas: int = 1
+    # the extra slots; placement/redundancy.py): a lost worker's pairs then always have a live replica.
+    # None: 2 where the workers' memory holds the standbys, else 1 (decided at start: Controller._redundancy)
+    min_replicas: int | None = None
     spread_workers: bool = True  # place workers on different nodes when possible
     expert_bind_host: str | None = None  # None: the node's IP (clusters); tests use 127.0.0.1
     # fixed port ranges (inclusive) for the workers' gRPC servers and every process's /metrics, so a
@@ -144,7 +145,7 @@ class ServiceConfig:
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
         fewest = min(cfg.workers, (cfg.autoscaling or {}).get("min_workers", cfg.workers))
-        if not 1 <= cfg.min_replicas <= fewest:
+        if cfg.min_replicas is not None and not 1 <= cfg.min_replicas <= fewest:
             raise ValueError(f"min_replicas must be between 1 and the fewest workers the service runs ({fewest}), "
                              f"got {cfg.min_replicas}")
         cfg.tls()  # a partial TLS configuration fails here, on every side

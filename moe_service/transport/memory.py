@@ -85,3 +85,25 @@ def release_free_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc
         pass
+
+
+def device_memory(device: str, node: str) -> dict:
+    """Memory the experts of a worker computing on `device` draw from: `pool` names it (workers sharing it
+    report the same name: a node's RAM, or one GPU of a node), `free_bytes` is what is free there now
+    (MemAvailable; the CUDA driver's free memory), `total_bytes` its size."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        return {"pool": f"{node}/{torch.cuda.get_device_properties(device).uuid}", "free_bytes": int(free),
+                "total_bytes": int(total)}
+    out = {"MemAvailable": 0, "MemTotal": 0}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in out:
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:  # not Linux: unknown, so nothing is assumed to fit
+        pass
+    return {"pool": node, "free_bytes": out["MemAvailable"], "total_bytes": out["MemTotal"]}

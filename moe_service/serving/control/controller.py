@@ -24,7 +24,7 @@ from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
 from moe_service.capacity.costmodel import expert_bytes
 from moe_service.model.args import DTYPES
-from moe_service.placement.redundancy import actives, live_replicas, standby_slots, with_standbys
+from moe_service.placement.redundancy import actives, live_replicas, redundancy_fits, standby_slots, with_standbys
 from moe_service.serving.config import CONTROLLER_NAME, ServiceConfig
 from moe_service.serving.control.http import Routes, serve_http
 from moe_service.serving.control.pool import Launcher, Pairs, Worker, WorkerPool
@@ -38,8 +38,13 @@ log = logging.getLogger("moe_service.controller")
 class Controller:
     def __init__(self, config: dict, launcher: Launcher | None = None, recovering: bool | None = None) -> None:
         cfg = self.cfg = ServiceConfig.from_dict(config)
-        self.args = open_source(cfg.model).args
+        source = open_source(cfg.model)
+        self.args = source.args
         self.moe_layers = self.args.moe_layers
+        # one routed expert's bytes on a worker (FP8: one byte a weight), until the workers report theirs
+        self.replica_bytes = expert_bytes(self.args, 1 if cfg.quantize == "fp8" or source.fp8 else DTYPES[cfg.dtype].itemsize)
+        # every expert on this many workers: the setting, or decided at start on the workers' memory (`_redundancy`)
+        self.min_replicas, self.redundancy = cfg.min_replicas or 1, "set" if cfg.min_replicas else "not decided yet"
         self.replicas_per_worker = self.slots_for(cfg.workers)
         self.worker_seconds = cfg.worker_seconds(self.args) if cfg.rebalance_objective == "time" else None
         if launcher is None or recovering is None:
@@ -69,13 +74,30 @@ class Controller:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    def slots_for(self, num_workers: int) -> int:
+    def slots_for(self, num_workers: int, min_replicas: int | None = None) -> int:
         """Replicas per worker and layer: `replicas_per_worker`, or every expert once + 25% and room for the
         standbys (min_replicas), on the workers the service starts with or on `num_workers` if fewer."""
         if self.cfg.replicas_per_worker:
             return self.cfg.replicas_per_worker
-        E, m = self.args.n_routed_experts, self.cfg.min_replicas
+        E, m = self.args.n_routed_experts, min_replicas or self.min_replicas
         return max(math.ceil(1.25 * E / w) + standby_slots(E, w, m) for w in (self.cfg.workers, num_workers))
+
+    def _redundancy(self, described: dict[int, dict | None]) -> None:
+        """`min_replicas` unset: 2 where the fewest workers the service runs are 2 or more and their memory holds
+        the experts with a standby each (`redundancy_fits`: at most 80% of what they have for experts), else 1.
+        Decided once, on the workers' own reports (at start, empty; after a controller restart, loaded)."""
+        if self.cfg.min_replicas is not None:
+            return
+        fewest = min(self.cfg.workers, (self.cfg.autoscaling or {}).get("min_workers", self.cfg.workers))
+        if fewest < 2:
+            self.min_replicas, self.redundancy = 1, f"auto: 1 (the service may run {fewest} worker)"
+        else:
+            need = self.slots_for(self.cfg.workers, 2) * len(self.moe_layers) * self.replica_bytes
+            memory = {w: (info or {}).get("memory") for w, info in described.items()}
+            fits, why = redundancy_fits({w: need for w in memory}, memory)
+            self.min_replicas, self.redundancy = (2 if fits else 1), f"auto: {2 if fits else 1} ({why})"
+        self.replicas_per_worker = self.slots_for(self.cfg.workers)
+        log.info("min_replicas %s", self.redundancy)
 
     def pairs_of(self, placement: Placement, worker_id: int) -> Pairs:
         return [(self.moe_layers[l], e) for l, e in placement.hosted(worker_id)]
@@ -87,17 +109,30 @@ class Controller:
             await self._up()
             if self.board.ready:
                 return self.board.snapshot()
+            # the workers start empty, say what memory they have (min_replicas unset is decided on it), then load
+            workers = range(self.cfg.workers)
+            await self._all_or_none(self.pool.start(w, []) for w in workers)
+            self._redundancy(await self.pool.describe())
             placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
-                                          self.args.n_routed_experts, self.replicas_per_worker, self.cfg.min_replicas)
-            results = await asyncio.gather(*(self.pool.start(w, self.pairs_of(placement, w))
-                                             for w in range(placement.num_workers)), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                await self.pool.stop_all()
-                raise errors[0]
+                                          self.args.n_routed_experts, self.replicas_per_worker, self.min_replicas)
+            await self._all_or_none(self._first_load(w, self.pairs_of(placement, w)) for w in workers)
             self._began(placement)
             await self.publish(placement, ready=True)
             return self.board.snapshot()
+
+    async def _all_or_none(self, steps) -> None:
+        """Every step, or none of the workers left running: the first error is raised."""
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.pool.stop_all()
+            raise errors[0]
+
+    async def _first_load(self, worker_id: int, pairs: Pairs) -> None:
+        try:
+            await self.pool.load({worker_id: pairs})
+        except Exception as e:
+            raise RuntimeError(f"expert worker {worker_id} failed to start: {e}") from e
 
     def _began(self, placement: Placement) -> None:
         self.board.placement = placement
@@ -132,10 +167,11 @@ class Controller:
         found = await self.launcher.running()
         for f in found:
             self.pool.adopt(f)
+        self._redundancy(await self.pool.describe())
         placement, lost = rebuild_placement({f.worker_id: f.pairs for f in found}, self.moe_layers,
                                             self.args.n_routed_experts, self.cfg.workers, self.replicas_per_worker)
         # experts left below min_replicas by the loss get standbys, on the emptiest workers: the lost ones
-        placement = with_standbys(placement, self.cfg.min_replicas, self.replicas_per_worker)
+        placement = with_standbys(placement, self.min_replicas, self.replicas_per_worker)
         for w in lost:  # a generation no earlier process of it can have had
             await self.pool.start(w, self.pairs_of(placement, w), max([0, *(f.generation for f in found)]) + 1)
         log.warning("controller restarted: adopted %d running workers, restarted %d", len(found), len(lost))
@@ -172,7 +208,7 @@ class Controller:
     def _count_redundancy(self) -> None:
         """Experts below min_replicas on the healthy workers; how long redundancy took to come back."""
         healthy = {w.worker_id for w in self.pool.workers.values() if w.healthy}
-        under = int((live_replicas(self.placement, healthy) < self.cfg.min_replicas).sum())
+        under = int((live_replicas(self.placement, healthy) < self.min_replicas).sum())
         self.metrics.under_replicated.set(under)
         if under and self.degraded_since is None:
             self.degraded_since = time.monotonic()
@@ -263,7 +299,7 @@ class Controller:
             by_time = (self.worker_seconds, self.cfg.tokens_per_call() * self.args.num_experts_per_tok)
         num_workers = num_workers or len(self.pool.workers)
         return propose(self.window_load(), self.placement, num_workers, self.slots_for(num_workers),
-                       self.cfg.rebalance_objective, by_time, self.cfg.min_replicas)
+                       self.cfg.rebalance_objective, by_time, self.min_replicas)
 
     async def rebalance(self, dry_run: bool = False, force: bool = False, num_workers: int | None = None) -> dict:
         """Re-plan from the load window and apply it without stopping service (`control/rebalance.py`)."""
@@ -340,14 +376,18 @@ class Controller:
     def _worker_info(self) -> list[dict]:
         name = getattr(self.launcher, "name", lambda w, g: None)
         p = self.placement
-        # standbys: what min_replicas costs a worker (placement/redundancy.py)
-        standby = (p.hosts & ~actives(p).hosts).sum(axis=(0, 1)) if p is not None else None
-        replica_bytes = expert_bytes(self.args, 1 if self.cfg.quantize == "fp8" else DTYPES[self.cfg.dtype].itemsize)
-        return [{"worker_id": w, "address": s.address, "healthy": s.healthy, "restarts": s.restarts,
-                 "generation": s.generation, "experts": len(s.pairs), "metrics": s.metrics,
-                 "standbys": int(standby[w]) if standby is not None and w < len(standby) else 0,
-                 "standby_bytes": int(standby[w]) * replica_bytes if standby is not None and w < len(standby) else 0,
-                 "actor_name": name(w, s.generation)} for w, s in sorted(self.pool.workers.items())]
+        # standbys: what min_replicas costs a worker (placement/redundancy.py), at the bytes a replica takes
+        # there as the worker last said (its experts' tensors, FP8 scales included)
+        standby = (p.hosts & ~actives(p).hosts).sum(axis=(0, 1)) if p is not None else np.zeros(0, dtype=int)
+        out = []
+        for w, s in sorted(self.pool.workers.items()):
+            n = int(standby[w]) if w < len(standby) else 0
+            held = (s.info or {}).get("expert_bytes")
+            replica = held / len(s.info["hosted"]) if held and s.info.get("hosted") else self.replica_bytes
+            out.append({"worker_id": w, "address": s.address, "healthy": s.healthy, "restarts": s.restarts,
+                        "generation": s.generation, "experts": len(s.pairs), "metrics": s.metrics, "standbys": n,
+                        "standby_bytes": int(n * replica), "actor_name": name(w, s.generation)})
+        return out
 
     def _targets(self) -> list[dict]:
         return [{"targets": [t["address"]], "labels": t["labels"]} for t in self.targets.values()]
@@ -355,6 +395,7 @@ class Controller:
     def stats(self) -> dict:
         """Per-worker expected load and the hottest experts over the load window (`moe-service stats`)."""
         return {"version": self.version, "window_s": self.cfg.load_window_s, "workers": self._worker_info(),
+                "min_replicas": self.min_replicas, "redundancy": self.redundancy,
                 "last_rebalance": self.last_rebalance, **load_view(self.window_load(), self.placement, self.moe_layers,
                                                                  {w: self.pairs_of(self.placement, w) for w in self.pool.workers}
                                                                  if self.placement is not None else {})}

@@ -36,7 +36,7 @@ class Found(Started):
 class Launcher(Protocol):
     async def start(self, worker_id: int, generation: int, pairs: Pairs) -> Started: ...
     async def load(self, handle: Any, pairs: Pairs) -> None: ...
-    async def ping(self, handle: Any) -> None: ...  # WorkerLost if gone
+    async def ping(self, handle: Any) -> dict | None: ...  # what the worker says of itself; WorkerLost if gone
     async def stop(self, handle: Any) -> None: ...
     async def running(self) -> list[Found]: ...  # the service's workers alive now
     async def stop_all(self) -> None: ...  # every worker of the service, starting or running, known or not
@@ -54,6 +54,7 @@ class Worker:
     generation: int = 0
     restarts: int = 0
     healthy: bool = False
+    info: dict | None = None  # its last answer to a ping (what it holds, its memory)
 
 
 class WorkerPool:
@@ -94,7 +95,7 @@ class WorkerPool:
         if worker.handle is None or not worker.healthy:
             return
         try:
-            await self.launcher.ping(worker.handle)
+            worker.info = await self.launcher.ping(worker.handle)
             return
         except WorkerLost as e:
             if not worker.healthy or self.workers.get(worker.worker_id) is not worker:
@@ -129,6 +130,13 @@ class WorkerPool:
         for r in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(r, BaseException) and not isinstance(r, WorkerLost):
                 raise r
+
+    async def describe(self) -> dict[int, dict | None]:
+        """Each healthy worker's answer to a ping now (None where it says nothing of itself)."""
+        healthy = [w for w in self.workers.values() if w.healthy]
+        for w, info in zip(healthy, await asyncio.gather(*(self.launcher.ping(w.handle) for w in healthy))):
+            w.info = info
+        return {w.worker_id: w.info for w in healthy}
 
     async def remove(self, worker_id: int) -> None:
         worker = self.workers.pop(worker_id)

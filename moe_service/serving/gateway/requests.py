@@ -218,8 +218,8 @@ class RequestAPI:
         deadline = time.monotonic() + (timeout_s or gw.cfg.request_timeout_s)
         try:
             logits = await asyncio.wrap_future(gw.engine_loop.run_job(lambda: gw.forward(ids, lengths, deadline)))
-        except StepDeadline:
-            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the experts answered") from None
+        except StepDeadline as e:
+            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
         resp = moe_pb2.ForwardResponse(lengths=[len(s) for s in seqs])
         if targets:
             tgt = torch.tensor([t + [0] * (T - len(t)) for t in targets], device=dev)

@@ -15,7 +15,7 @@ from moe_service.model.args import DTYPES
 from moe_service.serving.simulated import Simulation
 from moe_service.serving.worker.servicer import ExpertServicer, HostedLayer
 from moe_service.serving.worker.simulated import SimulatedServicer
-from moe_service.transport.memory import keep_large_buffers, process_memory, release_free_memory
+from moe_service.transport.memory import device_memory, keep_large_buffers, process_memory, release_free_memory
 from moe_service.transport.server import RunningServer, start_expert_server
 from moe_service.transport.options import TLSConfig
 
@@ -44,7 +44,7 @@ class ExpertWorker:
         self.pairs: Pairs = []
         self.addresses: dict[str, str] = {}
         self.reads: list[str] = []  # checkpoint tensors read so far (tests check each process reads its share)
-        self.loads = 0  # weight loads after the first (tests check a restarted controller causes none)
+        self.loads = 0  # weight loads after the first experts (tests check a restarted controller causes none)
         self.metrics = WorkerMetrics(worker_id)
         self.simulation = Simulation.from_dict(simulate) if simulate is not None else None
         if self.simulation is not None:
@@ -104,17 +104,21 @@ class ExpertWorker:
             return 0.0
         t0 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, self._load, want)
+        self.loads += bool(self.pairs)  # a worker started empty (the service's start) loads its first experts here
         self.pairs = want
-        self.loads += 1
         return time.perf_counter() - t0
 
     def ping(self) -> dict:
         params = [p for h in self.hosted.values() for p in h.experts.parameters()]
+        held = sum(p.numel() * p.element_size() for p in params)
+        node = ray.get_runtime_context().get_node_id()
         return {"worker_id": self.worker_id, "pid": os.getpid(), "hosted": self.pairs, "device": self.device,
-                "node_id": ray.get_runtime_context().get_node_id(), "reads": self.reads, "loads": self.loads,
+                "node_id": node, "reads": self.reads, "loads": self.loads,
                 # what the hosted routed experts are stored as, and their bytes (FP8 scales included)
                 "expert_dtypes": sorted({str(h.experts.gate_up_proj.dtype) for h in self.hosted.values()}),
-                "expert_bytes": sum(p.numel() * p.element_size() for p in params),
+                "expert_bytes": held,
+                # the memory they draw from (what `min_replicas` unset is decided on: placement/redundancy.py)
+                "memory": {**device_memory(self.device, node), "held_bytes": held},
                 # resident memory now and at its peak (VmHWM: during every call so far), and before the experts
                 "rss_bytes": (mem := process_memory())["VmRSS"], "peak_rss_bytes": mem["VmHWM"], "base_rss_bytes": self.base_rss,
                 **self.addresses}
