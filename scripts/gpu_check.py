@@ -12,6 +12,7 @@ whole run fits 4 minutes, the budget is GPU_CHECK_S, default 280):
 | expert_server  |     40 s | experts on the GPU in a server process, called on a stream, vs a stream echo |
 | remote_experts |     10 s | a gateway layer call with CUDA inputs (T = 1, 256) against that server      |
 | fp8_experts    |     15 s | FP8-block experts (DeepSeek-V3's) against bf16: difference, time, ratio      |
+| promotion      |      5 s | `standby: host`: a layer's parked standbys (pinned) joining it on the GPU   |
 | layer_timings  |     40 s | a DeepSeek-V2-Lite-shaped stack: decode step, and per-layer parts apart     |
 
 A check that would not fit in what is left of the budget is skipped, and says so. The file lands in
@@ -47,7 +48,7 @@ BUDGET_S = float(os.environ.get("GPU_CHECK_S", "280"))  # the caller's limit sit
 CALL_TIMEOUT_S = 10.0  # one call to the expert server
 SERVER_START_S = 90.0  # a server process's start, CUDA initialisation included
 EXPECTED_S = {"parity": 25, "grouped_gemm": 10, "expert_server": 40, "remote_experts": 10, "fp8_experts": 15,
-              "layer_timings": 40}
+              "promotion": 5, "layer_timings": 40}
 
 
 class Report:
@@ -208,6 +209,42 @@ def check_fp8_experts(device: torch.device, dims: dict) -> dict:
         t_fp8, t_dense = timer.median(lambda: fp8.run(x, g)), timer.median(lambda: dense.run(x, g))
         out["batches"][T] = {"relative_difference_to_dequantized": rel, "fp8_s": t_fp8, "dense_s": t_dense,
                              "fp8_vs_dense": t_fp8 / t_dense}
+    return out
+
+
+def check_promotion(device: torch.device, dims: dict) -> dict:
+    """`standby: host`: what a worker's first call to a parked standby pays, once per layer: the layer's
+    standbys (a quarter of its experts here, pinned host memory) joined to its module on the device; and the
+    joined module's answer against the same experts resident from the start."""
+    from moe_service.serving.worker.servicer import HostedLayer
+
+    dtype = _dtype(device)
+    E, D, inter, K = dims["experts"], dims["hidden"], dims["inter"], dims["top_k"]
+    parked_n = E // 4
+    everything = _random_experts(E, D, inter, device, dtype, 11)
+    out = {"dtype": str(dtype).removeprefix("torch."), "parked_experts": parked_n, "runs": []}
+    for _ in range(3):
+        serving = _random_experts(E - parked_n, D, inter, device, dtype, 0)
+        parked = _random_experts(parked_n, D, inter, torch.device("cpu"), dtype, 0)
+        with torch.no_grad():
+            serving.gate_up_proj.copy_(everything.gate_up_proj[: E - parked_n])
+            serving.down_proj.copy_(everything.down_proj[: E - parked_n])
+            parked.gate_up_proj.copy_(everything.gate_up_proj[E - parked_n:])
+            parked.down_proj.copy_(everything.down_proj[E - parked_n:])
+            if device.type == "cuda":
+                for p in parked.parameters():
+                    p.data = p.data.pin_memory()
+        layer = HostedLayer.build(serving, list(range(E - parked_n)), E, parked, list(range(E - parked_n, E)))
+        seconds = layer.promote(torch.tensor([E - 1]))
+        out["runs"].append(seconds)
+    nbytes = sum(p.numel() * p.element_size() for p in parked.parameters())
+    x = torch.randn(8, D, device=device, dtype=dtype)
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(8)])
+    w = torch.rand(8, K, device=device)
+    got, want = layer.experts(x, w, ids), everything(x, w, ids)
+    out.update(parked_bytes=nbytes, promotion_s=statistics.median(out["runs"]),
+               gb_per_s=nbytes / statistics.median(out["runs"]) / 1e9,
+               max_difference=float((got.float() - want.float()).abs().max()))
     return out
 
 
@@ -439,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "expert_server": lambda: check_expert_server(device, dims, server),
         "remote_experts": lambda: check_remote_experts(device, dims, server),
         "fp8_experts": lambda: check_fp8_experts(device, dims),
+        "promotion": lambda: check_promotion(device, dims),
         "layer_timings": lambda: check_layer_timings(device, dims),
     }
     failed = False

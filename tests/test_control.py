@@ -26,8 +26,9 @@ REPLICA_BYTES = 3 * 64 * 32 * 4  # one tiny expert in float32
 
 
 class FakeWorker:
-    def __init__(self, worker_id: int, generation: int, pairs) -> None:
+    def __init__(self, worker_id: int, generation: int, pairs, standbys=()) -> None:
         self.worker_id, self.generation, self.pairs = worker_id, generation, set(map(tuple, pairs))
+        self.standbys = set(map(tuple, standbys))
         self.alive, self.loads = True, 0
         self.address = f"fake-{worker_id}-g{generation}-{id(self)}:1"  # a new process, a new address
 
@@ -41,12 +42,12 @@ class FakeLauncher:
         self.memory: dict | None = None  # each memory pool's size and free bytes before any expert (None: not said)
         self.pool_of = lambda worker: "node"  # which pool a worker's experts draw from
 
-    async def start(self, worker_id: int, generation: int, pairs) -> Started:
-        w = FakeWorker(worker_id, generation, pairs)
+    async def start(self, worker_id: int, generation: int, pairs, standbys=()) -> Started:
+        w = FakeWorker(worker_id, generation, pairs, standbys)
         self.workers.append(w)
         return Started(w, w.address, f"fake-metrics-{worker_id}:1")
 
-    async def load(self, handle: FakeWorker, pairs) -> None:
+    async def load(self, handle: FakeWorker, pairs, standbys=()) -> None:
         await asyncio.sleep(self.load_delay_s)  # a load takes a while
         if self.die_on_next_load:
             self.die_on_next_load = False
@@ -55,6 +56,7 @@ class FakeLauncher:
         if not handle.alive:
             raise WorkerLost("died while loading")
         handle.pairs, handle.loads = set(map(tuple, pairs)), handle.loads + 1
+        handle.standbys = set(map(tuple, standbys))
 
     async def ping(self, handle: FakeWorker) -> dict | None:
         if not handle.alive:
@@ -71,7 +73,8 @@ class FakeLauncher:
         handle.alive = False
 
     async def running(self) -> list[Found]:
-        return [Found(w, w.address, "m:1", w.worker_id, w.generation, sorted(w.pairs)) for w in self.workers if w.alive]
+        return [Found(w, w.address, "m:1", w.worker_id, w.generation, sorted(w.pairs), sorted(w.standbys))
+                for w in self.workers if w.alive]
 
     async def stop_all(self) -> None:
         for w in self.workers:
@@ -272,6 +275,52 @@ def test_unset_min_replicas_is_2_where_the_workers_memory_holds_the_standbys(poo
         await again.table()  # recovers
         assert again.min_replicas == want, again.redundancy
         await again.shutdown()
+    run(go())
+
+
+def test_standbys_in_host_memory_are_told_to_the_workers_through_plans_and_a_restart():
+    """`standby: host`: each worker is told which of its replicas are standbys, at start, through a rebalance
+    (where, while both tables may be in use, a replica is a standby only if it is one in both), and a
+    restarted controller reads them back (they keep no share) without reloading anything."""
+    def told(ctl, launcher) -> None:
+        for w in ctl.pool.workers:
+            worker = next(x for x in launcher.workers if x.alive and x.worker_id == w)
+            assert worker.standbys == set(ctl.standbys_of(ctl.placement, w)), w
+
+    async def go():
+        launcher, ctl, gws = await service(min_replicas=2, standby="host")
+        assert any(ctl.standbys_of(ctl.placement, w) for w in ctl.pool.workers)
+        told(ctl, launcher)
+        seen, published = [], [0]  # what each worker was told during the rebalance, before the new table or after
+        load, publish = launcher.load, ctl._publish_new
+
+        async def watched(handle, pairs, standbys=()):
+            seen.append((published[0], handle.worker_id, set(map(tuple, pairs)), set(map(tuple, standbys))))
+            await load(handle, pairs, standbys)
+
+        async def counted(placement):
+            published[0] += 1
+            return await publish(placement)
+        launcher.load, ctl._publish_new = watched, counted
+        old = ctl.placement
+        hot_load(ctl)
+        assert (await ctl.rebalance(force=True))["applied"]
+        told(ctl, launcher)
+        new = ctl.placement
+        assert [s for s in seen if s[0] == 0], "nothing loaded before the new table"
+        for phase, w, pairs, standbys in seen:
+            serving = set(ctl.pairs_of(new, w)) - set(ctl.standbys_of(new, w))
+            if phase == 0:  # both tables in use
+                serving |= set(ctl.pairs_of(old, w)) - set(ctl.standbys_of(old, w))
+            assert not standbys & serving and standbys <= pairs, (phase, w)
+        loads = sum(w.loads for w in launcher.workers)
+        again = Controller({**CONFIG, "min_replicas": 2, "standby": "host"}, launcher, recovering=True)
+        await again.table()
+        assert sum(w.loads for w in launcher.workers) == loads, "the restart reloaded"
+        for w in again.pool.workers:
+            assert set(again.standbys_of(again.placement, w)) == set(ctl.standbys_of(new, w)), w
+        await again.shutdown()
+        await stop(ctl, gws)
     run(go())
 
 

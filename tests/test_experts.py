@@ -458,3 +458,48 @@ def test_ping_pong_keeps_one_micro_batch_on_the_wire_while_the_other_computes(lo
         sched.close()
         remote.close()
         loop.run(slow.stop(0))
+
+
+def test_standbys_parked_in_host_memory_join_their_layer_on_first_use(loop, model):
+    """`standby: host`: a worker keeps its standbys out of the layer's module; calls that need none leave
+    them parked, the first that reaches one joins the layer's standbys to the module (timed), and every
+    answer equals the in-process layer's."""
+    from moe_service.serving.worker.actor import ExpertWorker
+
+    E, K, layers = model.args.n_routed_experts, model.args.num_experts_per_tok, model.args.moe_layers
+    pairs = [(l, e) for l in layers for e in range(E)]
+    parked = [(l, e) for l in layers for e in range(E // 2, E)]
+    worker = ExpertWorker(0, PRESET, "float32", bind_host="127.0.0.1", standby="host")
+    loop.run(worker.start(pairs, parked))
+    routes = {l: LayerRoutes(l, [[0]] * E) for l in layers}
+    remote = RemoteExperts(RoutingTable(1, routes, {0: worker.addresses["address"]}))
+    promotions = lambda: worker.metrics.registry.get_sample_value(  # noqa: E731
+        "moe_standby_promotion_seconds_count", {"worker": "0"})
+    try:
+        layer = layers[0]
+        h = worker.hosted[layer]
+        assert h.experts.num_local == E // 2 and h.parked_ids == list(range(E // 2, E))
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(24, model.args.hidden_size, generator=g)
+        e = torch.stack([torch.randperm(E // 2, generator=g)[:K] for _ in range(24)])  # serving experts only
+        w = torch.rand(24, K, generator=g)
+        got, _ = call(remote, layer, x, w, e)
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert h.parked is not None and not promotions()
+        _, x, w, e = layer_inputs(model, 64)  # every expert, standbys included
+        assert int(e.max()) >= E // 2
+        got, _ = call(remote, layer, x, w, e)
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+        assert h.parked is None and h.experts.num_local == E and promotions() == 1
+        assert worker.hosted[layers[1]].parked is not None  # the other layer's stay parked
+        # a load that makes every replica serve brings the standbys to the device; one that parks them again
+        # takes them out of the module
+        loop.run(worker.load(pairs, []))
+        assert all(worker.hosted[l].parked is None and worker.hosted[l].experts.num_local == E for l in layers)
+        loop.run(worker.load(pairs, parked))
+        assert all(worker.hosted[l].experts.num_local == E // 2 for l in layers)
+        got, _ = call(remote, layer, x, w, e)
+        assert (got - model.layers[layer].mlp.experts(x, w, e)).abs().max().item() <= 1e-5
+    finally:
+        remote.close()
+        loop.run(worker.stop())

@@ -16,7 +16,7 @@ import torch
 from tests.support import eventually
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
-CHECKS = ("parity", "grouped_gemm", "expert_server", "remote_experts", "fp8_experts", "layer_timings")
+CHECKS = ("parity", "grouped_gemm", "expert_server", "remote_experts", "fp8_experts", "promotion", "layer_timings")
 
 
 def _env(out_dir: Path) -> dict:
@@ -40,6 +40,7 @@ def test_dry_run_on_the_cpu_passes_every_check(tmp_path):
     assert set(remote) == {"1", "256"} and all(b["relative_difference"] < 1e-5 for b in remote.values())
     assert set(report["layer_timings"]["batches"]) == {"1", "8"}
     assert all(b["relative_difference_to_dequantized"] < 1e-5 for b in report["fp8_experts"]["batches"].values())
+    assert report["promotion"]["max_difference"] == 0.0 and report["promotion"]["promotion_s"] > 0
 
 
 def test_a_run_killed_halfway_leaves_the_checks_done_so_far(tmp_path):

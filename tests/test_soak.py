@@ -76,7 +76,7 @@ def kill_and_wait_for_restart(ctl, worker_id: int) -> None:
                and all(w["healthy"] for w in ws.values()), f"worker {worker_id} restarted")
 
 
-def gateway_counter(ctl, name: str) -> float:
+def counter(ctl, name: str, component: str = "gateway") -> float:
     http = ray.get(ctl.http_address.remote())
     with urllib.request.urlopen(f"http://{http}/targets", timeout=10) as r:
         import json
@@ -84,7 +84,7 @@ def gateway_counter(ctl, name: str) -> float:
         targets = json.load(r)
     total = 0.0
     for t in targets:
-        if t["labels"].get("component") == "gateway":
+        if t["labels"].get("component") == component:
             with urllib.request.urlopen(f"http://{t['targets'][0]}/metrics", timeout=10) as r:
                 for line in r.read().decode().splitlines():
                     if line.startswith(name):
@@ -136,8 +136,8 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
                     counts["scale_steps"] += 1
         finally:
             clients.finish()
-        retries = gateway_counter(ctl, "moe_expert_retries_total")
-        failures = gateway_counter(ctl, "moe_step_failures_total")
+        retries = counter(ctl, "moe_expert_retries_total")
+        failures = counter(ctl, "moe_step_failures_total")
         print(f"\nsoak: {len(clients.gaps)} requests, {counts['kills']} kills (restart {restart_s:.1f}s), "
               f"{counts['rebalances']} rebalances, {counts['scale_steps']} scaling steps, {retries:.0f} retried calls, "
               f"{failures:.0f} step failures")
@@ -161,9 +161,10 @@ def test_worker_kills_rebalances_and_scaling_under_load_fail_nothing(ray_local, 
 
 def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
     """min_replicas 2 on 4 workers, two SIGKILLed at once: an expert both of whose replicas were on them waits
-    for a restart, every other goes on at once; no request fails and every output is exact."""
+    for a restart, every other goes on at once; no request fails and every output is exact. The standbys wait
+    in host memory (`standby: host`), so the survivors' standbys join their layers as the lost pairs reach them."""
     prompts, reference = workload
-    svc = start_service({**config(), "workers": 4, "redundant_experts": 0, "min_replicas": 2})
+    svc = start_service({**config(), "workers": 4, "redundant_experts": 0, "min_replicas": 2, "standby": "host"})
     ctl = svc.controller()
     try:
         clients = GapClients(svc.address, prompts, reference)
@@ -172,6 +173,7 @@ def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
             before = workers(ctl)
             pids = [ray.get(ray.get_actor(before[w]["actor_name"], namespace="moe_service").ping.remote())["pid"]
                     for w in (1, 2)]
+            assert counter(ctl, "moe_standby_promotion_seconds_count", "expert_worker") == 0
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             wait_until(ctl, lambda ws: all(ws[w]["generation"] > before[w]["generation"] for w in (1, 2))
@@ -179,10 +181,12 @@ def test_two_of_four_workers_killed_together_fail_nothing(ray_local, workload):
             done = len(clients.gaps)
             eventually(lambda: len(clients.gaps) >= done + CLIENTS or Pending(len(clients.gaps)), 60,
                        what="requests finishing after the restarts")
+            promoted = counter(ctl, "moe_standby_promotion_seconds_count", "expert_worker")
         finally:
             clients.finish()
         assert not clients.failed, clients.failed[:3]
         assert not clients.wrong, clients.wrong[:3]
+        assert promoted > 0, "no parked standby served a lost replica's pairs"
     finally:
         svc.shutdown()
 

@@ -139,6 +139,23 @@ def _fp8(src: TensorSource, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_blocks(src.read(name))
 
 
+def empty_experts(like: Experts, num_local: int, device: str | torch.device) -> Experts:
+    """A module of `like`'s kind, shape and compute dtype for `num_local` experts on `device`, unfilled."""
+    if isinstance(like, FP8Experts):
+        return FP8Experts(num_local, like.dim, like.inter_dim, like.dtype, device).eval()
+    return RoutedExperts(num_local, like.dim, like.inter_dim).to(device=device, dtype=like.dtype).eval()
+
+
+@torch.no_grad()
+def join_experts(a: Experts, b: Experts) -> Experts:
+    """One module on `a`'s device: `a`'s local experts, then `b`'s (copied from wherever `b` is)."""
+    out = empty_experts(a, a.num_local + b.num_local, a.device)
+    for name, param in out.named_parameters():
+        param.data[:a.num_local].copy_(getattr(a, name).data)
+        param.data[a.num_local:].copy_(getattr(b, name).data)
+    return out
+
+
 @torch.no_grad()
 def load_experts(
     source: "str | Path | TensorSource", pairs: Iterable[tuple[int, int]], dtype: torch.dtype = torch.float32,

@@ -54,7 +54,8 @@ def _service_config(ns: argparse.Namespace) -> dict:
     gpus, gateway_gpus = _gpu_settings(ns)
     cfg = {"model": model_source(ns), "dtype": ns.dtype, "workers": ns.workers, "gpus_per_worker": gpus,
            "gateway_gpus": gateway_gpus, "http_api": not ns.no_http_api,
-           "redundant_experts": ns.redundant_experts, "min_replicas": ns.min_replicas, "api_key": ns.api_key, "quantize": ns.quantize,
+           "redundant_experts": ns.redundant_experts, "min_replicas": ns.min_replicas, "standby": ns.standby,
+           "api_key": ns.api_key, "quantize": ns.quantize,
            "gateway_num_cpus": ns.gateway_cpus, "sd_port": ns.sd_port,
            # on a cluster workers advertise their node IP; a local run stays on loopback
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
@@ -185,6 +186,8 @@ def add_parsers(sub) -> None:
         sp.add_argument("--min-replicas", type=int, default=None, help="every expert on at least this many workers, "
                         "always (a lost worker's pairs then have a replica elsewhere at once); default: 2 where the "
                         "workers' memory holds it, else 1")
+        sp.add_argument("--standby", choices=["device", "host"], default="device",
+                        help="where standbys' weights wait: on the device, or in the node's memory until first used")
         sp.add_argument("--quantize", choices=["fp8"], default=None,
                         help="keep the routed experts in FP8 128x128 blocks (an FP8 checkpoint's are, always)")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")

@@ -25,6 +25,8 @@ def _bar(value: float, top: float, width: int = 30) -> str:
 def format_placement(stats: dict) -> str:
     lines = [f"placement version {stats['version']}, load window {stats['window_s']:.0f}s "
              f"({stats['load_tokens']:.0f} routed tokens)"]
+    if "min_replicas" in stats:
+        lines.append(f"every expert on {stats['min_replicas']} worker(s): {stats['redundancy']}")
     loads = stats.get("worker_load", [])
     top = max(loads, default=0)
     for w in stats["workers"]:

@@ -81,23 +81,24 @@ def live_replicas(placement: Placement, healthy: set[int] | list[int]) -> np.nda
     return (placement.hosts & alive).sum(axis=2)
 
 
-def redundancy_fits(need: dict[int, int], memory: dict[int, dict | None]) -> tuple[bool, str]:
-    """Whether each worker's memory holds `need[w]` bytes of experts. `memory[w]` is what worker w reports
-    (`transport.memory.device_memory` and the bytes of experts it holds, `held_bytes`); the workers that share
-    a memory pool (a node's RAM, one GPU) need together at most `AUTO_MEMORY_SHARE` of its free memory plus
-    what they hold. Returns the verdict and the tightest pool's numbers."""
-    if not need or any(memory.get(w) is None for w in need):
+def redundancy_fits(needs: list[tuple[dict | None, int]]) -> tuple[bool, str]:
+    """Whether the workers' memory holds their experts with standbys. `needs`: (a memory a worker reported,
+    the bytes of experts it would hold there), one per worker and memory (its device; with standbys in host
+    memory, its node's too). A report (`transport.memory.device_memory`) names its pool (a node's RAM, one
+    GPU), says what is free there and what the worker holds there already (`held_bytes`); the needs in one
+    pool add up to at most `AUTO_MEMORY_SHARE` of its free memory plus what they hold. Returns the verdict
+    and the tightest pool's numbers."""
+    if not needs or any(report is None for report, _ in needs):
         return False, "the workers did not report their memory"
-    pools: dict[str, list[int]] = {}
-    for w in need:
-        pools.setdefault(memory[w]["pool"], []).append(w)
+    pools: dict[str, list[tuple[dict, int]]] = {}
+    for report, need in needs:
+        pools.setdefault(report["pool"], []).append((report, need))
     worst = (-1.0, "", 0, 0)
-    for pool, ws in pools.items():
-        needed = sum(need[w] for w in ws)
-        room = min(memory[w]["free_bytes"] for w in ws) + sum(memory[w]["held_bytes"] for w in ws)
+    for pool, items in pools.items():
+        needed = sum(need for _, need in items)
+        room = min(r["free_bytes"] for r, _ in items) + sum(r["held_bytes"] for r, _ in items)
         share = needed / room if room > 0 else math.inf
         worst = max(worst, (share, pool, needed, room))
     share, pool, needed, room = worst
-    return share <= AUTO_MEMORY_SHARE, (f"{needed / 2**30:.2f} GiB of experts with standbys on {len(pools[pool])} "
-                                        f"worker(s) sharing {room / 2**30:.2f} GiB ({pool}): {share:.0%}, "
-                                        f"at most {AUTO_MEMORY_SHARE:.0%}")
+    return share <= AUTO_MEMORY_SHARE, (f"{needed / 2**30:.2f} GiB of experts with standbys in {room / 2**30:.2f} GiB "
+                                        f"({pool}): {share:.0%}, at most {AUTO_MEMORY_SHARE:.0%}")

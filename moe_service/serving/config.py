@@ -50,6 +50,10 @@ class ServiceConfig:
     # the extra slots; placement/redundancy.py): a lost worker's pairs then always have a live replica.
     # None: 2 where the workers' memory holds the standbys, else 1 (decided at start: Controller._redundancy)
     min_replicas: int | None = None
+    # where a standby's weights wait: "device" (ready at once), or "host": the worker node's memory (pinned),
+    # joining the layer's module on the device when a lost replica's pairs first reach it (on a CPU worker,
+    # the same memory either way). Unset min_replicas then asks the node's memory for the standbys' room.
+    standby: str = "device"
     spread_workers: bool = True  # place workers on different nodes when possible
     expert_bind_host: str | None = None  # None: the node's IP (clusters); tests use 127.0.0.1
     # fixed port ranges (inclusive) for the workers' gRPC servers and every process's /metrics, so a
@@ -145,6 +149,8 @@ class ServiceConfig:
         if cfg.workers < 1:
             raise ValueError(f"workers must be >= 1, got {cfg.workers}")
         fewest = min(cfg.workers, (cfg.autoscaling or {}).get("min_workers", cfg.workers))
+        if cfg.standby not in ("device", "host"):
+            raise ValueError(f"standby must be 'device' or 'host', got {cfg.standby!r}")
         if cfg.min_replicas is not None and not 1 <= cfg.min_replicas <= fewest:
             raise ValueError(f"min_replicas must be between 1 and the fewest workers the service runs ({fewest}), "
                              f"got {cfg.min_replicas}")

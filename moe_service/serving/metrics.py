@@ -119,6 +119,12 @@ class WorkerMetrics:
         self.hosted = Gauge("moe_worker_hosted_replicas", "(layer, expert) replicas hosted.", ["worker"], registry=r)
         self.load_seconds = Gauge("moe_worker_weight_load_seconds", "Time the last weight load took.", ["worker"],
                                   registry=r)
+        self.promotion = Histogram("moe_standby_promotion_seconds", "standby: host: parked standbys of a layer "
+                                   "joining its module on the device, when lost replicas' pairs first reach them.",
+                                   ["worker"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)
+
+    def on_promote(self, layer: int, seconds: float) -> None:
+        self.promotion.labels(self.worker).observe(seconds)
 
     def on_call(self, layer: int, rows: int, nbytes: int, seconds: float) -> None:
         self.compute.labels(self.worker).observe(seconds)

@@ -92,15 +92,32 @@ class Controller:
         if fewest < 2:
             self.min_replicas, self.redundancy = 1, f"auto: 1 (the service may run {fewest} worker)"
         else:
-            need = self.slots_for(self.cfg.workers, 2) * len(self.moe_layers) * self.replica_bytes
-            memory = {w: (info or {}).get("memory") for w, info in described.items()}
-            fits, why = redundancy_fits({w: need for w in memory}, memory)
+            per_layer = len(self.moe_layers) * self.replica_bytes
+            spare = standby_slots(self.args.n_routed_experts, self.cfg.workers, 2) * per_layer
+            serving = self.slots_for(self.cfg.workers, 2) * per_layer - spare
+            # what each worker would hold, and where: its device, and with `standby: host` its node's memory
+            needs: list = []
+            for info in described.values():
+                info = info or {}
+                if self.cfg.standby == "host":
+                    needs += [(info.get("memory"), serving), (info.get("host_memory"), spare)]
+                else:
+                    needs.append((info.get("memory"), serving + spare))
+            fits, why = redundancy_fits(needs)
             self.min_replicas, self.redundancy = (2 if fits else 1), f"auto: {2 if fits else 1} ({why})"
         self.replicas_per_worker = self.slots_for(self.cfg.workers)
         log.info("min_replicas %s", self.redundancy)
 
     def pairs_of(self, placement: Placement, worker_id: int) -> Pairs:
         return [(self.moe_layers[l], e) for l, e in placement.hosted(worker_id)]
+
+    def standbys_of(self, placement: Placement, worker_id: int) -> Pairs:
+        """Which of `pairs_of` are standbys (hosted with no share: placement/redundancy.py) that the worker is to
+        keep in host memory (`standby: host`; with `device` it need not know)."""
+        if self.cfg.standby != "host" or worker_id >= placement.num_workers:
+            return []
+        spare = placement.hosts[:, :, worker_id] & ~actives(placement).hosts[:, :, worker_id]
+        return [(self.moe_layers[l], int(e)) for l, e in np.argwhere(spare)]
 
     async def start(self) -> dict:
         """Place the experts, start every worker, publish the first ready table. Fails loudly. Every gateway
@@ -115,7 +132,7 @@ class Controller:
             self._redundancy(await self.pool.describe())
             placement = initial_placement(self.cfg.workers, self.cfg.redundant_experts, len(self.moe_layers),
                                           self.args.n_routed_experts, self.replicas_per_worker, self.min_replicas)
-            await self._all_or_none(self._first_load(w, self.pairs_of(placement, w)) for w in workers)
+            await self._all_or_none(self._first_load(w, placement) for w in workers)
             self._began(placement)
             await self.publish(placement, ready=True)
             return self.board.snapshot()
@@ -128,9 +145,10 @@ class Controller:
             await self.pool.stop_all()
             raise errors[0]
 
-    async def _first_load(self, worker_id: int, pairs: Pairs) -> None:
+    async def _first_load(self, worker_id: int, placement: Placement) -> None:
         try:
-            await self.pool.load({worker_id: pairs})
+            await self.pool.load({worker_id: self.pairs_of(placement, worker_id)},
+                                 {worker_id: self.standbys_of(placement, worker_id)})
         except Exception as e:
             raise RuntimeError(f"expert worker {worker_id} failed to start: {e}") from e
 
@@ -169,11 +187,13 @@ class Controller:
             self.pool.adopt(f)
         self._redundancy(await self.pool.describe())
         placement, lost = rebuild_placement({f.worker_id: f.pairs for f in found}, self.moe_layers,
-                                            self.args.n_routed_experts, self.cfg.workers, self.replicas_per_worker)
+                                            self.args.n_routed_experts, self.cfg.workers, self.replicas_per_worker,
+                                            {f.worker_id: f.standbys for f in found})
         # experts left below min_replicas by the loss get standbys, on the emptiest workers: the lost ones
         placement = with_standbys(placement, self.min_replicas, self.replicas_per_worker)
         for w in lost:  # a generation no earlier process of it can have had
-            await self.pool.start(w, self.pairs_of(placement, w), max([0, *(f.generation for f in found)]) + 1)
+            await self.pool.start(w, self.pairs_of(placement, w), max([0, *(f.generation for f in found)]) + 1,
+                                  self.standbys_of(placement, w))
         log.warning("controller restarted: adopted %d running workers, restarted %d", len(found), len(lost))
         self.recovering = False
         self._began(placement)
@@ -314,7 +334,7 @@ class Controller:
             t0 = time.perf_counter()
             new = Placement.from_dict(proposal["placement"])
             proposal["gateways_switched"] = await apply_placement(new, self.pairs_of, self.pool, self._publish_new,
-                                                                  self.gateways, self.protocol)
+                                                                  self.gateways, self.protocol, self.standbys_of)
             for key in [k for k in self.targets if k.startswith("worker-") and int(k[7:]) not in self.pool.workers]:
                 del self.targets[key]
                 self.metrics.worker_up.remove(key[7:])

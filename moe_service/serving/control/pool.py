@@ -31,11 +31,13 @@ class Found(Started):
     worker_id: int = 0
     generation: int = 0
     pairs: Pairs = field(default_factory=list)
+    standbys: Pairs = field(default_factory=list)  # those of `pairs` it keeps as standbys (standby: host)
 
 
 class Launcher(Protocol):
-    async def start(self, worker_id: int, generation: int, pairs: Pairs) -> Started: ...
-    async def load(self, handle: Any, pairs: Pairs) -> None: ...
+    # `standbys`: which of `pairs` are standbys (kept in host memory under `standby: host`)
+    async def start(self, worker_id: int, generation: int, pairs: Pairs, standbys: Pairs) -> Started: ...
+    async def load(self, handle: Any, pairs: Pairs, standbys: Pairs) -> None: ...
     async def ping(self, handle: Any) -> dict | None: ...  # what the worker says of itself; WorkerLost if gone
     async def stop(self, handle: Any) -> None: ...
     async def running(self) -> list[Found]: ...  # the service's workers alive now
@@ -48,6 +50,7 @@ class Worker:
 
     worker_id: int
     pairs: Pairs
+    standbys: Pairs = field(default_factory=list)  # which of `pairs` are standbys
     handle: Any = None
     address: str | None = None
     metrics: str | None = None
@@ -69,24 +72,25 @@ class WorkerPool:
     def healthy_addresses(self) -> dict[int, str]:
         return {w: s.address for w, s in self.workers.items() if s.healthy and s.address}
 
-    async def start(self, worker_id: int, pairs: Pairs, generation: int = 0) -> Worker:
+    async def start(self, worker_id: int, pairs: Pairs, generation: int = 0, standbys: Pairs = ()) -> Worker:
         """A new worker hosting `pairs`, after `generation` (one that ran before); raises if it does not start."""
-        worker = self.workers[worker_id] = Worker(worker_id, sorted(pairs), generation=generation)
+        worker = self.workers[worker_id] = Worker(worker_id, sorted(pairs), sorted(standbys), generation=generation)
         await self._launch(worker)
         return worker
 
     def adopt(self, found: Found) -> None:
         """A worker that was already running (the controller restarted): nothing is reloaded."""
-        self.workers[found.worker_id] = Worker(found.worker_id, sorted(map(tuple, found.pairs)), found.handle,
-                                               found.address, found.metrics, found.generation, healthy=True)
+        self.workers[found.worker_id] = Worker(found.worker_id, sorted(map(tuple, found.pairs)),
+                                               sorted(map(tuple, found.standbys)), found.handle, found.address,
+                                               found.metrics, found.generation, healthy=True)
 
     async def _launch(self, worker: Worker) -> None:
         worker.generation += 1
-        pairs = list(worker.pairs)
-        started = await self.launcher.start(worker.worker_id, worker.generation, pairs)
+        pairs, standbys = list(worker.pairs), list(worker.standbys)
+        started = await self.launcher.start(worker.worker_id, worker.generation, pairs, standbys)
         worker.handle, worker.address, worker.metrics = started.handle, started.address, started.metrics
-        if worker.pairs != pairs:  # a rebalance changed what it should host while it started
-            await self.launcher.load(worker.handle, worker.pairs)
+        if (worker.pairs, worker.standbys) != (pairs, standbys):  # a rebalance changed them while it started
+            await self.launcher.load(worker.handle, worker.pairs, worker.standbys)
         worker.healthy = True
 
     async def check(self, worker: Worker) -> None:
@@ -116,17 +120,18 @@ class WorkerPool:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self.workers.values())))
 
-    async def load(self, wanted: dict[int, Pairs]) -> None:
-        """Each listed worker hosts exactly those pairs from now on. One that died meanwhile is not an
-        error: `pairs` says what its replacement hosts, and the watch restarts it."""
+    async def load(self, wanted: dict[int, Pairs], standbys: dict[int, Pairs] | None = None) -> None:
+        """Each listed worker hosts exactly those pairs from now on (`standbys[w]` of them as standbys). One
+        that died meanwhile is not an error: `pairs` says what its replacement hosts, and the watch restarts it."""
         calls = []
         for w, pairs in wanted.items():
             worker = self.workers[w]
             pairs = sorted(map(tuple, pairs))
-            if pairs != worker.pairs:
-                worker.pairs = pairs
+            spare = sorted(set(map(tuple, (standbys or {}).get(w, ()))) & set(pairs))
+            if (pairs, spare) != (worker.pairs, worker.standbys):
+                worker.pairs, worker.standbys = pairs, spare
                 if worker.healthy:
-                    calls.append(self.launcher.load(worker.handle, pairs))
+                    calls.append(self.launcher.load(worker.handle, pairs, spare))
         for r in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(r, BaseException) and not isinstance(r, WorkerLost):
                 raise r

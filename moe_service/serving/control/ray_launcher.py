@@ -25,7 +25,7 @@ class RayLauncher:
     def name(self, worker_id: int, generation: int) -> str:
         return f"{self.service}_worker_{worker_id}_g{generation}"
 
-    async def start(self, worker_id: int, generation: int, pairs: Pairs) -> Started:
+    async def start(self, worker_id: int, generation: int, pairs: Pairs, standbys: Pairs = ()) -> Started:
         cfg = self.cfg
         opts: dict = {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.cpus_per_worker, "lifetime": "detached",
                       "name": self.name(worker_id, generation), "namespace": NAMESPACE}
@@ -35,9 +35,9 @@ class RayLauncher:
             opts["scheduling_strategy"] = "SPREAD"
         handle = ExpertWorkerActor.options(**opts).remote(
             worker_id, cfg.model, cfg.dtype, cfg.quantize, cfg.expert_bind_host, self.tls, cfg.torch_threads,
-            cfg.expert_port_range, cfg.metrics_port_range, cfg.simulate)
+            cfg.expert_port_range, cfg.metrics_port_range, cfg.simulate, cfg.standby)
         try:
-            addrs = await asyncio.wait_for(handle.start.remote(pairs), cfg.worker_start_timeout_s)
+            addrs = await asyncio.wait_for(handle.start.remote(pairs, standbys), cfg.worker_start_timeout_s)
         except BaseException as e:  # it did not start, or the controller stopped waiting (shutting down)
             await _kill(handle)
             if isinstance(e, asyncio.TimeoutError):
@@ -50,9 +50,9 @@ class RayLauncher:
             raise
         return Started(handle, addrs["address"], addrs["metrics"])
 
-    async def load(self, handle, pairs: Pairs) -> None:
+    async def load(self, handle, pairs: Pairs, standbys: Pairs = ()) -> None:
         try:
-            await handle.load.remote(pairs)
+            await handle.load.remote(pairs, standbys)
         except RayActorError as e:
             raise WorkerLost(type(e).__name__) from None
 
@@ -104,7 +104,8 @@ class RayLauncher:
             except (ValueError, WorkerLost):
                 continue
             if info.get("address"):
-                found.append(Found(handle, info["address"], info["metrics"], w, g, [tuple(p) for p in info["hosted"]]))
+                found.append(Found(handle, info["address"], info["metrics"], w, g, [tuple(p) for p in info["hosted"]],
+                                   [tuple(p) for p in info.get("parked", ())]))
         return found
 
 

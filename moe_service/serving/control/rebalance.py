@@ -54,22 +54,31 @@ class Gateways:
 
 async def apply_placement(new: Placement, pairs_of: Callable[[Placement, int], Pairs], pool: WorkerPool,
                           publish: Callable[[Placement], Awaitable[int]], gateways: Gateways,
-                          settings: ProtocolSettings) -> bool:
+                          settings: ProtocolSettings, standbys_of: Callable[[Placement, int], Pairs] | None = None) -> bool:
     """Moves the service to `new` (its worker count may differ); True if every gateway confirmed the new
-    table before the old replicas went. `publish` installs the placement and returns the table version."""
-    # 1. new workers start with their replicas; existing ones load what they gain, keeping what they lose
+    table before the old replicas went. `publish` installs the placement and returns the table version;
+    `standbys_of` says which of a worker's pairs are standbys."""
+    spare = standbys_of or (lambda p, w: [])
+    # 1. new workers start with their replicas; existing ones load what they gain, keeping what they lose.
+    # Meanwhile a pair is a standby only if it is one in both placements: either table may route to it.
     for w in range(new.num_workers):
         if w not in pool.workers:
-            await pool.start(w, pairs_of(new, w))
-    await pool.load({w: sorted(set(worker.pairs) | set(pairs_of(new, w)) if w < new.num_workers else worker.pairs)
-                     for w, worker in pool.workers.items()})
+            await pool.start(w, pairs_of(new, w), standbys=spare(new, w))
+    both, standbys = {}, {}
+    for w, worker in pool.workers.items():
+        pairs, serving = set(pairs_of(new, w)) if w < new.num_workers else set(), set(worker.pairs) - set(worker.standbys)
+        parked = set(spare(new, w)) if w < new.num_workers else set()
+        serving |= pairs - parked
+        both[w] = sorted(set(worker.pairs) | pairs)
+        standbys[w] = sorted(set(both[w]) - serving)
+    await pool.load(both, standbys)
     # 2. gateways switch between steps, and say so
     version = await publish(new)
     confirmed = await gateways.wait_confirmed(version, settings)
     # 3. what moved away goes; workers beyond the new count stop
     for w in [w for w in pool.workers if w >= new.num_workers]:
         await pool.remove(w)
-    await pool.load({w: pairs_of(new, w) for w in pool.workers})
+    await pool.load({w: pairs_of(new, w) for w in pool.workers}, {w: spare(new, w) for w in pool.workers})
     await publish(new)
     return confirmed
 

@@ -69,9 +69,11 @@ class TableBoard:
 
 
 def rebuild_placement(found: dict[int, list[tuple[int, int]]], moe_layers: list[int], num_experts: int,
-                      min_workers: int, replicas_per_worker: int) -> tuple[Placement, list[int]]:
+                      min_workers: int, replicas_per_worker: int,
+                      standbys: dict[int, list[tuple[int, int]]] | None = None) -> tuple[Placement, list[int]]:
     """After the controller's loss: the placement the running workers host (`found`: worker id -> its
-    (layer, expert) pairs), and the workers lost meanwhile (ids below the highest found, or below
+    (layer, expert) pairs; `standbys`: those they say are standbys, which get no share while their expert
+    has another replica), and the workers lost meanwhile (ids below the highest found, or below
     `min_workers`, that no process holds). An expert whose every host was lost goes to a lost worker
     (which is restarted with it), round robin; with none lost, to the running workers in turn."""
     layer_index = {layer: i for i, layer in enumerate(moe_layers)}
@@ -83,7 +85,12 @@ def rebuild_placement(found: dict[int, list[tuple[int, int]]], moe_layers: list[
     lost = [w for w in range(num_workers) if w not in found]
     for i, (l, e) in enumerate(np.argwhere(~hosts.any(axis=2))):
         hosts[l, e, lost[i % len(lost)] if lost else i % num_workers] = True
-    return Placement(hosts, hosts / hosts.sum(axis=2, keepdims=True), replicas_per_worker), lost
+    serving = hosts.copy()
+    for w, pairs in (standbys or {}).items():
+        for layer, e in pairs:
+            serving[layer_index[layer], e, w] = False
+    serving = np.where(serving.any(axis=2, keepdims=True), serving, hosts)
+    return Placement(hosts, serving / serving.sum(axis=2, keepdims=True), replicas_per_worker), lost
 
 
 def initial_placement(workers: int, redundant_experts: int, num_layers: int, num_experts: int, slots: int,

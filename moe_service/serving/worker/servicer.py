@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
 import torch
 
+from moe_service.checkpoint.loader import join_experts
 from moe_service.model.args import DTYPES
 from moe_service.model.experts import RoutedExperts, group_pairs
 from moe_service.model.fp8 import FP8Experts
@@ -27,20 +29,43 @@ INLINE_ROWS = 8  # up to this many rows compute on the stream's own thread: a th
 
 @dataclass
 class HostedLayer:
-    """One layer's experts on this worker: the module and which expert each local index holds."""
+    """One layer's experts on this worker: the module and which expert each local index holds, and with
+    `standby: host` the standbys parked in host memory, whose local indices follow the module's: the first
+    call that needs one joins them all to the module (`promote`), on the module's device."""
 
     experts: "RoutedExperts | FP8Experts"
     expert_ids: list[int]
     # [E + 2]: index e < E: e's local index, or -2 (not hosted); index E: -2 (an id out of range, clamped
     # here); index E + 1, reached as -1: -1 (no expert in this column)
     local_of: torch.Tensor
+    parked: "RoutedExperts | FP8Experts | None" = None
+    parked_ids: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, experts: "RoutedExperts | FP8Experts", expert_ids: list[int], num_experts: int) -> "HostedLayer":
+    def build(cls, experts: "RoutedExperts | FP8Experts", expert_ids: list[int], num_experts: int,
+              parked: "RoutedExperts | FP8Experts | None" = None, parked_ids: list[int] = ()) -> "HostedLayer":
         local_of = torch.full((num_experts + 2,), -2, dtype=torch.long)
         local_of[-1] = -1
-        local_of[torch.tensor(expert_ids, dtype=torch.long)] = torch.arange(len(expert_ids))
-        return cls(experts, list(expert_ids), local_of)
+        ids = list(expert_ids) + list(parked_ids)
+        local_of[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        return cls(experts, list(expert_ids), local_of, parked if parked_ids else None, list(parked_ids))
+
+    def promote(self, local: torch.Tensor) -> float | None:
+        """Joins the parked standbys to the module if `local` uses one; returns the seconds it took (None: no
+        promotion). A call already running keeps the module it started with: its indices are all below."""
+        if self.parked is None or int(local.max()) < self.experts.num_local:
+            return None
+        with self.lock:
+            if self.parked is None:  # another call promoted them meanwhile
+                return None
+            t0 = time.perf_counter()
+            joined = join_experts(self.experts, self.parked)
+            if joined.device.type == "cuda":
+                torch.cuda.synchronize(joined.device)
+            self.experts, self.expert_ids = joined, self.expert_ids + self.parked_ids
+            self.parked, self.parked_ids = None, []
+            return time.perf_counter() - t0
 
 
 class BadRequest(Exception):
@@ -61,8 +86,10 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
 
     def __init__(self, hosted: dict[int, HostedLayer], *, worker_id: str, hidden_size: int, num_experts: int,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 on_call: Callable[[int, int, int, float], None] | None = None) -> None:
+                 on_call: Callable[[int, int, int, float], None] | None = None,
+                 on_promote: Callable[[int, float], None] | None = None) -> None:
         self.hosted = hosted
+        self.on_promote = on_promote  # (layer, seconds): parked standbys joined the layer's module
         self.worker_id, self.hidden_size, self.num_experts = worker_id, hidden_size, num_experts
         self.max_message_bytes = max_message_bytes
         self.on_call = on_call  # (layer, rows, bytes in, compute seconds) for metrics
@@ -116,14 +143,16 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
                                  f"experts has id {bad}; ids are in [0, {self.num_experts}) or -1 for none")
             raise BadRequest(grpc.StatusCode.FAILED_PRECONDITION,
                              f"experts has expert {bad} of layer {layer_id}, which worker {self.worker_id} "
-                             f"does not host (hosted: {layer.expert_ids})")
+                             f"does not host (hosted: {layer.expert_ids + layer.parked_ids})")
         return local
 
-    @staticmethod
-    def _compute(layer: HostedLayer, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    def _compute(self, layer_id: int, layer: HostedLayer, x: torch.Tensor, local: torch.Tensor,
+                 weights: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """-> (output [N, D] in x's dtype, written into `out` if given; seconds)"""
         t0 = time.perf_counter()
+        promoted = layer.promote(local)  # the pairs of a lost replica reached a parked standby here
+        if promoted is not None and self.on_promote is not None:
+            self.on_promote(layer_id, promoted)
         # the layer's own device and dtype: a worker started with no experts learns them from what it
         # is given to host (the controller's recovery path), and layers may differ
         ex = layer.experts
@@ -145,10 +174,10 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
         buf = fastwire.ResponseBuffer(x.shape, x.dtype, request.seq) if fastwire.in_place(x.nbytes) else None
         out = buf.output if buf is not None else None
         if x.shape[0] <= INLINE_ROWS:
-            y, seconds = self._compute(layer, x, local, weights, out)
+            y, seconds = self._compute(request.layer, layer, x, local, weights, out)
         else:
             y, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._compute, layer, x, local, weights, out)
+                self.pool, self._compute, request.layer, layer, x, local, weights, out)
         if self.on_call is not None:
             self.on_call(request.layer, x.shape[0], request.nbytes, seconds)
         return buf.finish(seconds) if buf is not None else fastwire.encode_response(y, seconds, request.seq)
@@ -174,7 +203,7 @@ class ExpertServicer(moe_pb2_grpc.ExpertServicer):
 
     async def Describe(self, request, context):
         layers = sorted(self.hosted.items())
-        hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in layers for e in h.expert_ids]
+        hosted = [moe_pb2.HostedExpert(layer=l, expert=e) for l, h in layers for e in h.expert_ids + h.parked_ids]
         ex = layers[0][1].experts if layers else None
         return moe_pb2.DescribeResponse(
             worker_id=self.worker_id, hosted=hosted, device=str(ex.device) if ex is not None else "",
