@@ -101,4 +101,4 @@ def redundancy_fits(needs: list[tuple[dict | None, int]]) -> tuple[bool, str]:
         worst = max(worst, (share, pool, needed, room))
     share, pool, needed, room = worst
     return share <= AUTO_MEMORY_SHARE, (f"{needed / 2**30:.2f} GiB of experts with standbys in {room / 2**30:.2f} GiB "
-                                        f"({pool}): {share:.0%}, at most {AUTO_MEMORY_SHARE:.0%}")
+                                        f"({pool[:16]}): {share:.0%}, at most {AUTO_MEMORY_SHARE:.0%}")
