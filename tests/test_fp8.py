@@ -123,7 +123,7 @@ def test_bad_fp8_checkpoints_are_refused_before_anything_is_read(fp8_v3, tmp_pat
         assert src.reads == [], "a bad checkpoint was half-loaded"
 
 
-def test_the_multi_token_prediction_layer_is_skipped_and_says_so(fp8_v3, tmp_path, caplog):
+def test_the_multi_token_prediction_layer_is_read_only_as_a_draft_and_says_so(fp8_v3, tmp_path, caplog):
     path, oracle = fp8_v3
 
     def add_mtp(tensors, config):  # DeepSeek-V3 ships its MTP module as the layer after the last
@@ -135,7 +135,8 @@ def test_the_multi_token_prediction_layer_is_skipped_and_says_so(fp8_v3, tmp_pat
     with caplog.at_level("INFO", logger="moe_service.checkpoint"):
         src = SafetensorsSource(with_mtp)
         model = load_model(src)
-    assert "skipping 2 tensors of the multi-token-prediction layer(s) (model.layers.3 and above)" in caplog.text
+    assert "2 tensors of the multi-token-prediction layer(s) (model.layers.3 and above) are read only as a draft" \
+        in caplog.text
     assert not [n for n in src.reads if n.startswith("model.layers.3.")] and src.args.num_nextn_predict_layers == 1
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():

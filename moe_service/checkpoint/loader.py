@@ -30,7 +30,7 @@ def validate(source: TensorSource, names: Iterable[str]) -> None:
     """Every tensor a load will read is there, with the shape the config implies, and each FP8 one with
     its block scales (one per 128 x 128 block, the edges partial). Checked before anything is read, so a
     bad checkpoint leaves nothing half-loaded."""
-    shapes, have = expected_shapes(source.args), source.names()
+    shapes, have = expected_shapes(source.args, mtp=True), source.names()
     for name in names:
         if name not in have:
             raise KeyError(f"{source.describe(name)} has no tensor {name!r}, which this model's config needs")
@@ -62,18 +62,21 @@ def _fetch(source: TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
 @torch.no_grad()
 def load_model(
     source: "str | Path | TensorSource", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    with_routed_experts: bool = True, progress: bool = False,
+    with_routed_experts: bool = True, progress: bool = False, with_mtp: bool = False,
 ) -> Transformer:
     """A Transformer with weights from a checkpoint directory or preset name.
 
-    With `with_routed_experts=False` (the gateway) no routed expert tensor is read.
+    With `with_routed_experts=False` (the gateway) no routed expert tensor is read; with `with_mtp` the
+    multi-token-prediction layers (`model.layers.{num_hidden_layers + i}`) are read too.
     """
     src = open_source(source)
     args = src.args
     with torch.device("meta"):
-        model = Transformer(args, with_routed_experts=with_routed_experts)
+        model = Transformer(args, with_routed_experts=with_routed_experts, with_mtp=with_mtp)
+    routed = [layer for layer in [*args.moe_layers, *(args.mtp_layers if with_mtp else [])]
+              if with_routed_experts and args.is_moe_layer(layer)]
     plain_names = [_source_name(n, args) for n, _ in model.named_parameters() if ".mlp.experts." not in n]
-    expert_names = [n for layer in (args.moe_layers if with_routed_experts else []) for e in range(args.n_routed_experts)
+    expert_names = [n for layer in routed for e in range(args.n_routed_experts)
                     for names in expert_hf_names(layer, e).values() for n in names]
     validate(src, plain_names + expert_names)
     model.to(dtype=dtype).to_empty(device=device)
@@ -90,8 +93,8 @@ def load_model(
             p.data = torch.empty(p.shape, dtype=t.dtype, device=device)
         p.data.copy_(t)
         bar.advance(p.numel() * p.element_size())
-    for layer in args.moe_layers if with_routed_experts else []:
-        experts = model.layers[layer].mlp.experts
+    for layer in routed:
+        experts = (model.layers[layer] if layer < args.num_hidden_layers else model.mtp[str(layer)]).mlp.experts
         fill_experts(src, experts, [(layer, e) for e in range(args.n_routed_experts)], dtype, bar)
     bar.close()
     return model.eval()

@@ -79,8 +79,8 @@ class SafetensorsSource:
         self.reads: list[str] = []
         mtp = [n for n in self.file_of if (layer := _layer_of(n)) is not None and layer >= self.args.num_hidden_layers]
         if mtp:
-            log.info("%s: skipping %d tensors of the multi-token-prediction layer(s) (model.layers.%d and above): "
-                     "this service does not use them", self.path, len(mtp), self.args.num_hidden_layers)
+            log.info("%s: %d tensors of the multi-token-prediction layer(s) (model.layers.%d and above) are read "
+                     "only as a draft (load_model(with_mtp=True))", self.path, len(mtp), self.args.num_hidden_layers)
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -133,7 +133,7 @@ class PresetSource:
     def __init__(self, name: str, seed: int = PRESET_SEED) -> None:
         self.args = preset_args(name)
         self.seed = seed
-        self.shapes = expected_shapes(self.args)
+        self.shapes = expected_shapes(self.args, mtp=True)
         self.reads: list[str] = []
 
     def names(self) -> set[str]:

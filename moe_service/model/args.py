@@ -123,6 +123,11 @@ class ModelArgs:
     def moe_layers(self) -> list[int]:
         return [layer for layer in range(self.num_hidden_layers) if self.is_moe_layer(layer)]
 
+    @property
+    def mtp_layers(self) -> list[int]:
+        """The multi-token-prediction layers' indices (DeepSeek-V3's draft): after the main layers."""
+        return [self.num_hidden_layers + i for i in range(self.num_nextn_predict_layers)]
+
     # Hugging Face config.json <-> ModelArgs
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str = "checkpoint") -> "ModelArgs":

@@ -32,19 +32,21 @@ class PagedLatentCache:
     that want a plain cache of `rows` sequences of up to `max_len` tokens (`for_rows`)."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int = BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 with_mtp: bool = False) -> None:
         if num_blocks < 2:
             raise ValueError(f"a paged cache needs at least 2 blocks (block 0 is padding), not {num_blocks}")
         self.num_blocks, self.block_size, self.dim = num_blocks, block_size, args.kv_cache_dim
         self.kv = [torch.zeros(num_blocks, block_size, self.dim, dtype=dtype, device=device)
-                   for _ in range(args.num_hidden_layers)]
+                   for _ in range(args.num_hidden_layers + (args.num_nextn_predict_layers if with_mtp else 0))]
         self.row_tables: torch.Tensor | None = None
 
     @classmethod
     def for_rows(cls, args: ModelArgs, rows: int, max_len: int, block_size: int = BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "PagedLatentCache":
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 with_mtp: bool = False) -> "PagedLatentCache":
         per_row = blocks_for(max_len, block_size)
-        cache = cls(args, rows * per_row + 1, block_size, dtype, device)
+        cache = cls(args, rows * per_row + 1, block_size, dtype, device, with_mtp)
         cache.row_tables = torch.arange(1, rows * per_row + 1, device=device).view(rows, per_row)
         return cache
 

@@ -28,6 +28,9 @@ PRESETS["tiny-v3"] = dataclasses.replace(
     PRESETS["tiny"], name="tiny-v3", model_type="deepseek_v3", topk_method="noaux_tc", scoring_func="sigmoid",
     n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
 
+# ... with one multi-token-prediction layer, its block MoE as in DeepSeek-V3: the speculative decoding tests' draft
+PRESETS["tiny-v3-mtp"] = dataclasses.replace(PRESETS["tiny-v3"], name="tiny-v3-mtp", num_nextn_predict_layers=1)
+
 # the routing shape of DeepSeek-V2-Lite (64 routed experts, top-6) at the tiny preset's size: the real
 # answers of a SIMULATED cluster (serving/simulated.py), cheap enough for 8-16 workers on a small machine
 PRESETS["tiny-64"] = dataclasses.replace(PRESETS["tiny"], name="tiny-64", n_routed_experts=64, num_experts_per_tok=6)

@@ -55,16 +55,48 @@ class DecoderLayer(nn.Module):
         return self.add_ffn_output(x, y, ctx)
 
 
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3's multi-token-prediction (MTP) layer, the draft that proposes the token after next.
+
+    Stored as one more layer after the main ones (`model.layers.{num_hidden_layers + i}`). From the main
+    model's hidden state `h_i` at position i (before its final norm) and the embedding of the next token
+    t_{i+1}, it computes `eh_proj(cat[enorm(embed(t_{i+1})), hnorm(h_i)])`, the embedding first (as vLLM
+    and SGLang read the checkpoint), then this decoder block at position i (MoE where the layer index is an
+    MoE layer's, as in V3), with its own KV cache layer; its logits, `shared_head.head(shared_head.norm(.))`,
+    predict t_{i+2}. The embedding is the main model's (the checkpoint's copy of it is not read)."""
+
+    def __init__(self, args: ModelArgs, layer: int, with_routed_experts: bool = True) -> None:
+        super().__init__(args, layer, with_routed_experts)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = nn.ModuleDict({"norm": RMSNorm(args.hidden_size, args.rms_norm_eps),
+                                          "head": nn.Linear(args.hidden_size, args.vocab_size, bias=False)})
+
+    def draft(self, hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: StepContext,
+              dispatcher: Dispatcher | None = None) -> torch.Tensor:
+        """hidden [B, T, D] (the main model's, before its norm) and the next tokens' embeddings [B, T, D] ->
+        this layer's hidden state [B, T, D]; `ctx`: the step's, at the main model's positions."""
+        x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
+        return self(x, ctx, dispatcher)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shared_head["head"](self.shared_head["norm"](h))
+
+
 class Transformer(nn.Module):
     """`model(input_ids [B, T])` returns logits `[B, T, V]`, as transformers' DeepseekV2ForCausalLM does."""
 
-    def __init__(self, args: ModelArgs, with_routed_experts: bool = True) -> None:
+    def __init__(self, args: ModelArgs, with_routed_experts: bool = True, with_mtp: bool = False) -> None:
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(args, i, with_routed_experts) for i in range(args.num_hidden_layers)
         )
+        # the multi-token-prediction layers (drafts) by layer index, where asked for
+        self.mtp = nn.ModuleDict({str(l): MTPLayer(args, l, with_routed_experts) for l in args.mtp_layers}
+                                 if with_mtp else {})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = Rotary(args)
@@ -136,11 +168,32 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V], or [B, V] at each row's last new token if `last_only`.
         `dispatcher` runs the routed experts elsewhere; `clock`, when given, times attention and gating."""
+        x, ctx = self.hidden(input_ids, cache, tables, start, num_new, dispatcher, clock)
+        if last_only:
+            x = x[torch.arange(x.shape[0], device=x.device), ctx.num_new - 1]
+        return self.logits(x)
+
+    @torch.inference_mode()
+    def hidden(
+        self, input_ids: torch.Tensor, cache: PagedLatentCache | None = None, tables: torch.Tensor | None = None,
+        start: torch.Tensor | None = None, num_new: torch.Tensor | None = None,
+        dispatcher: Dispatcher | None = None, clock: StageClock | None = None,
+    ) -> tuple[torch.Tensor, StepContext]:
+        """The last layer's hidden states [B, T, D] (before the final norm: what an MTP layer reads), and
+        the step's context."""
         ctx = self.context(input_ids, cache, tables, start, num_new)
         ctx.clock = clock
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, ctx, dispatcher)
-        if last_only:
-            x = x[torch.arange(x.shape[0], device=x.device), ctx.num_new - 1]
-        return self.logits(x)
+        return x, ctx
+
+    @torch.inference_mode()
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, ctx: StepContext, depth: int = 0,
+              dispatcher: Dispatcher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer `depth`'s step over what the main model's step (`ctx`, `hidden` [B, T, D]) computed:
+        row b, position t pairs `hidden[b, t]` with `next_ids[b, t]`, the token after it. Returns its hidden
+        states [B, T, D] (the next depth's input) and logits [B, T, V], the token after `next_ids`."""
+        layer = self.mtp[str(self.args.mtp_layers[depth])]
+        h = layer.draft(hidden, self.embed_tokens(next_ids), ctx, dispatcher)
+        return h, layer.logits(h)
