@@ -21,6 +21,7 @@ from moe_service.engine.runner import ModelRunner, Outcome, StepDispatcher
 from moe_service.engine.sampling import Logprobs, SamplingParams
 from moe_service.engine.scheduler import Rejected, Scheduler, SchedulerConfig
 from moe_service.engine.sequence import Event, Sequence
+from moe_service.engine.speculative import Speculative
 from moe_service.engine.tokenizer import Tokenizer
 from moe_service.model.cache import BLOCK_SIZE, PagedLatentCache
 from moe_service.model.transformer import Transformer
@@ -33,6 +34,8 @@ class StepStats:
     prefill_tokens: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)  # the cause of each micro-batch that failed
+    drafted: int = 0  # draft tokens verified (speculative decoding)
+    accepted: int = 0  # ... and kept
     outcomes: list[Outcome] = field(default_factory=list)  # each micro-batch's stages and dispatch record
 
 
@@ -48,12 +51,16 @@ class StepOutput:
 class Engine:
     """`config` sizes the cache and the batch; without one (the in-process reference), each `generate` or
     `stream` call gets a cache sized for its prompts. `dispatchers` runs the routed experts elsewhere
-    (ModelRunner)."""
+    (ModelRunner); `speculative` drafts and verifies several tokens per step (engine/speculative.py)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: SchedulerConfig | None = None,
-                 dispatchers: Callable[[], StepDispatcher] | None = None, workload_rows: bool = False) -> None:
+                 dispatchers: Callable[[], StepDispatcher] | None = None, workload_rows: bool = False,
+                 speculative: Speculative | None = None) -> None:
+        if speculative is not None and speculative.mtp and not len(model.mtp):
+            raise ValueError("speculative (method mtp) needs the model's multi-token-prediction layer: load it "
+                             "with load_model(..., with_mtp=True)")
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
-        self.dispatchers, self.workload_rows = dispatchers, workload_rows
+        self.dispatchers, self.workload_rows, self.spec = dispatchers, workload_rows, speculative
         self.sized_per_call = config is None
         self.lock = threading.Lock()  # the inbox: add() from any thread, step() on one
         self.inbox: deque[Sequence] = deque()
@@ -67,10 +74,12 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(w.device)
             per_token = self.args.num_hidden_layers * self.args.kv_cache_dim * w.element_size()
             config.kv_capacity_tokens = int(free * config.kv_memory_fraction) // per_token // BLOCK_SIZE * BLOCK_SIZE
-        self.cache = PagedLatentCache(self.args, config.num_blocks, BLOCK_SIZE, dtype=w.dtype, device=w.device)
-        self.scheduler = Scheduler(config)
+        mtp = self.spec is not None and self.spec.mtp
+        self.cache = PagedLatentCache(self.args, config.num_blocks, BLOCK_SIZE, dtype=w.dtype, device=w.device,
+                                      with_mtp=mtp)
+        self.scheduler = Scheduler(config, self.spec)
         self.runner = ModelRunner(self.model, self.cache, self.dispatchers, config.micro_batches or 1,
-                                  self.workload_rows)
+                                  self.workload_rows, self.spec)
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
@@ -118,15 +127,27 @@ class Engine:
             if o.error is not None:
                 self._failed(o, now)
                 continue
-            computed = o.prefilled or [1] * len(o.seqs)  # a decode row computed the position it fed back
-            for s, n in zip(o.seqs, computed):
-                self.scheduler.computed(s, n)
-            for s, token, logprobs in o.tokens:
-                s.emit(("token", (token, s.append(token), logprobs)))
+            for s, token, logprobs in o.tokens:  # one at a time: a stop inside a speculative run ends it there
+                if not s.finished:
+                    s.emit(("token", (token, s.append(token), logprobs)))
+            for s, n in zip(o.seqs, o.computed):  # (a run cut short by a stop keeps the positions of its tokens)
+                self.scheduler.computed(s, min(n, len(s.tokens) - s.computed))
+            if self.spec is not None:
+                self._drafts(o)
         for s in [s for s in self.scheduler.running if s.finished]:
             self._end(s, s.finish_reason)
+        ok = [o for o in outcomes if o.error is None]
         return StepStats(len(batch.decode), len(batch.prefill), sum(n for _, n in batch.prefill),
-                         time.perf_counter() - t0, [o.error[0] for o in outcomes if o.error], outcomes)
+                         time.perf_counter() - t0, [o.error[0] for o in outcomes if o.error], sum(o.drafted for o in ok),
+                         sum(o.accepted for o in ok), outcomes)
+
+    def _drafts(self, o: Outcome) -> None:
+        """Each sequence's draft for its next step; the blocks that held only rejected drafts go back."""
+        for s in o.seqs:
+            if s.finished or s.in_prefill:
+                continue
+            s.draft = o.drafts.get(s, []) if self.spec.mtp else self.spec.propose(s, self.spec.tokens)
+            self.scheduler.trim(s)
 
     def _failed(self, o: Outcome, now: float) -> None:
         """A micro-batch whose experts failed changed nothing: its sequences run again from where they

@@ -17,7 +17,8 @@ from moe_service.engine.clock import StepClock, name_os_thread
 from moe_service.engine.sampling import Logprobs, sample
 from moe_service.engine.scheduler import Batch
 from moe_service.engine.sequence import Sequence
-from moe_service.model.cache import PagedLatentCache
+from moe_service.engine.speculative import Speculative, accepted
+from moe_service.model.cache import PagedLatentCache, blocks_for
 from moe_service.model.moe import Dispatcher
 from moe_service.model.transformer import Transformer
 
@@ -45,8 +46,12 @@ class Outcome:
     of it is applied: its sequences stay where they were, to run again or end as the engine decides."""
 
     seqs: list[Sequence]
-    prefilled: list[int] | None = None  # positions each sequence computed (a prefill micro-batch)
+    computed: list[int] = field(default_factory=list)  # positions each sequence computed (and kept)
+    # each sequence's new tokens, in order (a speculative step gives a sequence several)
     tokens: list[tuple[Sequence, int, Logprobs | None]] = field(default_factory=list)
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # the MTP layer's for each one's next step
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # ... and kept
     error: tuple[str, str] | None = None
     stages: dict[str, float] = field(default_factory=dict)
     record: object = None  # the dispatcher's, when remote
@@ -58,8 +63,10 @@ class ModelRunner:
     thread with its own dispatcher."""
 
     def __init__(self, model: Transformer, cache: PagedLatentCache, dispatchers: Callable[[], StepDispatcher] | None = None,
-                 micro_batches: int = 1, workload_rows: bool = False) -> None:
+                 micro_batches: int = 1, workload_rows: bool = False, speculative: Speculative | None = None) -> None:
         self.model, self.cache = model, cache
+        self.spec = speculative
+        self.mtp = speculative is not None and speculative.mtp
         self.device = model.embed_tokens.weight.device
         self.make_dispatcher = dispatchers
         self.micro_batches = max(1, micro_batches) if dispatchers is not None else 1
@@ -92,9 +99,12 @@ class ModelRunner:
         if d is not None:
             deadlines = [s.deadline for s in seqs]
             d.begin(None if None in deadlines else max(deadlines), clock, self._workloads(group, prefill))
-        out = Outcome(seqs, [n for _, n in group] if prefill else None)
+        out = Outcome(seqs)
         try:
-            out.tokens = self._prefill(group, d, clock) if prefill else self._decode(seqs, d, clock)
+            if prefill:
+                self._prefill(group, d, clock, out)
+            else:
+                self._decode(seqs, d, clock, out)
         except StepDeadline as e:  # its message says which expert was missing, if one was
             out.error = ("deadline", str(e))
         except Exception as e:  # a bug or a bad answer: this micro-batch's requests fail, the others go on
@@ -116,33 +126,103 @@ class ModelRunner:
         width = max(len(s.blocks) for s in seqs)
         return torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
 
-    def _decode(self, seqs: list[Sequence], d: StepDispatcher | None, clock: StepClock) -> list:
+    def _decode(self, seqs: list[Sequence], d: StepDispatcher | None, clock: StepClock, out: Outcome) -> None:
+        """Each sequence feeds back its last token and its draft (speculative decoding); every position's
+        token is drawn from the verification's logits, and the draft is kept up to its first difference."""
         dev = self.device
-        ids = torch.tensor([[s.output[-1]] for s in seqs], device=dev)
+        drafts = [s.draft for s in seqs]
+        n = [1 + len(x) for x in drafts]
+        T = max(n)
+        ids = torch.tensor([[s.output[-1], *x] + [0] * (T - k) for s, x, k in zip(seqs, drafts, n)], device=dev)
         start = torch.tensor([s.computed for s in seqs], device=dev)
-        logits = self.model(ids, cache=self.cache, tables=self._tables(seqs), start=start, last_only=True,
-                            dispatcher=d, clock=clock)
-        return self._sample(seqs, logits, clock)
+        tables = self._tables(seqs)
+        if T == 1 and not self.mtp:  # no draft to verify, none to make: only the last position's logits
+            logits = self.model(ids, cache=self.cache, tables=tables, start=start, last_only=True, dispatcher=d,
+                                clock=clock)
+            out.tokens = self._sample([(s, len(s.output)) for s in seqs], logits, clock)
+            out.computed = [1] * len(seqs)
+            return
+        hidden, _ = self.model.hidden(ids, self.cache, tables, start, torch.tensor(n, device=dev), d, clock)
+        rows = [(b, j) for b in range(len(seqs)) for j in range(n[b])]
+        b_idx, j_idx = torch.tensor(rows, device=dev).T
+        logits = self.model.logits(hidden[b_idx, j_idx])
+        drawn = self._sample([(seqs[b], len(seqs[b].output) + j) for b, j in rows], logits, clock)
+        kept: list[list[int]] = []
+        i = 0
+        for s, x, k in zip(seqs, drafts, n):
+            row = drawn[i:i + k]
+            i += k
+            m = accepted(x, [t for _, t, _ in row])
+            out.tokens += row[: m + 1]
+            out.computed.append(m + 1)
+            out.drafted, out.accepted = out.drafted + len(x), out.accepted + m
+            kept.append([t for _, t, _ in row[: m + 1]])
+        if self.mtp:
+            out.drafts = self._draft(seqs, hidden, kept, start, tables, d, clock)
 
-    def _prefill(self, chunks: list[tuple[Sequence, int]], d: StepDispatcher | None, clock: StepClock) -> list:
+    def _prefill(self, chunks: list[tuple[Sequence, int]], d: StepDispatcher | None, clock: StepClock,
+                 out: Outcome) -> None:
         """Prompt chunks (or, after a preemption, the tokens computed again); a prompt's last chunk samples
-        its first token."""
+        its first token. With an MTP draft, its layer runs over the chunk too (its own cache entries), and
+        drafts for the sequences whose prefill ends here."""
         T = max(n for _, n in chunks)
         dev = self.device
         ids = torch.tensor([s.tokens[s.computed : s.computed + n] + [0] * (T - n) for s, n in chunks], device=dev)
         start = torch.tensor([s.computed for s, _ in chunks], device=dev)
         num_new = torch.tensor([n for _, n in chunks], device=dev)
         seqs = [s for s, _ in chunks]
-        logits = self.model(ids, cache=self.cache, tables=self._tables(seqs), start=start, num_new=num_new,
-                            last_only=True, dispatcher=d, clock=clock)
+        tables = self._tables(seqs)
+        out.computed = [n for _, n in chunks]
+        hidden, _ = self.model.hidden(ids, self.cache, tables, start, num_new, d, clock)
+        last = hidden[torch.arange(len(chunks), device=dev), num_new - 1]
         done = [b for b, (s, n) in enumerate(chunks) if s.computed + n == s.prefill_target and not s.output]
-        if not done:
-            return []
-        return self._sample([chunks[b][0] for b in done], logits[torch.tensor(done, device=dev)], clock)
+        if done:
+            out.tokens = self._sample([(chunks[b][0], 0) for b in done],
+                                      self.model.logits(last[torch.tensor(done, device=dev)]), clock)
+        if self.mtp:
+            first = {s: t for s, t, _ in out.tokens}
+            # the token after each position: the prompt's next one, or the one just drawn after its last
+            nexts = [s.tokens[s.computed + 1 : s.computed + n + 1] + ([first[s]] if s in first else [])
+                     for s, n in chunks]
+            drafts = self._draft(seqs, hidden, nexts, start, tables, d, clock)
+            out.drafts = {s: drafts[s] for s, n in chunks if s.computed + n == s.prefill_target}
+
+    def _draft(self, seqs: list[Sequence], hidden: torch.Tensor, nexts: list[list[int]], start: torch.Tensor,
+               tables: torch.Tensor, d: StepDispatcher | None, clock: StepClock) -> dict[Sequence, list[int]]:
+        """The MTP layer over the positions a step kept (row b: `len(nexts[b])` of them from `start[b]`, each
+        with the token after it), writing its cache entries there; its last position's logits give the
+        first draft token, and each further one feeds its own hidden state back one position on (the
+        entries it writes past the kept positions are overwritten by the next step's)."""
+        dev = self.device
+        n = torch.tensor([len(x) for x in nexts], device=dev)
+        T = int(n.max())
+        ids = torch.tensor([x + [0] * (T - len(x)) for x in nexts], device=dev)
+        t0 = clock.mark()
+        ctx = self.model.context(ids, self.cache, tables, start, n)
+        ctx.clock = clock
+        h, logits = self.model.draft(hidden[:, :T], ids, ctx, dispatcher=d)
+        rows = torch.arange(len(seqs), device=dev)
+        h, tok = h[rows, n - 1][:, None], logits[rows, n - 1].argmax(-1)
+        out = [tok]
+        pos = start + n
+        if self.spec.tokens > 1:  # room in the tables for the chain: past a row's blocks, the padding block
+            width = blocks_for(int(pos.max()) + self.spec.tokens, self.cache.block_size)
+            tables = torch.nn.functional.pad(tables, (0, max(0, width - tables.shape[1])))
+        for _ in range(self.spec.tokens - 1):
+            ctx = self.model.context(tok[:, None], self.cache, tables, pos)
+            ctx.clock = clock
+            h, logits = self.model.draft(h, tok[:, None], ctx, dispatcher=d)
+            tok = logits[:, 0].argmax(-1)
+            out.append(tok)
+            pos = pos + 1
+        clock.add("draft", t0)
+        drafts = torch.stack(out, dim=1).tolist()
+        return dict(zip(seqs, drafts))
 
     @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor, clock: StepClock) -> list:
+    def _sample(rows: list[tuple[Sequence, int]], logits: torch.Tensor, clock: StepClock) -> list:
+        """Row i of `logits` is output position rows[i][1] of sequence rows[i][0]."""
         t0 = clock.mark()
-        tokens, logprobs = sample(logits, [s.sampler for s in seqs])
+        tokens, logprobs = sample(logits, [s.sampler for s, _ in rows], [p for _, p in rows])
         clock.add("sampling", t0)
-        return list(zip(seqs, tokens, logprobs))
+        return [(s, t, lp) for (s, _), t, lp in zip(rows, tokens, logprobs)]

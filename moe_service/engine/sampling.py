@@ -1,4 +1,7 @@
-"""Sampling parameters and a sampler whose result for a row never depends on the other rows."""
+"""Sampling parameters and a sampler whose result for a row never depends on the other rows, nor on how
+many tokens of its sequence a step computes: the token at output position i is
+argmax(p / E) with E ~ Exp(1) drawn from (seed, i) (the Gumbel-max trick: exactly a draw from p), so a
+speculative step that verifies several positions at once draws the very tokens plain decoding would."""
 
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ class SamplingParams:
 
 @dataclass
 class SamplerState:
-    """One sequence's sampler: its parameters and its own random stream, on the device of the logits
-    it first samples from (seeded identically on any device, though a GPU draws other numbers)."""
+    """One sequence's sampler: its parameters and its seed (drawn when the request gives none). The noise
+    of output position i comes from (seed, i) alone, on the logits' device (a GPU draws other numbers)."""
 
     params: SamplingParams
     seed: int = field(init=False)
@@ -58,19 +61,23 @@ class SamplerState:
         seed = self.params.seed
         self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
 
-    def generator_on(self, device: torch.device) -> torch.Generator:
+    def generator_at(self, device: torch.device, position: int) -> torch.Generator:
+        """The random stream of output position `position`."""
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
+        # mixed so that nearby (seed, position) pairs give unrelated streams
+        self.generator.manual_seed((self.seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % 2**63)
         return self.generator
 
 
 Logprobs = tuple[float, list[tuple[int, float]]]  # the chosen token's, and the top (token, logprob) pairs
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[Logprobs | None]]:
+def sample(logits: torch.Tensor, states: list[SamplerState],
+           positions: list[int]) -> tuple[list[int], list[Logprobs | None]]:
     """logits [B, V] -> one token per row, and for each row that asks (params.logprobs) its log-probabilities.
-    Each row uses only its own logits and generator. Log-probabilities are the model's distribution, before
+    Row b is output position `positions[b]` of the sequence `states[b]` samples for, and uses only its own
+    logits and the noise of (seed, position). Log-probabilities are the model's distribution, before
     temperature and top-p/top-k. Everything stays on the logits' device until the copies to the host at the end."""
     chosen = logits.argmax(dim=-1)  # [B] greedy
     for b, st in enumerate(states):
@@ -88,7 +95,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
             drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        chosen[b] = torch.multinomial(probs, 1, generator=st.generator_on(logits.device))[0]
+        noise = torch.empty_like(probs).exponential_(generator=st.generator_at(logits.device, positions[b]))
+        chosen[b] = (probs / noise).argmax()
     want = [b for b, st in enumerate(states) if st.params.logprobs is not None]
     if not want:
         return chosen.tolist(), [None] * len(states)

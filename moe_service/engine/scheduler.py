@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from moe_service.engine.blocks import BlockPool, prefix_keys
 from moe_service.engine.sampling import SamplingParams
 from moe_service.engine.sequence import Sequence, check_tokens
+from moe_service.engine.speculative import Speculative
 from moe_service.model.cache import BLOCK_SIZE, blocks_for
 
 
@@ -105,8 +106,11 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, speculative: Speculative | None = None) -> None:
         self.config = config
+        # an MTP layer's cache entry at a position depends on the token after it: the last block found in the
+        # prefix cache is computed again, so that its last entry sees this prompt's next token
+        self.mtp = speculative is not None and speculative.mtp
         self.pool = BlockPool(config.num_blocks, BLOCK_SIZE, config.prefix_caching)
         # a few blocks kept free at admission, so that sequences just admitted can grow a little before a
         # preemption is needed (vLLM's watermark)
@@ -187,6 +191,8 @@ class Scheduler:
             if len(s.keys) < usable:
                 s.keys = prefix_keys(s.tokens, BLOCK_SIZE, usable, s.keys)
             hits = pool.match(s.keys[:usable])
+            if self.mtp and hits:
+                hits = hits[:-1]
             need = blocks_for(target) - len(hits)
             kept_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in `available` until taken
             if pool.available - kept_hits < need + (self.watermark if self.running else 0):
@@ -203,7 +209,9 @@ class Scheduler:
 
     def _grow(self, decode: list[Sequence]) -> list[Sequence]:
         """A block for every decoding sequence whose next position starts one, oldest first; when none is
-        left, the newest running sequence is preempted (possibly one of these). Returns those still running."""
+        left, the newest running sequence is preempted (possibly one of these). Then room for each one's
+        draft where blocks are free without preempting anyone (a draft is cut to what fits, and to what
+        max_new_tokens and max_seq_len leave). Returns those still running."""
         preempted: set[Sequence] = set()
         for s in decode:
             if s in preempted or s.computed < len(s.blocks) * BLOCK_SIZE:
@@ -214,7 +222,23 @@ class Scheduler:
                 s.blocks.append(self.pool.allocate())
             else:  # s is the newest: it waits for the others
                 preempted.add(self._preempt(s))
-        return [s for s in decode if s not in preempted] if preempted else decode
+        running = [s for s in decode if s not in preempted] if preempted else decode
+        for s in running:
+            if s.draft:
+                room = min(s.params.max_new_tokens - len(s.output) - 1, self.config.max_seq_len - s.computed - 1)
+                want = s.computed + 1 + min(len(s.draft), max(0, room))
+                while len(s.blocks) * BLOCK_SIZE < want and self.pool.available:
+                    s.blocks.append(self.pool.allocate())
+                s.draft = s.draft[: max(0, min(want, len(s.blocks) * BLOCK_SIZE) - s.computed - 1)]
+        return running
+
+    def trim(self, seq: Sequence) -> None:
+        """After a speculative step: the blocks past what `seq` computed and its next position (they held
+        only rejected drafts, and were never published) go back to the pool."""
+        keep = blocks_for(seq.computed + 1)
+        if len(seq.blocks) > keep:
+            self.pool.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
 
     def _preempt(self, s: Sequence) -> Sequence:
         self.finish(s)

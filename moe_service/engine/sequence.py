@@ -43,6 +43,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # its KV cache block table while running
     computed: int = 0  # positions whose KV entries are in its blocks
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its full blocks so far (engine/blocks.py)
+    draft: list[int] = field(default_factory=list)  # tokens to try after its last one (engine/speculative.py)
     cached_tokens: int = 0  # prompt tokens it found in the prefix cache when first admitted
     preemptions: int = 0  # times its blocks were taken back and its tokens computed again
     sampler: SamplerState = field(init=False)
