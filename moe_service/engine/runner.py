@@ -46,6 +46,7 @@ class Outcome:
     of it is applied: its sequences stay where they were, to run again or end as the engine decides."""
 
     seqs: list[Sequence]
+    prefill: bool = False  # prompt chunks, else decode rows
     computed: list[int] = field(default_factory=list)  # positions each sequence computed (and kept)
     # each sequence's new tokens, in order (a speculative step gives a sequence several)
     tokens: list[tuple[Sequence, int, Logprobs | None]] = field(default_factory=list)
@@ -99,7 +100,7 @@ class ModelRunner:
         if d is not None:
             deadlines = [s.deadline for s in seqs]
             d.begin(None if None in deadlines else max(deadlines), clock, self._workloads(group, prefill))
-        out = Outcome(seqs)
+        out = Outcome(seqs, prefill)
         try:
             if prefill:
                 self._prefill(group, d, clock, out)
@@ -114,12 +115,13 @@ class ModelRunner:
         return out
 
     def _workloads(self, group: list, prefill: bool) -> torch.Tensor | None:
-        """Each FFN row's workload class: a decode row per sequence, a prefill chunk's rows per token."""
+        """Each FFN row's workload class: a decode row per sequence and draft token, a prefill chunk's rows per
+        token (a draft layer's calls are counted without classes)."""
         if not self.workload_rows:
             return None
         if prefill:
             return torch.tensor([s.workload for s, n in group for _ in range(n)])
-        return torch.tensor([s.workload for s in group])
+        return torch.tensor([s.workload for s in group for _ in range(1 + len(s.draft))])  # and its draft's
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each row's block table, padded with block 0."""

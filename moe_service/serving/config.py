@@ -36,6 +36,9 @@ class ServiceConfig:
     http_host: str = "0.0.0.0"  # where the HTTP front listens (on the head node)
     http_port: int = 8000
     dtype: str = "float32"
+    # speculative decoding: {method: mtp, tokens: k}: the model's multi-token-prediction layer drafts k tokens a
+    # step, one step verifies them (engine/speculative.py); its MoE block's experts are placed like any layer's
+    speculative: dict[str, Any] | None = None
     # routed experts on the workers: "fp8" block-quantizes a dense checkpoint's at load (128 x 128 blocks, as
     # DeepSeek-V3 ships them); an FP8 checkpoint's stay FP8 whatever this says. Computed in `dtype`.
     quantize: str | None = None
@@ -156,6 +159,12 @@ class ServiceConfig:
                              f"got {cfg.min_replicas}")
         cfg.tls()  # a partial TLS configuration fails here, on every side
         return cfg
+
+    def routed_layers(self, args) -> list[int]:
+        """The layers whose routed experts the workers serve: the MoE layers, and with `speculative` the MoE
+        multi-token-prediction layer(s) after them (DeepSeek-V3's draft)."""
+        draft = [l for l in args.mtp_layers if args.is_moe_layer(l)] if self.speculative else []
+        return [*args.moe_layers, *draft]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

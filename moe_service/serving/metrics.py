@@ -54,6 +54,12 @@ class GatewayMetrics:
             "moe_step_failures", "Micro-batches of a step that failed, by cause: 'deadline' (their requests' "
             "deadline passed before the experts answered), 'error' (anything else).", ["cause"], registry=r)
         self.step_rows = Histogram("moe_step_batch_rows", "Sequences in one step.", buckets=SIZE_BUCKETS, registry=r)
+        # speculative decoding (engine/speculative.py): acceptance rate = accepted / draft
+        self.spec_draft = Counter("moe_spec_draft_tokens", "Draft tokens verified.", ["model"], registry=r)
+        self.spec_accepted = Counter("moe_spec_accepted_tokens", "Draft tokens verified and kept.", ["model"], registry=r)
+        self.spec_step_tokens = Histogram("moe_spec_tokens_per_step", "Tokens a decoding sequence gains in one step "
+                                          "(1 + its accepted draft tokens).", ["model"],
+                                          buckets=(1, 2, 3, 4, 5, 6, 7, 8, 9), registry=r)
         self.step_tokens = Histogram("moe_step_tokens", "Tokens processed in one step.", buckets=SIZE_BUCKETS,
                                      registry=r)
         self.running = Gauge("moe_scheduler_running_requests", "Sequences in the running batch.", registry=r)

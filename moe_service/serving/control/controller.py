@@ -20,6 +20,7 @@ import ray
 from prometheus_client import generate_latest
 
 from moe_service.checkpoint import open_source
+from moe_service.engine.speculative import Speculative
 from moe_service.serving.metrics import ControllerMetrics
 from moe_service.placement import AutoscaleSettings, AutoscaleState, Placement, decide
 from moe_service.capacity.costmodel import expert_bytes
@@ -40,7 +41,8 @@ class Controller:
         cfg = self.cfg = ServiceConfig.from_dict(config)
         source = open_source(cfg.model)
         self.args = source.args
-        self.moe_layers = self.args.moe_layers
+        Speculative.from_setting(cfg.speculative, self.args)  # a bad setting fails the start, naming it
+        self.moe_layers = cfg.routed_layers(self.args)
         # one routed expert's bytes on a worker (FP8: one byte a weight), until the workers report theirs
         self.replica_bytes = expert_bytes(self.args, 1 if cfg.quantize == "fp8" or source.fp8 else DTYPES[cfg.dtype].itemsize)
         # every expert on this many workers: the setting, or decided at start on the workers' memory (`_redundancy`)

@@ -18,6 +18,7 @@ from moe_service.checkpoint import load_model, open_source
 from moe_service.engine.clock import StepClock
 from moe_service.engine.engine import Engine, StepStats
 from moe_service.engine.loop import EngineLoop
+from moe_service.engine.speculative import Speculative
 from moe_service.engine.tokenizer import load_tokenizer
 from moe_service.model.args import DTYPES
 from moe_service.serving.config import ServiceConfig
@@ -47,11 +48,14 @@ class Gateway:
             torch.set_num_threads(cfg.gateway_torch_threads)
         keep_large_buffers()  # a large dispatch's buffers are reused, not mapped afresh per call
         source = open_source(cfg.model)
+        self.spec = Speculative.from_setting(cfg.speculative, source.args)
         # the device a replica sees decides where it computes (Ray's logical GPUs, as in the tests, are not one)
         self.device = torch.device(cfg.gateway_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(source, dtype=DTYPES[cfg.dtype], device=self.device, with_routed_experts=False)
+        self.model = load_model(source, dtype=DTYPES[cfg.dtype], device=self.device, with_routed_experts=False,
+                                with_mtp=self.spec is not None)
         self.source_reads = list(source.reads)  # tests check that no routed expert was read
         self.args = self.model.args
+        self.routed_layers = cfg.routed_layers(self.args)
         self.tokenizer = load_tokenizer(cfg.model, self.args)
         self.replica_id = uuid.uuid4().hex[:8]
         self.metrics = GatewayMetrics(expert_series=cfg.expert_metrics, workloads=cfg.workloads)
@@ -63,7 +67,7 @@ class Gateway:
                 route_by_trace(self.model, router)
         host = cfg.expert_bind_host or _node_ip()
         self.metrics_address = f"{host}:{serve_metrics(self.metrics.registry, host=host)}"
-        self.counter = RoutingCounter(self.args.moe_layers, self.args.n_routed_experts, len(self.metrics.workloads))
+        self.counter = RoutingCounter(self.routed_layers, self.args.n_routed_experts, len(self.metrics.workloads))
         self.api_key = cfg.resolved_api_key()
         self.controller = controller
         self.follower = TableFollower(controller)
@@ -83,7 +87,7 @@ class Gateway:
                                     row_timeout_s=cfg.expert_row_timeout_s * dilate,
                                     wait_for_table=self.follower.wait_for_table, tls=cfg.tls())
         self.engine = Engine(self.model, self.tokenizer, cfg.scheduler_config(), dispatchers=self.remote.dispatcher,
-                             workload_rows=bool(cfg.workloads))
+                             workload_rows=bool(cfg.workloads), speculative=self.spec)
         self.forward_dispatcher = self.remote.dispatcher()  # Forward requests, run between steps
         m.queue_capacity.set(self.engine.config.max_queue)
         m.kv_capacity.set(self.engine.config.capacity)
@@ -94,11 +98,11 @@ class Gateway:
             self.replica_id, counts, self.remote.table.version, self.metrics_address)
         self.tasks = [loop.create_task(t) for t in (
             self.follower.follow(self.engine_loop, self.remote, lambda: report(self._no_counts()), stopped),
-            report_load(self.counter, m, self.args.moe_layers, report, cfg.load_report_interval_s, stopped),
+            report_load(self.counter, m, self.routed_layers, report, cfg.load_report_interval_s, stopped),
             self._watch_loop())]
 
     def _no_counts(self) -> list:
-        return [[0] * self.args.n_routed_experts for _ in self.args.moe_layers]
+        return [[0] * self.args.n_routed_experts for _ in self.routed_layers]
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, deadline: float) -> torch.Tensor:
         """A Forward request's logits [B, T, V]; on the engine thread, between steps."""
@@ -117,6 +121,13 @@ class Gateway:
         m.step.observe(stats.seconds)
         m.step_rows.observe(stats.decode_rows + stats.prefill_rows)
         m.step_tokens.observe(stats.decode_rows + stats.prefill_tokens)
+        if self.spec is not None:
+            model = self.cfg.model_name()
+            m.spec_draft.labels(model).inc(stats.drafted)
+            m.spec_accepted.labels(model).inc(stats.accepted)
+            for o in stats.outcomes:
+                for n in ([] if o.prefill or o.error else o.computed):
+                    m.spec_step_tokens.labels(model).observe(n)
         s = self.engine.stats()
         m.running.set(s["running"])
         m.waiting.set(s["waiting"])

@@ -58,16 +58,20 @@ class RoutingCounter:
         for r in records:
             if not r.routed:
                 continue
-            offsets = torch.tensor([self.index[layer] for layer, _ in r.routed])  # [n] layer index per call
-            ids = torch.stack([ids for _, ids in r.routed])  # [n, T, K]: one micro-batch's calls share T
-            keys = offsets[:, None, None] * self.E + ids
-            counts = torch.bincount(keys.reshape(-1), minlength=self.L * self.E).view(self.L, self.E)
-            tokens = torch.bincount(offsets, minlength=self.L) * ids.shape[1]
-            by_workload = None
-            if r.workloads is not None:
-                wk = (offsets[:, None, None] * self.W + r.workloads[None, :, None]) * self.E + ids
-                by_workload = torch.bincount(wk.reshape(-1), minlength=self.L * self.W * self.E).view(self.L, self.W, self.E)
-            self.steps.append((counts, tokens, by_workload))
+            # the main model's calls share T (a micro-batch's rows); a draft layer's (speculative decoding) have theirs
+            for size in {ids.shape[0] for _, ids in r.routed}:
+                calls = [(layer, ids) for layer, ids in r.routed if ids.shape[0] == size]
+                offsets = torch.tensor([self.index[layer] for layer, _ in calls])  # [n] layer index per call
+                ids = torch.stack([ids for _, ids in calls])  # [n, T, K]
+                keys = offsets[:, None, None] * self.E + ids
+                counts = torch.bincount(keys.reshape(-1), minlength=self.L * self.E).view(self.L, self.E)
+                tokens = torch.bincount(offsets, minlength=self.L) * ids.shape[1]
+                by_workload = None
+                if self.W and r.workloads is not None and r.workloads.shape[0] == size:
+                    wk = (offsets[:, None, None] * self.W + r.workloads[None, :, None]) * self.E + ids
+                    by_workload = torch.bincount(wk.reshape(-1), minlength=self.L * self.W * self.E).view(
+                        self.L, self.W, self.E)
+                self.steps.append((counts, tokens, by_workload))
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pairs [L, E], tokens [L], pairs by workload [L, W, E] or None) since the last take."""
