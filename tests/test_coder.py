@@ -39,7 +39,15 @@ def held_out(coder):
 def test_the_checkpoint_is_small_and_complete():
     size = sum(p.stat().st_size for p in CODER_DIR.glob("*.safetensors"))
     assert size <= 16 * 2**20, size
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "training.json"} <= {p.name for p in CODER_DIR.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "training.json", "mtp.safetensors",
+            "draft.json"} <= {p.name for p in CODER_DIR.iterdir()}
+    # the draft ships apart: the model's file holds no tensor of it, its file nothing but it
+    from safetensors import safe_open
+
+    with safe_open(CODER_DIR / "model.safetensors", "pt") as f:
+        assert not any(k.startswith("model.layers.4.") for k in f.keys())
+    with safe_open(CODER_DIR / "mtp.safetensors", "pt") as f:
+        assert all(k.startswith("model.layers.4.") for k in f.keys())
 
 
 def test_transformers_reads_the_checkpoint_with_the_same_logits(coder):
@@ -60,6 +68,32 @@ def test_held_out_loss_is_the_recorded_one(coder, held_out):
                    for i in range(0, len(held_out), 8)) / len(held_out)
     # the shipped (bf16) weights' loss, recorded by the training run; a small margin for summation order
     assert loss <= RECORD["shipped_held_out_loss"] + 0.01, (loss, RECORD["shipped_held_out_loss"])
+
+
+def test_the_draft_is_accepted_as_recorded(coder):
+    """Teacher-forced on the held-out files, the shipped draft's top token is the model's as often as its
+    training run recorded; speculating with it, greedy output is the model's own, several tokens a step."""
+    from moe_service.coder.draft import RECORD_FILE, teacher_forced
+    from moe_service.engine.scheduler import SchedulerConfig
+    from moe_service.engine.speculative import Speculative
+
+    record = json.loads((CODER_DIR / RECORD_FILE).read_text())
+    model = load_model("coder", with_mtp=True)
+    _, tok = coder
+    held = encode_corpus(tok.tok, read(corpus_files()[1]), 1, 2)  # as the training run encoded them
+    got = teacher_forced(model, held, SEQ, len(held))
+    assert got["positions"] == record["teacher_forced"]["positions"]
+    assert abs(got["acceptance"] - record["teacher_forced"]["acceptance"]) <= 0.005, got
+    prompt = tok.encode("def fibonacci(n):")
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    plain = Engine(model, tok).generate([prompt], params)[0].output
+    engine = Engine(model, tok, SchedulerConfig(max_running=1, max_seq_len=128), speculative=Speculative(2))
+    seq = engine.add(prompt, params)
+    steps = 0
+    while engine.has_work:
+        steps += engine.step().decode_rows
+    assert seq.output == plain
+    assert steps < 0.75 * len(plain), steps  # more than 1.33 tokens a step
 
 
 def test_the_demo_prompt_continues_as_python(coder):

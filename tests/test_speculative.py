@@ -116,6 +116,24 @@ def test_preemption_and_prefix_reuse_change_nothing(model, prompts):
     assert engine.stats()["preemptions"] > 0 and engine.stats()["prefix_hit_tokens"] > 0
 
 
+def test_above_max_batch_no_draft_is_verified(model, prompts):
+    """The batch rule: with 4 sequences decoding and max_batch 2, no step verifies a draft until only 2 are
+    left; the output is the plain run's."""
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    plain, _ = run(model, prompts, params, config=SchedulerConfig(**CONFIG))
+    reference = {tuple(p): o for p, o in zip(prompts, plain)}
+    uneven = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (NEW, NEW, 4, 6)]
+    engine = Engine(model, config=SchedulerConfig(**CONFIG), speculative=Speculative(2, replay(reference), max_batch=2))
+    seqs = [engine.add(p, q) for p, q in zip(prompts, uneven)]
+    per_step = []
+    while engine.has_work:
+        st = engine.step()
+        per_step.append((st.decode_rows, st.drafted))
+    assert [s.output for s in seqs] == [o[:q.max_new_tokens] for o, q in zip(plain, uneven)]
+    assert all(drafted == 0 for rows, drafted in per_step if rows > 2)
+    assert any(drafted > 0 for rows, drafted in per_step if rows <= 2)
+
+
 def test_speculative_settings_are_checked():
     args = load_model("tiny").args
     with pytest.raises(ValueError, match="speculative .method mtp. needs a model with a multi-token-prediction layer"):
@@ -126,5 +144,10 @@ def test_speculative_settings_are_checked():
     with pytest.raises(ValueError, match="speculative.method must be 'mtp'"):
         Speculative.from_setting({"method": "eagle"}, mtp_args)
     assert Speculative.from_setting({"method": "mtp", "tokens": 2}, mtp_args) == Speculative(2)
+    assert Speculative.from_setting({"tokens": 2, "max_batch": 4}, mtp_args) == Speculative(2, max_batch=4)
+    with pytest.raises(ValueError, match="speculative.max_batch must be a positive integer"):
+        Speculative.from_setting({"tokens": 2, "max_batch": 0}, mtp_args)
+    with pytest.raises(ValueError, match="speculative has unknown keys"):
+        Speculative.from_setting({"tokens": 2, "draft": "x"}, mtp_args)
     with pytest.raises(ValueError, match="with_mtp=True"):
         Engine(load_model(PRESET), speculative=Speculative(1))

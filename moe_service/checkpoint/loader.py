@@ -75,7 +75,8 @@ def load_model(
         model = Transformer(args, with_routed_experts=with_routed_experts, with_mtp=with_mtp)
     routed = [layer for layer in [*args.moe_layers, *(args.mtp_layers if with_mtp else [])]
               if with_routed_experts and args.is_moe_layer(layer)]
-    plain_names = [_source_name(n, args) for n, _ in model.named_parameters() if ".mlp.experts." not in n]
+    have = src.names()
+    plain_names = [_source_name(n, args, have) for n, _ in model.named_parameters() if ".mlp.experts." not in n]
     expert_names = [n for layer in routed for e in range(args.n_routed_experts)
                     for names in expert_hf_names(layer, e).values() for n in names]
     validate(src, plain_names + expert_names)
@@ -87,7 +88,7 @@ def load_model(
     total = sum(params[n].numel() * params[n].element_size() for n in params)
     bar = Progress("loading weights", total, unit="B", enabled=progress)
     for name in plain:
-        t = _fetch(src, _source_name(name, args), dtype)
+        t = _fetch(src, _source_name(name, args, have), dtype)
         p = params[name]
         if p.dtype != t.dtype:  # the fp32 gate
             p.data = torch.empty(p.shape, dtype=t.dtype, device=device)
@@ -100,10 +101,14 @@ def load_model(
     return model.eval()
 
 
-def _source_name(local: str, args) -> str:
+def _source_name(local: str, args, have: set[str]) -> str:
     if local == "lm_head.weight" and args.tie_word_embeddings:
         return hf_name("embed_tokens.weight")
-    return hf_name(local)
+    name = hf_name(local)
+    if local.endswith(".shared_head.head.weight") and name not in have:
+        # an MTP layer's head is a copy of the model's (DeepSeek-V3 stores it; a draft trained here does not)
+        return _source_name("lm_head.weight", args, have)
+    return name
 
 
 Experts = RoutedExperts | FP8Experts

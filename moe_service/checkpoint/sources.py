@@ -172,8 +172,9 @@ class ModuleSource:
         self.args = model.args
         self.reads: list[str] = []
         self.tensors = {hf_name(n): p.detach() for n, p in model.named_parameters() if ".mlp.experts." not in n}
-        for layer in self.args.moe_layers:
-            ex = model.layers[layer].mlp.experts
+        drafts = [l for l in self.args.mtp_layers if str(l) in getattr(model, "mtp", {}) and self.args.is_moe_layer(l)]
+        for layer in [*self.args.moe_layers, *drafts]:
+            ex = (model.layers[layer] if layer < self.args.num_hidden_layers else model.mtp[str(layer)]).mlp.experts
             for e in range(self.args.n_routed_experts):
                 stacked = {"gate_up_proj": ex.gate_up_proj[e].detach(), "down_proj": ex.down_proj[e].detach()}
                 for param, names in expert_hf_names(layer, e).items():

@@ -48,6 +48,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from moe_service.bench import soak_bench as b
 
         r = b.run(seconds=ns.seconds, out_dir=ns.out)
+    elif ns.what == "speculative":
+        from moe_service.bench import speculative_bench as b
+
+        r = b.run(workers=ns.workers, tokens=ns.draft_tokens, pairs=ns.repeats + 2)
     elif ns.what == "projection":
         from moe_service.bench import projection as b
 
@@ -67,7 +71,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results printed and written under --out)")
     bench.add_argument("what", choices=["model", "transport", "served", "skewed", "placement", "simulated",
-                                          "projection", "fp8", "ingress", "cache", "soak"],
+                                          "projection", "fp8", "ingress", "cache", "soak", "speculative"],
                        help="model: this model vs transformers; transport: RunExperts vs a raw gRPC echo; served: the "
                             "service vs in-process, and 1/8/32 clients; skewed: throughput before/after rebalancing; "
                             "placement: time-aware vs token-balanced placement, measured per worker on this CPU; simulated: "
@@ -76,7 +80,8 @@ def add_parsers(sub) -> None:
                             "compute beside float32 and bf16, and a served worker's memory with them; ingress: the CPU a streamed "
                             "token costs every process at the front, per message and coalesced; cache: the paged KV cache's "
                             "concurrency at fixed memory, prefix reuse, preemption and cache-aware routing, before/after; soak: "
-                            "each request's longest gap between tokens while workers are killed, min_replicas 1 and 2")
+                            "each request's longest gap between tokens while workers are killed, min_replicas 1 and 2; speculative: "
+                            "coder's MTP draft and an oracle draft against plain decoding at batch 1/2/4/8")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)
@@ -86,6 +91,7 @@ def add_parsers(sub) -> None:
                        "instead (use --preset tiny): goodput, refusals, latency, memory, a plot")
     bench.add_argument("--micro-batches", type=int, default=None, help="served: the scheduler's micro_batches "
                        "(default: the service's)")
+    bench.add_argument("--draft-tokens", type=int, default=2, help="speculative: draft tokens a step")
     bench.add_argument("--seconds", type=float, default=180.0, help="soak: seconds per phase")
     bench.add_argument("--parts", default="concurrency,prefix,preemption,affinity",
                        help="cache: which measurements, comma-separated")

@@ -72,6 +72,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     from moe_service.coder.train import CODER_DIR, TrainConfig, train
 
+    if ns.draft:
+        from moe_service.coder.draft import DraftConfig, train_draft
+
+        draft_cfg = DraftConfig() if not ns.tokens else DraftConfig(tokens=ns.tokens)
+        train_draft(ns.out or CODER_DIR, draft_cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return 0
     cfg = TrainConfig()
     if ns.tokens:
         cfg = dataclasses.replace(cfg, tokens=ns.tokens)
@@ -125,6 +131,8 @@ def add_parsers(sub) -> None:
                         "(about 20 minutes on 2 cores; docs/models.md)")
     tr.add_argument("--out", default=None, help="checkpoint directory (default: the embedded one, moe_service/models/coder)")
     tr.add_argument("--tokens", type=int, default=None, help="the token budget (default: the recorded run's)")
+    tr.add_argument("--draft", action="store_true", help="train the model's speculative-decoding draft instead "
+                    "(an MTP layer, the model frozen; about 10 minutes): writes OUT/mtp.safetensors and draft.json")
     tr.add_argument("--loss-png", default=None, help="the loss curve (default: docs/coder-loss.png for the "
                     "embedded checkpoint, else OUT/loss.png)")
     tr.set_defaults(fn=cmd_train)

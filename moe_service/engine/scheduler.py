@@ -111,6 +111,8 @@ class Scheduler:
         # an MTP layer's cache entry at a position depends on the token after it: the last block found in the
         # prefix cache is computed again, so that its last entry sees this prompt's next token
         self.mtp = speculative is not None and speculative.mtp
+        # above this many decoding sequences a step verifies no draft: speculation stops paying (the bench)
+        self.draft_batch = speculative.max_batch if speculative is not None and speculative.max_batch else None
         self.pool = BlockPool(config.num_blocks, BLOCK_SIZE, config.prefix_caching)
         # a few blocks kept free at admission, so that sequences just admitted can grow a little before a
         # preemption is needed (vLLM's watermark)
@@ -223,6 +225,9 @@ class Scheduler:
             else:  # s is the newest: it waits for the others
                 preempted.add(self._preempt(s))
         running = [s for s in decode if s not in preempted] if preempted else decode
+        if self.draft_batch is not None and len(running) > self.draft_batch:
+            for s in running:
+                s.draft = []
         for s in running:
             if s.draft:
                 room = min(s.params.max_new_tokens - len(s.output) - 1, self.config.max_seq_len - s.computed - 1)

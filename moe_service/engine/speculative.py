@@ -21,10 +21,15 @@ class Speculative:
     tokens: int  # draft tokens per step (fewer where max_new_tokens or the cache leave less room)
     # the draft: None for the model's MTP layer; else (sequence, k) -> up to k token ids to try next
     propose: Callable[[Any, int], list[int]] | None = None
+    # above this many decoding sequences a step verifies no draft (the draft still runs, keeping its cache):
+    # where verifying extra rows costs more than the round trips it saves; None: always speculate
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.tokens <= MAX_TOKENS:
             raise ValueError(f"speculative.tokens must be in [1, {MAX_TOKENS}], got {self.tokens}")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise ValueError(f"speculative.max_batch must be a positive integer, got {self.max_batch!r}")
 
     @property
     def mtp(self) -> bool:
@@ -35,9 +40,9 @@ class Speculative:
         """The service's `speculative` setting ({method: mtp, tokens: k}), checked against the model."""
         if not setting:
             return None
-        unknown = sorted(set(setting) - {"method", "tokens"})
+        unknown = sorted(set(setting) - {"method", "tokens", "max_batch"})
         if unknown:
-            raise ValueError(f"speculative has unknown keys {unknown}; it takes method and tokens")
+            raise ValueError(f"speculative has unknown keys {unknown}; it takes method, tokens and max_batch")
         if setting.get("method", "mtp") != "mtp":
             raise ValueError(f"speculative.method must be 'mtp' (the model's multi-token-prediction layer), "
                              f"got {setting['method']!r}")
@@ -47,7 +52,7 @@ class Speculative:
         tokens = setting.get("tokens", 1)
         if not isinstance(tokens, int) or isinstance(tokens, bool):
             raise ValueError(f"speculative.tokens must be an integer in [1, {MAX_TOKENS}], got {tokens!r}")
-        return cls(tokens)
+        return cls(tokens, max_batch=setting.get("max_batch"))
 
 
 def accepted(draft: list[int], drawn: list[int]) -> int:

@@ -66,6 +66,9 @@ class ModelArgs:
     # the model family's config.json type; V3 checkpoints also carry multi-token-prediction layers
     model_type: str = "deepseek_v2"
     num_nextn_predict_layers: int = 0
+    # the MTP layers' block is dense (intermediate_size), whatever the rule below says: a draft trained for a
+    # V2 model (the embedded coder's) that needs no routed expert; DeepSeek-V3's own follow the rule (MoE)
+    mtp_dense: bool = False
     # provenance, for summaries
     name: str = field(default="deepseek-v2", compare=False)
 
@@ -114,7 +117,8 @@ class ModelArgs:
     def is_moe_layer(self, layer: int) -> bool:
         # the rule of DeepSeek-V2's reference code
         return (
-            self.n_routed_experts > 0
+            not (self.mtp_dense and layer >= self.num_hidden_layers)
+            and self.n_routed_experts > 0
             and layer >= self.first_k_dense_replace
             and layer % self.moe_layer_freq == 0
         )
@@ -173,6 +177,8 @@ class ModelArgs:
         )
         if self.rope_scaling is None:
             out.pop("rope_scaling")
+        if not self.mtp_dense:
+            out.pop("mtp_dense")
         return out
 
 
