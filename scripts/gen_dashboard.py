@@ -76,6 +76,13 @@ def dashboard() -> dict:
               [(q("moe_worker_loss_stall_seconds", 0.99), "p99 stall, loss to the layer's answer"),
                (q("moe_redundancy_restored_seconds", 0.5), "p50 until min_replicas again"),
                ("moe_experts_under_replicated", "experts under min_replicas")], 12, 66, unit="s"),
+        panel(18, "Speculative decoding: draft acceptance",
+              [("sum by (model) (rate(moe_spec_accepted_tokens_total[$__rate_interval])) / "
+                "sum by (model) (rate(moe_spec_draft_tokens_total[$__rate_interval]))", "{{model}} accepted / drafted"),
+               ("sum by (model) (rate(moe_spec_draft_tokens_total[$__rate_interval]))", "{{model}} drafted/s")], 0, 74),
+        panel(19, "Speculative decoding: tokens per sequence-step",
+              [(q("moe_spec_tokens_per_step", 0.5, "model"), "{{model}} p50"),
+               (q("moe_spec_tokens_per_step", 0.9, "model"), "{{model}} p90")], 12, 74),
     ]
     return {
         "title": "moe-service", "uid": "moe-service", "schemaVersion": 39, "version": 1, "editable": True,

@@ -101,6 +101,29 @@ def test_a_right_draft_takes_several_tokens_a_step_and_stops_inside_a_run(model,
     assert got == [plain[0][:6]]
 
 
+def test_logprobs_come_from_the_verification_logits(model, prompts):
+    """Every token of an accepted run reports the log-probabilities a plain step gives it."""
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=3)
+
+    def streamed(spec):
+        engine = Engine(model, config=SchedulerConfig(**CONFIG), speculative=spec)
+        return [(o.index, o.token, o.logprobs) for o in engine.stream(prompts[:2], [params] * 2)]
+
+    plain = streamed(None)
+    reference = {}
+    for i, token, _ in plain:
+        reference.setdefault(tuple(prompts[i]), []).append(token)
+    spec = streamed(Speculative(3, replay(reference)))
+    assert sorted((i, t) for i, t, _ in spec) == sorted((i, t) for i, t, _ in plain)
+    by_position = {}
+    for i, token, lp in plain:
+        by_position.setdefault(i, []).append(lp)
+    for i, token, lp in spec:
+        want = by_position[i].pop(0)
+        assert abs(lp[0] - want[0]) <= 1e-4 and [t for t, _ in lp[1]] == [t for t, _ in want[1]]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(lp[1], want[1])) <= 1e-4
+
+
 def test_preemption_and_prefix_reuse_change_nothing(model, prompts):
     """A cache too small for every sequence at once (preemptions), prompts sharing a prefix (reuse)."""
     shared = prompts[2][:33]

@@ -84,6 +84,42 @@ def test_served_speculation_gives_the_plain_models_tokens(service, workload):
     assert d1 > d0 and a1 > a0, (d0, d1, a0, a1)
 
 
+def test_any_draft_over_the_workers_gives_the_plain_models_tokens(service, checkpoint, workload):
+    """The gateway's engine over the service's workers (as `bench speculative` runs it, so that any draft can
+    be plugged in): the trained draft, one always right and one always wrong give the plain tokens."""
+    from moe_service.engine.scheduler import SchedulerConfig
+    from moe_service.engine.speculative import Speculative
+    from moe_service.serving.gateway.remote import RemoteExperts
+    from moe_service.serving.gateway.table import routing_table
+
+    prompts, want = workload
+    reference = {tuple(p): o for p, o in zip(prompts, want)}
+
+    def right(seq, k):
+        return reference[tuple(seq.prompt)][len(seq.output):len(seq.output) + k]
+
+    def wrong(seq, k):  # never the next token
+        return [(t + 1) % 512 for t in right(seq, k)]
+
+    model = load_model(checkpoint, with_routed_experts=False, with_mtp=True)
+    remote = RemoteExperts(routing_table(ray.get(service.controller().table.remote())))
+    try:
+        for name, spec in (("mtp", Speculative(2)), ("right", Speculative(3, right)), ("wrong", Speculative(2, wrong))):
+            engine = Engine(model, config=SchedulerConfig(max_running=8, max_seq_len=128),
+                            dispatchers=remote.dispatcher, speculative=spec)
+            seqs = [engine.add(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True)) for p in prompts]
+            drafted = accepted = 0
+            while engine.has_work:
+                st = engine.step()
+                drafted, accepted = drafted + st.drafted, accepted + st.accepted
+            engine.close()
+            assert [s.output for s in seqs] == want, name
+            assert drafted > 0, name
+            assert (accepted == drafted) if name == "right" else (accepted == 0) if name == "wrong" else accepted > 0
+    finally:
+        remote.close()
+
+
 def test_speculation_stays_exact_through_a_rebalance_and_a_worker_kill(service, workload):
     prompts, want = workload
     ctl = service.controller()

@@ -4,8 +4,8 @@ draft (one that replays the plain run's tokens: 100% acceptance, the ceiling), i
 The gateway's engine runs in this process over the service's real workers (Ray actors, gRPC), as the
 gateway runs it, so that the draft can be swapped (the oracle) and each step's parts timed: the speed-up is
 checked against (1 + mean accepted) x t_plain / (t_verify + t_draft), each term measured in the same run.
-Greedy, the 8 held-out files' first 128 tokens as prompts, 128 new tokens each; every speculative run's
-output is checked against the plain run's."""
+Greedy, the 8 held-out files' first 128 tokens as prompts, 128 new tokens each (at batch 16, their next 128
+tokens too: 16 prompts); every speculative run's output is checked against the plain run's."""
 
 from __future__ import annotations
 
@@ -17,22 +17,26 @@ from moe_service.bench.common import local_service, log
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
 PAIRS = 5  # alternating plain / speculative runs at batch 1
-BATCHES = (1, 2, 4, 8)
+BATCHES = (1, 2, 4, 8, 16)
 
 
-def held_out_prompts(tokenizer, n: int = PROMPT_TOKENS) -> list[list[int]]:
+def held_out_prompts(tokenizer, windows: int = 1, n: int = PROMPT_TOKENS) -> list[list[int]]:
+    """The held-out files' first `windows` x n tokens, n at a time."""
     from moe_service.coder.train import corpus_files
 
     _, held = corpus_files()
-    return [tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))[:n] for f in held]
+    ids = [tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) for f in held]
+    return [t[w * n:(w + 1) * n] for w in range(windows) for t in ids]
 
 
 class Bench:
     """The in-process engine over the service's workers, made afresh per run (same weights, same workers)."""
 
-    def __init__(self, model, tokenizer, remote, prompts: list[list[int]]) -> None:
-        self.model, self.tokenizer, self.remote, self.prompts = model, tokenizer, remote, prompts
+    def __init__(self, model, tokenizer, remote) -> None:
+        self.model, self.tokenizer, self.remote = model, tokenizer, remote
+        self.prompts = held_out_prompts(tokenizer, 2)
         self.reference: dict[int, dict[tuple, list[int]]] = {}  # each batch size's plain run's output
+        self.batch = 1
 
     def run(self, batch: int, speculative=None) -> dict:
         from moe_service.engine.engine import Engine
@@ -42,9 +46,10 @@ class Bench:
         config = SchedulerConfig(max_running=batch, max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 16, prefix_caching=False)
         engine = Engine(self.model, self.tokenizer, config, dispatchers=self.remote.dispatcher, speculative=speculative)
         params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        self.batch = batch
         try:
             t0 = time.perf_counter()
-            seqs = [engine.add(p, params) for p in self.prompts]
+            seqs = [engine.add(p, params) for p in self.prompts[:max(8, batch)]]
             decode = {"steps": 0, "seconds": 0.0, "draft_seconds": 0.0, "rows": 0, "tokens": 0, "drafted": 0,
                       "accepted": 0}
             while engine.has_work:
@@ -70,31 +75,34 @@ class Bench:
         return {"tokens_per_s": new / wall, "wall_s": wall, "decode": decode}
 
     def oracle(self, k: int):
+        """A draft that replays the plain run's tokens (of this batch size's run)."""
         from moe_service.engine.speculative import Speculative
 
-        ref = self.reference[1]
-
         def propose(seq, n: int) -> list[int]:
-            want = ref[tuple(seq.prompt)]
+            want = self.reference[self.batch][tuple(seq.prompt)]
             return want[len(seq.output):len(seq.output) + n]
         return Speculative(k, propose)
 
 
 def _step_terms(plain: dict, spec: dict) -> dict:
-    """The model of the speed-up from one plain and one speculative run's decode steps (per sequence-step)."""
+    """The model of the speed-up from one plain and one speculative run's decode steps: (1 + mean accepted)
+    x t_plain / (t_verify + t_draft), times the ratio of their rows per step (1 at batch 1; above it,
+    sequences that finish sooner leave speculative steps with fewer rows)."""
     p, s = plain["decode"], spec["decode"]
     t_plain = p["seconds"] / p["steps"]
     t_spec = s["seconds"] / s["steps"]
     t_draft = s["draft_seconds"] / s["steps"]
     mean_accepted = s["accepted"] / max(1, s["rows"])
-    predicted = (1 + mean_accepted) * t_plain / t_spec
+    rows = (s["rows"] / s["steps"]) / (p["rows"] / p["steps"])
+    predicted = (1 + mean_accepted) * t_plain / t_spec * rows
     measured = (s["tokens"] / s["seconds"]) / (p["tokens"] / p["seconds"])
     return {"t_plain_s": t_plain, "t_verify_s": t_spec - t_draft, "t_draft_s": t_draft,
-            "mean_accepted": mean_accepted, "acceptance": s["accepted"] / max(1, s["drafted"]),
+            "rows_per_step_ratio": rows, "mean_accepted": mean_accepted, "acceptance": s["accepted"] / max(1, s["drafted"]),
             "predicted_decode_speedup": predicted, "measured_decode_speedup": measured}
 
 
-def run(workers: int = 2, tokens: int = 2, pairs: int = PAIRS, batches: tuple[int, ...] = BATCHES) -> dict:
+def run(workers: int = 2, tokens: int = 2, pairs: int = PAIRS, batches: tuple[int, ...] = BATCHES,
+        out_dir: str = "bench-results") -> dict:
     import ray
 
     from moe_service.checkpoint import load_model
@@ -111,11 +119,10 @@ def run(workers: int = 2, tokens: int = 2, pairs: int = PAIRS, batches: tuple[in
                  runtime_env=RUNTIME_ENV)
     model = load_model("coder", with_routed_experts=False, with_mtp=True)
     tokenizer = load_tokenizer("coder", model.args)
-    prompts = held_out_prompts(tokenizer)
     svc = start_service(local_service(model="coder", workers=workers, http_api=False, gateway_torch_threads=1))
     remote = RemoteExperts(routing_table(ray.get(svc.controller().table.remote())))
     try:
-        b = Bench(model, tokenizer, remote, prompts)
+        b = Bench(model, tokenizer, remote)
         b.run(1)  # warm-up, and the reference the others are checked against
         mtp, oracle = Speculative(tokens), b.oracle(tokens)
         rows = []
@@ -136,9 +143,41 @@ def run(workers: int = 2, tokens: int = 2, pairs: int = PAIRS, batches: tuple[in
     finally:
         remote.close()
         svc.shutdown()
-    return {"model": "coder", "workers": workers, "draft_tokens": tokens, "prompts": len(prompts),
-            "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rows": rows,
-            "needed_acceptance": _needed(rows[0]["mtp_terms"], tokens, 1.3)}
+    r = {"model": "coder", "workers": workers, "draft_tokens": tokens, "prompts": 8,
+         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rows": rows,
+         "needed_acceptance": _needed(rows[0]["mtp_terms"], tokens, 1.3)}
+    r["plot"] = plot(r, out_dir)
+    return r
+
+
+def plot(r: dict, out_dir: str) -> str:
+    """tokens/s against the batch size: plain, the MTP draft, the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_service.bench.common import save_figure
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [row["batch"] for row in r["rows"]]
+    for name, style in (("plain", "o-"), ("mtp", "s-"), ("oracle", "^--")):
+        a.plot(x, [row["tokens_per_s"][name] for row in r["rows"]], style, label=name)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("sequences decoding together")
+    a.set_ylabel("tokens/s")
+    a.set_title(f"coder, {r['workers']} workers, {r['draft_tokens']} draft tokens")
+    a.legend()
+    b.plot(x, [row["mtp_speedup"] for row in r["rows"]], "s-", label="MTP draft")
+    b.plot(x, [row["oracle_speedup"] for row in r["rows"]], "^--", label="oracle (100% accepted)")
+    b.axhline(1.0, color="grey", lw=0.8)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("sequences decoding together")
+    b.set_ylabel("speed-up over plain decoding")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return save_figure(fig, out_dir, "speculative.png")
 
 
 def _needed(terms: dict, k: int, target: float) -> float | None:
@@ -156,7 +195,7 @@ def _needed(terms: dict, k: int, target: float) -> float | None:
 
 def format_results(r: dict) -> str:
     lines = [f"speculative decoding on {r['model']}, {r['workers']} workers, {r['draft_tokens']} draft tokens a step; "
-             f"{r['prompts']} held-out prompts of {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, greedy "
+             f"{r['prompts']} held-out prompts of {r['prompt_tokens']} tokens (16 at batch 16), {r['new_tokens']} new tokens, greedy "
              "(median of alternating runs; every output checked against the plain run)",
              f"{'batch':>5}{'plain tok/s':>13}{'mtp tok/s':>11}{'oracle tok/s':>14}{'mtp':>7}{'oracle':>8}"
              f"{'accept':>8}{'t_plain':>10}{'t_verify':>10}{'t_draft':>9}{'model':>7}{'decode':>8}"]

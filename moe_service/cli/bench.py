@@ -51,7 +51,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     elif ns.what == "speculative":
         from moe_service.bench import speculative_bench as b
 
-        r = b.run(workers=ns.workers, tokens=ns.draft_tokens, pairs=ns.repeats + 2)
+        r = b.run(workers=ns.workers, tokens=ns.draft_tokens, pairs=ns.repeats + 2, out_dir=ns.out)
     elif ns.what == "projection":
         from moe_service.bench import projection as b
 
