@@ -4,6 +4,8 @@ through stops, max_new_tokens, preemption and prefix reuse; a right draft takes 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -122,6 +124,31 @@ def test_logprobs_come_from_the_verification_logits(model, prompts):
         want = by_position[i].pop(0)
         assert abs(lp[0] - want[0]) <= 1e-4 and [t for t, _ in lp[1]] == [t for t, _ in want[1]]
         assert max(abs(a - b) for (_, a), (_, b) in zip(lp[1], want[1])) <= 1e-4
+
+
+def test_samples_of_one_prompt_cancellation_and_deadlines(model, prompts):
+    """n samples of one prompt (seeds s, s + 1, ...: what the gateway makes of `n`) give the plain run's
+    tokens while a sequence beside them is cancelled mid-run and another passes its deadline; those two
+    end with a prefix of their plain output."""
+    samples = [SamplingParams(max_new_tokens=NEW, temperature=0.7, seed=5 + i, ignore_eos=True) for i in range(3)]
+    greedy = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    plain_samples = [c.output for c in Engine(model).generate([prompts[1]] * 3, samples)]
+    plain_others = [c.output for c in Engine(model).generate(prompts[2:4], greedy)]
+    assert len({tuple(o) for o in plain_samples}) == 3
+    engine = Engine(model, config=SchedulerConfig(**CONFIG), speculative=Speculative(2))
+    seqs = [engine.add(prompts[1], q) for q in samples]
+    cancelled, late = (engine.add(p, greedy) for p in prompts[2:4])
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        if steps == 4:
+            engine.cancel(cancelled)
+            late.deadline = time.monotonic()  # passes before the next step
+    assert [s.output for s in seqs] == plain_samples
+    assert cancelled.finish_reason == "cancelled" and late.finish_reason == "deadline"
+    for seq, want in ((cancelled, plain_others[0]), (late, plain_others[1])):
+        assert 0 < len(seq.output) < NEW and seq.output == want[:len(seq.output)]
 
 
 def test_preemption_and_prefix_reuse_change_nothing(model, prompts):
