@@ -46,6 +46,12 @@ def test_explicit_settings_win(gpus):
     assert (cfg["gpus_per_worker"], cfg["gateway_gpus"]) == (0.0, 0.3333)
 
 
+def test_speculative_reaches_the_service_config(gpus):
+    gpus(0)
+    assert "speculative" not in _service_config(_serve_args())
+    assert _service_config(_serve_args("--speculative", "2"))["speculative"] == {"method": "mtp", "tokens": 2}
+
+
 def test_on_a_cluster_the_clusters_gpus_count_not_this_hosts(gpus, monkeypatch):
     gpus(0)  # the CLI's own host has none; the cluster does
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})

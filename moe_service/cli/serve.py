@@ -61,6 +61,8 @@ def _service_config(ns: argparse.Namespace) -> dict:
            "expert_bind_host": ns.expert_host or (None if ns.ray_address else "127.0.0.1")}
     if ns.replicas_per_worker:
         cfg["replicas_per_worker"] = ns.replicas_per_worker
+    if ns.speculative:
+        cfg["speculative"] = {"method": "mtp", "tokens": ns.speculative}
     if ns.ray_address:
         # a cluster whose node groups declare the roles (cluster/, k8s/) gets each part where it declares it:
         # by GPUs alone, Ray may put the gateway on a worker node and push a worker onto the head
@@ -188,6 +190,9 @@ def add_parsers(sub) -> None:
                         "workers' memory holds it, else 1")
         sp.add_argument("--standby", choices=["device", "host"], default="device",
                         help="where standbys' weights wait: on the device, or in the node's memory until first used")
+        sp.add_argument("--speculative", type=int, default=None, metavar="K",
+                        help="speculative decoding: the model's multi-token-prediction layer drafts K (1-8) tokens a "
+                        "step, one step verifies them, output unchanged (coder ships one; so do DeepSeek-V3/R1)")
         sp.add_argument("--quantize", choices=["fp8"], default=None,
                         help="keep the routed experts in FP8 128x128 blocks (an FP8 checkpoint's are, always)")
         sp.add_argument("--port", type=int, default=0 if demo else 9000, help="client gRPC port (0: a free one)")
