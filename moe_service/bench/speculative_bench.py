@@ -20,21 +20,14 @@ PAIRS = 5  # alternating plain / speculative runs at batch 1
 BATCHES = (1, 2, 4, 8, 16)
 
 
-def held_out_prompts(tokenizer, windows: int = 1, n: int = PROMPT_TOKENS) -> list[list[int]]:
-    """The held-out files' first `windows` x n tokens, n at a time."""
-    from moe_service.coder.train import corpus_files
-
-    _, held = corpus_files()
-    ids = [tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) for f in held]
-    return [t[w * n:(w + 1) * n] for w in range(windows) for t in ids]
-
-
 class Bench:
     """The in-process engine over the service's workers, made afresh per run (same weights, same workers)."""
 
     def __init__(self, model, tokenizer, remote) -> None:
+        from moe_service.coder.train import held_out_prompts
+
         self.model, self.tokenizer, self.remote = model, tokenizer, remote
-        self.prompts = held_out_prompts(tokenizer, 2)
+        self.prompts = held_out_prompts(tokenizer, 2, PROMPT_TOKENS)
         self.reference: dict[int, dict[tuple, list[int]]] = {}  # each batch size's plain run's output
         self.batch = 1
 

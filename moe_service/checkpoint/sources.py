@@ -172,7 +172,7 @@ class ModuleSource:
         self.args = model.args
         self.reads: list[str] = []
         self.tensors = {hf_name(n): p.detach() for n, p in model.named_parameters() if ".mlp.experts." not in n}
-        drafts = [l for l in self.args.mtp_layers if str(l) in getattr(model, "mtp", {}) and self.args.is_moe_layer(l)]
+        drafts = [l for l in self.args.mtp_layers if str(l) in model.mtp and self.args.is_moe_layer(l)]
         for layer in [*self.args.moe_layers, *drafts]:
             ex = (model.layers[layer] if layer < self.args.num_hidden_layers else model.mtp[str(layer)]).mlp.experts
             for e in range(self.args.n_routed_experts):

@@ -81,7 +81,7 @@ def add_parsers(sub) -> None:
                             "token costs every process at the front, per message and coalesced; cache: the paged KV cache's "
                             "concurrency at fixed memory, prefix reuse, preemption and cache-aware routing, before/after; soak: "
                             "each request's longest gap between tokens while workers are killed, min_replicas 1 and 2; speculative: "
-                            "coder's MTP draft and an oracle draft against plain decoding at batch 1/2/4/8")
+                            "coder's MTP draft and an oracle draft against plain decoding at 1 to 16 sequences")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--preset", default="bench")
     bench.add_argument("--threads", type=int, default=None)

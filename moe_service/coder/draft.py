@@ -9,8 +9,9 @@ exists to spread (docs/models.md).
 
 The draft learns what the model would say, not the text: at position i, from the model's hidden state h_i
 and the next token t_{i+1}, its distribution over t_{i+2} is fitted to the model's own at position i + 1
-(distillation), the quantity verification accepts on. Acceptance is measured two ways (`acceptance`):
-teacher-forced on held-out text, and on the model's own greedy continuations of held-out prompts."""
+(distillation), the quantity verification accepts on. Acceptance is measured two ways: teacher-forced on
+held-out text (`teacher_forced`), and on the model's own greedy continuations of held-out prompts
+(`generated`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_service.coder.train import CODER_DIR, corpus_files, encode_corpus, lr_at, read
+from moe_service.coder.train import CODER_DIR, corpus_files, encode_corpus, held_out_prompts, lr_at, read
 from moe_service.model.args import ModelArgs
 
 DRAFT_FILE = "mtp.safetensors"
@@ -88,7 +89,7 @@ def teacher_forced(model, data: torch.Tensor, seq_len: int, tokens: int) -> dict
     return {"positions": total, "acceptance": agree / total, "text_accuracy": truth / total}
 
 
-def generated(model, tokenizer, held_files: list[Path], cfg: DraftConfig, tokens: int = 1) -> dict:
+def generated(model, tokenizer, cfg: DraftConfig, tokens: int = 1) -> dict:
     """On the model's own greedy continuations of held-out prompts (each file's first `prompt_tokens`), one
     sequence at a time: the share of draft tokens accepted, and tokens per step, with `tokens` drafts a step."""
     from moe_service.engine.engine import Engine
@@ -99,9 +100,9 @@ def generated(model, tokenizer, held_files: list[Path], cfg: DraftConfig, tokens
     engine = Engine(model, tokenizer, SchedulerConfig(max_running=1, max_seq_len=cfg.prompt_tokens + cfg.new_tokens + 16),
                     speculative=Speculative(tokens))
     params = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
+    prompts = held_out_prompts(tokenizer, n=cfg.prompt_tokens)
     drafted = accepted = steps = decoded = 0
-    for f in held_files:
-        ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))[: cfg.prompt_tokens]
+    for ids in prompts:
         seq = engine.add(ids, params)
         while engine.has_work:
             st = engine.step()
@@ -109,7 +110,7 @@ def generated(model, tokenizer, held_files: list[Path], cfg: DraftConfig, tokens
             accepted += st.accepted
             steps += st.decode_rows > 0
         decoded += len(seq.output) - 1  # the first token comes from the prompt's step
-    return {"draft_tokens": tokens, "prompts": len(held_files), "drafted": drafted, "accepted": accepted,
+    return {"draft_tokens": tokens, "prompts": len(prompts), "drafted": drafted, "accepted": accepted,
             "acceptance": accepted / max(1, drafted), "tokens_per_step": decoded / max(1, steps)}
 
 
@@ -207,7 +208,7 @@ def train_draft(model_dir: str | Path = CODER_DIR, cfg: DraftConfig = DraftConfi
     record = {"config": asdict(cfg), "torch": torch.__version__, "steps": len(history),
               "train_seconds": time.monotonic() - t_train, "history": history,
               "teacher_forced": teacher_forced(shipped, held, cfg.seq_len, len(held)),
-              "generated": [generated(shipped, tokenizer, held_files, cfg, k) for k in (1, 2, 3)]}
+              "generated": [generated(shipped, tokenizer, cfg, k) for k in (1, 2, 3)]}
     (out / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     log(f"[draft] done in {(time.monotonic() - t0) / 60:.1f} min: acceptance teacher-forced "
         f"{record['teacher_forced']['acceptance']:.3f}, generated "

@@ -72,6 +72,13 @@ def corpus_files() -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in set(held)], held
 
 
+def held_out_prompts(tokenizer, windows: int = 1, n: int = 128) -> list[list[int]]:
+    """Prompts from the held-out files: each file's first `windows` x n tokens, n at a time (all files' first
+    windows, then their second ...)."""
+    ids = [tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) for f in corpus_files()[1]]
+    return [t[w * n:(w + 1) * n] for w in range(windows) for t in ids]
+
+
 def read(files: list[Path]) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 

@@ -112,7 +112,7 @@ class Scheduler:
         # prefix cache is computed again, so that its last entry sees this prompt's next token
         self.mtp = speculative is not None and speculative.mtp
         # above this many decoding sequences a step verifies no draft: speculation stops paying (the bench)
-        self.draft_batch = speculative.max_batch if speculative is not None and speculative.max_batch else None
+        self.draft_batch = speculative.max_batch if speculative is not None else None
         self.pool = BlockPool(config.num_blocks, BLOCK_SIZE, config.prefix_caching)
         # a few blocks kept free at admission, so that sequences just admitted can grow a little before a
         # preemption is needed (vLLM's watermark)

@@ -126,8 +126,9 @@ class Gateway:
             m.spec_draft.labels(model).inc(stats.drafted)
             m.spec_accepted.labels(model).inc(stats.accepted)
             for o in stats.outcomes:
-                for n in ([] if o.prefill or o.error else o.computed):
-                    m.spec_step_tokens.labels(model).observe(n)
+                if not (o.prefill or o.error):  # a decoding sequence's tokens this step
+                    for n in o.computed:
+                        m.spec_step_tokens.labels(model).observe(n)
         s = self.engine.stats()
         m.running.set(s["running"])
         m.waiting.set(s["waiting"])
