@@ -46,4 +46,4 @@ def interleaved_sweep(svc, preset: str, new_tokens: int = 8) -> dict:
     return {"preset": preset, "capacity": CAPACITY, "new_tokens": new_tokens, "want": want, "rows": [ones[0], fours[0]],
             "ones": ones, "first_4x": first4, "second_4x": again4,
             "ingress_floor_4x": {"p99_s": floor["invalid_p99_s"], "wall_s": floor["wall_s"], "codes": floor["codes"]},
-            "rss_growth_second_4x": {k: again4[k] / first4[k] - 1 for k in ("gateway_rss", "proxy_rss")}}
+            "rss_over_high_water": overload.rss_over_high_water(rows[:-1])}  # up to the last 4x
