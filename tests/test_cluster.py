@@ -20,6 +20,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
+    if ray.is_initialized():  # the session's local Ray (conftest.ray_local): this module connects to its own cluster
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     # room on each node for every expert worker (a node is lost) and the gateway replica
     nodes = [c.add_node(num_cpus=0, num_gpus=4, resources={"expert_worker": 3}) for _ in range(2)]

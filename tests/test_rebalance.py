@@ -15,7 +15,7 @@ from moe_service.client import Client
 from moe_service.engine.engine import Engine
 from moe_service.cli.views import fetch
 from moe_service.engine.sampling import SamplingParams
-from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE, ServiceConfig
+from moe_service.serving.config import APP_NAME, CONTROLLER_NAME, NAMESPACE, ServiceConfig
 from moe_service.serving.control.ray_launcher import RayLauncher
 from moe_service.serving.local import start_service
 from tests.support import Pending, eventually, eventually_async
@@ -214,8 +214,8 @@ def test_a_worker_still_starting_is_never_left_running(ray_local):
 
 def test_a_service_whose_workers_cannot_be_placed_says_why(ray_local):
     """Serve reports only that the gateway failed to deploy; start_service adds the replica's own error."""
-    with pytest.raises(RuntimeError, match=r"expert worker \d did not start within 1s; it asks for 8.0 GPU"):
-        start_service(config(gpus_per_worker=8.0, worker_start_timeout_s=1))
+    with pytest.raises(RuntimeError, match=r"expert worker \d did not start within 1s; it asks for 16.0 GPU"):
+        start_service(config(gpus_per_worker=16.0, worker_start_timeout_s=1))
     ray_local.kill(ray_local.get_actor(CONTROLLER_NAME, namespace=NAMESPACE))
-    serve.shutdown()
+    serve.delete(APP_NAME)
     assert not [n for n in ray_local.util.list_named_actors() if "_worker_" in n], "a worker was left running"

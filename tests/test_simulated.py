@@ -17,7 +17,6 @@ import pytest
 from moe_service.bench import simulated_bench
 
 pytestmark = pytest.mark.slow
-RAY_GPUS = 8  # a logical GPU per simulated worker (ray_local)
 TIME_SCALE = 10_000.0  # real seconds per simulated second
 
 

@@ -17,6 +17,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from moe_service.serving.config import APP_NAME
 from moe_service.serving.gateway.app import SERVICER_FUNCTIONS, build_app
 from moe_service.serving.config import CONTROLLER_NAME, NAMESPACE
+from moe_service.serving.control.actor import prestart_controller
 
 
 def free_port(block: int = 1) -> int:
@@ -45,6 +46,7 @@ class LocalService:
     grpc_port: int
     http_port: int
     config: dict[str, Any]
+    owns_serve: bool = True  # Serve was started for this service (start_service), so its shutdown stops it
 
     @property
     def address(self) -> str:
@@ -86,7 +88,8 @@ class LocalService:
             ray.kill(ctl, no_restart=True)  # it is restartable: this one is meant
         except ValueError:
             pass
-        serve.shutdown()
+        if self.owns_serve:
+            serve.shutdown()
 
 
 class ClusterAuthError(RuntimeError):
@@ -124,15 +127,19 @@ def check_cluster_auth(address: str, timeout_s: float = 5.0) -> None:
                 "cluster/local-multinode.sh: eval \"$(cluster/local-multinode.sh env)\")") from None
 
 
-def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
-                  request_timeout_s: float | None = None, wait: bool = True,
-                  proxy_location: str = "HeadOnly") -> LocalService:
-    """Deploys the app on the connected Ray instance (call ray.init first); port 0 picks a free one. gRPC is
-    Serve's gRPC proxy's on `grpc_port`; the OpenAI HTTP API is the HTTP front's on `http_port` (Serve's own
-    HTTP proxy, which Serve always starts, gets a free port on loopback and serves nothing)."""
+def serve_grpc_port() -> int | None:
+    """The gRPC port of the Serve instance running on the connected Ray, or None when none runs."""
+    from ray.serve.context import _get_global_client  # Serve's own lookup of its running controller
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.get_serve_details().get("grpc_options", {}).get("port")
+
+
+def start_serve(grpc_port: int = 0, request_timeout_s: float | None = None, proxy_location: str = "HeadOnly") -> int:
+    """Starts Serve's controller and proxies, the gRPC proxy on `grpc_port` (0 picks a free one) with the
+    gateway's servicers; returns that port. Services started after it on the same Ray reuse it (a test module
+    starts it once: each service then saves Serve's start and stop, two actor processes)."""
     grpc_port = grpc_port or free_port()
-    http_port = http_port or free_port()
-    config = {**config, "http_host": host, "http_port": http_port}
     serve.start(
         proxy_location=proxy_location,
         # a line per request in the proxy's and the replica's logs costs their event loops more than the
@@ -142,13 +149,34 @@ def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  request_timeout_s=request_timeout_s),
     )
+    return grpc_port
+
+
+def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
+                  wait: bool = True) -> LocalService:
+    """Deploys the app on the connected Ray instance (call ray.init first); port 0 picks a free one. gRPC is
+    Serve's gRPC proxy's on `grpc_port`: Serve is started here unless it runs already (`start_serve`), then
+    its port is the service's. The OpenAI HTTP API is the HTTP front's on `http_port` (Serve's own HTTP proxy,
+    which Serve always starts, gets a free port on loopback and serves nothing)."""
+    http_port = http_port or free_port()
+    config = {**config, "http_host": host, "http_port": http_port}
+    app = build_app(config)  # checks the settings before anything starts
+    # the controller places the experts and starts the workers while Serve starts its own actors and boots
+    # the gateway replica (each a process importing torch): they overlap instead of following each other
+    prestart_controller(config)
+    running = serve_grpc_port()
+    if running is None:
+        grpc_port = start_serve(grpc_port)
+    elif grpc_port not in (0, running):
+        raise RuntimeError(f"Serve already runs on this Ray cluster with its gRPC proxy on port {running}, "
+                           f"not {grpc_port}: use that port, or stop Serve first (serve shutdown)")
     try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as e:  # Serve says only that the deployment failed; its status holds the replica's error
-        app = serve.status().applications.get(APP_NAME)
-        why = "\n".join(d.message for d in app.deployments.values() if d.message) if app else ""
+        app_status = serve.status().applications.get(APP_NAME)
+        why = "\n".join(d.message for d in app_status.deployments.values() if d.message) if app_status else ""
         raise RuntimeError(f"{e}\n{why}" if why else str(e)) from None
-    svc = LocalService(grpc_port, http_port, config)
+    svc = LocalService(running or grpc_port, http_port, config, owns_serve=running is None)
     if wait:
         svc.wait_serving()
     return svc

@@ -60,6 +60,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     front = None
     if cfg.http_api:
         # on the head node, where the HTTP port is published (as Serve's own proxy runs there)
-        front = serve.deployment(name=HTTP_FRONT_NAME, num_replicas=1, ray_actor_options={
-            "num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})(HTTPFront).bind(cfg.to_dict())
+        front = serve.deployment(name=HTTP_FRONT_NAME, num_replicas=1, graceful_shutdown_wait_loop_s=0.5,
+                                 ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+                                 )(HTTPFront).bind(cfg.to_dict())
     return serve.deployment(**options)(GatewayDeployment).bind(cfg.to_dict(), front)
