@@ -47,22 +47,11 @@ def _start_ray(ray) -> None:
 
 def _leave_no_service(ray) -> None:
     """What a module's services left behind, should a test have failed before its own shutdown: the app, the
-    controller and its workers. The next module starts from an empty Ray and Serve."""
-    from ray import serve
+    controller and any worker it no longer knew of. The next module starts from an empty Ray and Serve."""
+    from moe_service.serving.config import NAMESPACE
+    from moe_service.serving.local import stop_service
 
-    from moe_service.serving.config import APP_NAME, CONTROLLER_NAME, NAMESPACE
-
-    if APP_NAME in serve.status().applications:
-        serve.delete(APP_NAME)
-    try:
-        ctl = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    else:
-        try:
-            ray.get(ctl.shutdown.remote(), timeout=30)
-        finally:
-            ray.kill(ctl, no_restart=True)
+    stop_service()
     for name in ray.util.list_named_actors(all_namespaces=True):
         if name["namespace"] == NAMESPACE:
             ray.kill(ray.get_actor(name["name"], namespace=NAMESPACE), no_restart=True)

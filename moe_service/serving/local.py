@@ -77,19 +77,26 @@ class LocalService:
                 time.sleep(0.2)  # polling a server that is starting
 
     def shutdown(self) -> None:
-        try:
-            ray.get(self.controller().drain.remote(), timeout=10)
-        except Exception:
-            pass
-        serve.delete(APP_NAME)
-        try:
-            ctl = self.controller()
-            ray.get(ctl.shutdown.remote(), timeout=30)
-            ray.kill(ctl, no_restart=True)  # it is restartable: this one is meant
-        except ValueError:
-            pass
+        stop_service()
         if self.owns_serve:
             serve.shutdown()
+
+
+def stop_service() -> None:
+    """Takes the service on the connected Ray down (drained, its app deleted, its controller and through it
+    the expert workers stopped), leaving Serve running; nothing to stop is no error."""
+    try:
+        ray.get(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).drain.remote(), timeout=10)
+    except Exception:
+        pass
+    if serve_grpc_port() is not None:  # Serve runs (a test may have stopped it)
+        serve.delete(APP_NAME)
+    try:
+        ctl = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        ray.get(ctl.shutdown.remote(), timeout=30)
+        ray.kill(ctl, no_restart=True)  # it is restartable: this one is meant
+    except ValueError:
+        pass
 
 
 class ClusterAuthError(RuntimeError):
@@ -167,7 +174,9 @@ def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0
     running = serve_grpc_port()
     if running is None:
         grpc_port = start_serve(grpc_port)
-    elif grpc_port not in (0, running):
+    elif grpc_port in (0, running):
+        grpc_port = running
+    else:
         raise RuntimeError(f"Serve already runs on this Ray cluster with its gRPC proxy on port {running}, "
                            f"not {grpc_port}: use that port, or stop Serve first (serve shutdown)")
     try:
@@ -176,7 +185,7 @@ def start_service(config: dict[str, Any], grpc_port: int = 0, http_port: int = 0
         app_status = serve.status().applications.get(APP_NAME)
         why = "\n".join(d.message for d in app_status.deployments.values() if d.message) if app_status else ""
         raise RuntimeError(f"{e}\n{why}" if why else str(e)) from None
-    svc = LocalService(running or grpc_port, http_port, config, owns_serve=running is None)
+    svc = LocalService(grpc_port, http_port, config, owns_serve=running is None)
     if wait:
         svc.wait_serving()
     return svc
